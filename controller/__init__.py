@@ -1,0 +1,1 @@
+"""imagewarm controller (see DESIGN.md)."""

@@ -1,0 +1,5 @@
+import sys
+
+from imagewarm.cli import main
+
+sys.exit(main())

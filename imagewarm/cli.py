@@ -1,0 +1,88 @@
+"""The `imagewarm` console script: one subcommand per program, found by name.
+
+The core does not import the programs (layering): each registers a `Command` under the
+`imagewarm.commands` entry-point group, and the CLI loads it when asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from imagewarm import __version__
+from imagewarm.config import ConfigError, add_arguments, from_arguments
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its one-line help, its config dataclass, and what runs it (returns exit code)."""
+
+    help: str
+    config: type[Any] | None
+    run: Callable[[Any], int]
+    description: str = ""
+
+
+def not_landed(what: str, issue: str) -> Command:
+    """A subcommand whose program does not exist yet: it says so and exits 2, never pretends."""
+
+    def run(_: object) -> int:
+        print(f"imagewarm: `{what}` is not implemented yet ({issue}); nothing was done.", file=sys.stderr)
+        return 2
+
+    return Command(help=f"(not implemented yet: {issue})", config=None, run=run)
+
+
+def _builtin_commands() -> dict[str, Command]:
+    # Imported here so `imagewarm --help` stays fast and the demo's dependencies load only for it.
+    from imagewarm import demo
+
+    return {
+        "demo": demo.command,
+        "warm": not_landed("imagewarm warm", "the controller issue"),
+        "status": not_landed("imagewarm status", "the controller issue"),
+    }
+
+
+def _commands() -> dict[str, Command]:
+    commands = {ep.name: ep for ep in entry_points(group="imagewarm.commands")}
+    loaded: dict[str, Command] = {}
+    for name in ("proxy", "webhook", "controller"):
+        ep = commands.get(name)
+        loaded[name] = ep.load() if ep else not_landed(f"imagewarm {name}", "not installed")
+    loaded.update(_builtin_commands())
+    return loaded
+
+
+def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagewarm",
+        description="Container images pulled once per cluster, served from the node, warmed ahead of need.",
+        epilog="Every flag also reads an IMAGEWARM_<FLAG> environment variable (e.g. IMAGEWARM_CACHE_DIR).",
+    )
+    parser.add_argument("--version", action="version", version=f"imagewarm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in commands.items():
+        p = sub.add_parser(name, help=command.help, description=command.description or command.help)
+        if command.config is not None:
+            add_arguments(p, command.config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    commands = _commands()
+    args = build_parser(commands).parse_args(argv)
+    command = commands[args.command]
+    try:
+        config = from_arguments(command.config, args) if command.config is not None else None
+    except ConfigError as exc:
+        print(f"imagewarm {args.command}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return command.run(config)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""imagewarm proxy (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""imagewarm webhook (see DESIGN.md)."""

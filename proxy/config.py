@@ -1,0 +1,99 @@
+"""The proxy's settings: one frozen value built from flags and `IMAGEWARM_*` variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagewarm.config import (
+    parse_bytes,
+    parse_duration,
+    parse_host_port,
+    parse_positive_int,
+    setting,
+)
+
+
+def _registry(text: str) -> str:
+    """An upstream registry host[:port], lower-cased; `docker.io` stays `docker.io` (mapped when fetching)."""
+    host = text.strip().lower().removeprefix("https://").removeprefix("http://").rstrip("/")
+    if not host or "/" in host or " " in host:
+        raise ValueError("expected a registry host such as docker.io, ghcr.io or registry.corp:5000")
+    return host
+
+
+def _optional_bytes(text: str) -> int:
+    return parse_bytes(text) if text.strip() not in ("", "0") else 0
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    listen: tuple[str, int] = setting(
+        ("127.0.0.1", 7439), help="address to serve on", parse=parse_host_port, metavar="HOST:PORT"
+    )
+    cache_dir: Path = setting(help="directory of the content-addressed cache", parse=Path, metavar="DIR")  # noqa: RUF009
+    upstream: tuple[str, ...] = setting(
+        (),
+        help="a registry this proxy may fetch from (HTTPS)",
+        parse=_registry,
+        repeated=True,
+        metavar="REGISTRY",
+    )
+    insecure_upstream: tuple[str, ...] = setting(
+        (), help="a registry reached over plain HTTP", parse=_registry, repeated=True, metavar="HOST:PORT"
+    )
+    tag_ttl: float = setting(
+        300.0,
+        help="how long a tag's digest is trusted before re-checking upstream",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
+    max_cache_bytes: int = setting(
+        0,
+        help="evict least recently used blobs above this size (0: no limit)",
+        parse=_optional_bytes,
+        metavar="BYTES",
+    )
+    node_name: str = setting("", help="this node's name: remove its proxy-not-ready taint once serving")
+    kubeconfig: str = setting("", help="kubeconfig for the node agent (default: in-cluster)", metavar="PATH")
+    workers: int = setting(4, help="gunicorn worker processes", parse=parse_positive_int)
+    threads: int = setting(16, help="threads per worker process", parse=parse_positive_int)
+    connect_timeout: float = setting(
+        5.0, help="upstream connect timeout", parse=parse_duration, metavar="DURATION"
+    )
+    read_timeout: float = setting(
+        30.0,
+        help="upstream read timeout (a stalled body fails after it)",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
+    retries: int = setting(3, help="retries of an upstream 429/5xx/connection error", parse=int)
+    access_ttl: float = setting(
+        60.0,
+        help="how long a private-image access decision is cached",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
+    eviction_interval: float = setting(
+        30.0, help="how often the size limit is enforced", parse=parse_duration, metavar="DURATION"
+    )
+    log_level: str = setting("info", help="debug, info, warning or error")
+    log_format: str = setting("json", help="json or text")
+
+    def __post_init__(self) -> None:
+        if not self.upstream and not self.insecure_upstream:
+            raise ValueError(
+                "give at least one --upstream REGISTRY (or --insecure-upstream HOST:PORT): "
+                "the proxy never fetches from registries it was not told about"
+            )
+        if self.retries < 0:
+            raise ValueError("--retries must be 0 or more")
+        if self.log_format not in ("json", "text"):
+            raise ValueError("--log-format must be json or text")
+
+    def allowed(self, registry: str) -> bool:
+        """Whether `registry` (host[:port], normalised) may be proxied."""
+        return registry in self.upstream or registry in self.insecure_upstream
+
+    def scheme(self, registry: str) -> str:
+        return "http" if registry in self.insecure_upstream else "https"

@@ -1,0 +1,122 @@
+"""The Flask app: `POST /mutate`, `/healthz`, `/metrics`. The view parses, decides, answers.
+
+Contract for `/mutate`: a body that is not a usable AdmissionReview gets a 4xx JSON `{"error": ...}`;
+every parsed review gets 200 with `allowed: true` (a patch when there is something to change).
+Nothing a client sends produces a 5xx: an unexpected failure while deciding is logged and answered
+`allowed: true` without a patch (the pod is created unrewritten, as with `failurePolicy: Ignore`).
+
+While the SidecarSet cache has not finished its first sync, a request waits up to `sync_wait` for it;
+after that the pod is answered without SidecarSet injection (images still rewritten) and a warning
+saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from imagewarm.metrics import exposition
+from webhook import admission, metrics
+from webhook.caches import SidecarSets, Store, namespace_labels
+from webhook.config import WebhookConfig
+from webhook.mutation import Decision, InvalidPod, on_create, on_ephemeral_update
+from webhook.rewrite import Rule
+
+log = logging.getLogger("imagewarm.webhook")
+
+
+def rule_of(config: WebhookConfig) -> Rule:
+    return Rule(proxy_prefix=config.proxy_prefix, excluded_registries=config.excluded_registries,
+                excluded_images=config.exclude_image)
+
+
+def decide(req: admission.AdmissionRequest, rule: Rule, sidecarsets: SidecarSets | None,
+           namespaces: Store | None, sync_wait: float) -> Decision:
+    """The decision for one parsed request (reads the caches, never the API server)."""
+    if not req.is_pod:
+        return Decision(reason="ignored")
+    if req.operation == "CREATE" and req.sub_resource == "":
+        pod = req.object
+        if not isinstance(pod, dict) or not ((pod.get("spec") or {}) if isinstance(pod.get("spec"), dict) else
+                                             {}).get("containers"):
+            raise InvalidPod("the pod has no containers")
+        found, synced = sidecarsets.current(sync_wait) if sidecarsets is not None else ([], True)
+        decision = on_create(pod, rule, sidecarsets=found, namespace=req.namespace,
+                             namespace_labels=namespace_labels(namespaces, req.namespace))
+        if not synced:
+            decision.warnings.append("imagewarm: SidecarSet cache not synced yet; no SidecarSet injected")
+        return decision
+    if req.operation == "UPDATE" and req.sub_resource == "ephemeralcontainers":
+        return on_ephemeral_update(req.object, req.old_object, rule)
+    return Decision(reason="ignored")
+
+
+def create_app(config: WebhookConfig, *, sidecarsets: Store | None = None,
+               namespaces: Store | None = None) -> Flask:
+    """The app. `sidecarsets` and `namespaces` are watch-backed caches (None: no SidecarSet injection,
+    namespace labels unknown)."""
+    app = Flask("webhook")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    rule = rule_of(config)
+    parsed_sidecarsets = SidecarSets(sidecarsets) if sidecarsets is not None else None
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        return jsonify(error=f"{exc.name}: {exc.description}"), exc.code or 400
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(ok=True, sidecarsetsSynced=sidecarsets.synced if sidecarsets is not None else None)
+
+    @app.get("/metrics")
+    def metrics_view() -> Response:
+        body, content_type = exposition()
+        return Response(body, content_type=content_type)
+
+    @app.post("/mutate")
+    def mutate() -> tuple[Response, int]:
+        started = time.perf_counter()
+        operation = "unknown"
+        try:
+            try:
+                req = admission.parse_review(request.get_data(cache=False))
+            except admission.BadReview as exc:
+                metrics.DECISIONS.labels("invalid").inc()
+                metrics.REQUESTS.labels(operation, "400").inc()
+                return jsonify(error=f"bad AdmissionReview: {exc}"), 400
+            operation = req.operation if req.operation in ("CREATE", "UPDATE", "DELETE", "CONNECT") else "other"
+            answer = _answer(req, rule, parsed_sidecarsets, namespaces, config.sync_wait)
+            metrics.REQUESTS.labels(operation, "200").inc()
+            return jsonify(answer), 200
+        finally:
+            metrics.DURATION.observe(time.perf_counter() - started)
+
+    return app
+
+
+def _answer(req: admission.AdmissionRequest, rule: Rule, sidecarsets: SidecarSets | None,
+            namespaces: Store | None, sync_wait: float) -> dict[str, Any]:
+    try:
+        decision = decide(req, rule, sidecarsets, namespaces, sync_wait)
+    except InvalidPod as exc:
+        metrics.DECISIONS.labels("invalid").inc()
+        return admission.response(req.uid, warnings=[f"imagewarm: pod left unchanged: {exc}"])
+    except Exception:
+        # Never a 5xx: the pod goes through unchanged, as it would with the webhook down.
+        log.exception("unexpected failure deciding a pod; allowed unchanged", extra={"uid": req.uid})
+        metrics.DECISIONS.labels("error").inc()
+        return admission.response(req.uid, warnings=["imagewarm: internal error; pod left unchanged"])
+    metrics.DECISIONS.labels(decision.reason).inc()
+    if decision.rewrites and not req.dry_run:
+        metrics.REWRITES.inc(decision.rewrites)
+    for name in decision.injected if not req.dry_run else ():
+        metrics.INJECTIONS.labels(name).inc()
+    if decision.patch:
+        log.info("pod mutated", extra={"uid": req.uid, "namespace": req.namespace, "pod": req.name,
+                                        "rewrites": decision.rewrites, "injected": list(decision.injected),
+                                        "dry_run": req.dry_run})
+    return admission.response(req.uid, decision.patch, decision.warnings)

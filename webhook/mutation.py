@@ -1,0 +1,139 @@
+"""The webhook's decision, a pure function: pod (dict) in, JSON patch operations and warnings out.
+
+No I/O here: SidecarSets and namespace labels are passed in by the caller (from its caches).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhook import sidecarset
+from webhook.patch import Op, diff_pod
+from webhook.rewrite import Rule, decide
+
+ORIGINAL_IMAGES = "imagewarm.io/original-images"
+SKIP = "imagewarm.io/skip"
+CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
+
+
+class InvalidPod(ValueError):
+    """The object is not shaped like a pod; the webhook lets it through unchanged, with this message."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to answer: `patch` (empty: allowed unchanged), `warnings`, the `rewrites` made, the
+    SidecarSets `injected`, and a one-word `reason` for metrics and logs."""
+
+    patch: list[Op] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    rewrites: int = 0
+    injected: tuple[str, ...] = ()
+    reason: str = "unchanged"
+
+
+def _check(pod: object) -> dict[str, Any]:
+    if not isinstance(pod, dict):
+        raise InvalidPod("the object is not a JSON object")
+    for key in ("metadata", "spec"):
+        if pod.get(key) is not None and not isinstance(pod[key], dict):
+            raise InvalidPod(f"{key} is not an object")
+    spec = pod.get("spec") or {}
+    for name in CONTAINER_FIELDS:
+        containers = spec.get(name)
+        if containers is None:
+            continue
+        if not isinstance(containers, list) or not all(isinstance(c, dict) for c in containers):
+            raise InvalidPod(f"spec.{name} is not a list of objects")
+    annotations = (pod.get("metadata") or {}).get("annotations")
+    if annotations is not None and not isinstance(annotations, dict):
+        raise InvalidPod("metadata.annotations is not an object")
+    return pod
+
+
+def skipped(pod: dict[str, Any]) -> bool:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(SKIP, "")).strip().lower() == "true"
+
+
+def _existing_originals(annotations: dict[str, Any], warnings: list[str]) -> dict[str, str]:
+    raw = annotations.get(ORIGINAL_IMAGES)
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        warnings.append(f"annotation {ORIGINAL_IMAGES} was not a JSON object; replaced")
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def rewrite_images(pod: dict[str, Any], rule: Rule, *, fields: Sequence[str] = CONTAINER_FIELDS,
+                   leave: frozenset[tuple[str, str]] = frozenset()) -> tuple[int, list[str]]:
+    """Rewrite, in place, the images of the containers in `fields` of `pod` (except the
+    (field, name) pairs in `leave`) and merge the originals into the annotation.
+    Returns (number rewritten, warnings)."""
+    warnings: list[str] = []
+    spec = pod.get("spec") or {}
+    originals: dict[str, str] = {}
+    for name in fields:
+        for container in spec.get(name) or []:
+            if (name, container.get("name")) in leave:
+                continue
+            outcome = decide(container.get("image"), rule)
+            if outcome.warning:
+                warnings.append(f"container {container.get('name')!r}: {outcome.warning}")
+            if outcome.image is not None:
+                originals[str(container.get("name"))] = container["image"]
+                container["image"] = outcome.image
+    if originals:
+        metadata = pod.setdefault("metadata", {})
+        annotations = metadata.get("annotations")
+        if not isinstance(annotations, dict):
+            annotations = metadata["annotations"] = {}
+        merged = _existing_originals(annotations, warnings) | originals
+        annotations[ORIGINAL_IMAGES] = json.dumps(merged, sort_keys=True, separators=(",", ":"))
+    return len(originals), warnings
+
+
+def on_create(pod: object, rule: Rule, *, sidecarsets: Sequence[sidecarset.SidecarSet] = (),
+              namespace: str = "", namespace_labels: dict[str, str] | None = None) -> Decision:
+    """The patch for a pod being created: matching SidecarSets injected, then every image rewritten.
+
+    `namespace` is the request's (a pod being created may omit its own); `namespace_labels` None means
+    unknown (SidecarSets with a `namespaceSelector` then do not match, with a warning).
+    Raises InvalidPod when the object is not shaped like a pod."""
+    original = _check(pod)
+    if skipped(original):
+        return Decision(reason="skipped")
+    new = copy.deepcopy(original)
+    injection = sidecarset.inject(new, sidecarsets, namespace=namespace, namespace_labels=namespace_labels)
+    count, warnings = rewrite_images(new, rule)
+    return _decision(original, new, count, [*injection.warnings, *warnings], injection.injected)
+
+
+def on_ephemeral_update(pod: object, old_pod: object, rule: Rule) -> Decision:
+    """The patch for an UPDATE of `pods/ephemeralcontainers`: only the ephemeral containers that
+    `old_pod` did not have are rewritten (existing ones may not change)."""
+    original = _check(pod)
+    if skipped(original):
+        return Decision(reason="skipped")
+    old = _check(old_pod) if old_pod is not None else {}
+    existing = frozenset(("ephemeralContainers", c.get("name"))
+                         for c in (old.get("spec") or {}).get("ephemeralContainers") or [])
+    new = copy.deepcopy(original)
+    count, warnings = rewrite_images(new, rule, fields=("ephemeralContainers",), leave=existing)
+    return _decision(original, new, count, warnings, ())
+
+
+def _decision(original: dict[str, Any], new: dict[str, Any], count: int, warnings: list[str],
+              injected: tuple[str, ...]) -> Decision:
+    patch = diff_pod(original, new)
+    reason = "patched" if patch else ("warned" if warnings else "unchanged")
+    return Decision(patch=patch, warnings=warnings, rewrites=count, injected=injected, reason=reason)

@@ -1,0 +1,62 @@
+"""Which image an image reference becomes: the one decision about a single reference.
+
+Parsing and the proxied form come from `imagewarm.reference` (the one parser); this module only
+decides whether to rewrite, and says why not when it does not.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from imagewarm import reference
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What is never rewritten: the proxy itself, `excluded_registries` (lower-case `host[:port]`)
+    and images matching any glob of `excluded_images` (matched against the image as written, its
+    canonical form and its `registry/repository` name)."""
+
+    proxy_prefix: str
+    excluded_registries: frozenset[str]
+    excluded_images: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """`image` is the new image, or None when unchanged; `warning` says why an image could not be."""
+
+    image: str | None = None
+    warning: str | None = None
+
+
+def _matches(patterns: Iterable[str], *candidates: str) -> bool:
+    return any(fnmatch.fnmatchcase(c, p) for p in patterns for c in candidates)
+
+
+def decide(image: object, rule: Rule) -> Outcome:
+    """The rewritten form of `image`, or no change (with a warning when the reference is invalid
+    or cannot be proxied). Idempotent: an image already on the proxy is never prefixed again."""
+    if not isinstance(image, str) or not image:
+        return Outcome(warning=f"image {image!r} is not a reference; left unchanged")
+    if image.startswith(rule.proxy_prefix + "/"):
+        return Outcome()
+    try:
+        if reference.from_proxied(image, prefix=rule.proxy_prefix) is not None:
+            return Outcome()
+        ref = reference.parse(image)
+    except ValueError as exc:
+        return Outcome(warning=f"image {image!r} left unchanged: {exc}")
+    registry = ref.registry.lower()
+    host = registry.rsplit(":", 1)[0] if not registry.startswith("[") else registry
+    if registry in rule.excluded_registries or host in rule.excluded_registries:
+        return Outcome()
+    if rule.excluded_images and _matches(rule.excluded_images, image, str(ref), ref.name):
+        return Outcome()
+    try:
+        proxied = reference.to_proxied(ref, prefix=rule.proxy_prefix)
+    except ValueError as exc:
+        return Outcome(warning=f"image {image!r} cannot be proxied, left unchanged: {exc}")
+    return Outcome(image=proxied) if proxied != image else Outcome()

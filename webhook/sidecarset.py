@@ -1,0 +1,278 @@
+"""SidecarSet injection (OpenKruise semantics, group imagewarm.io), a pure function on a pod dict.
+
+On pod CREATE every SidecarSet whose `namespace`/`namespaceSelector` and non-empty `selector` match
+the pod is injected, in name order: its `containers` before (`podInjectPolicy: BeforeAppContainer`,
+the default) or after (`AfterAppContainer`) the app containers, its `initContainers` after the pod's,
+its `volumes` and `imagePullSecrets` unless the pod already has one of that name. A sidecar with
+`shareVolumePolicy.type: enabled` also mounts every volume the app containers mount (unless it
+already mounts that name or path); `transferEnv` copies named variables from an app container.
+A container whose name the pod already has is not injected again, which makes reinvocation safe.
+The pod records what was injected in `imagewarm.io/sidecarset-hash` (name -> {hash, sidecarSetName},
+kruise's `kruise.io/sidecarset-hash` layout) and `imagewarm.io/sidecarset-injected-list`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhook.selectors import InvalidSelector, LabelSelector
+
+HASH_ANNOTATION = "imagewarm.io/sidecarset-hash"
+INJECTED_LIST_ANNOTATION = "imagewarm.io/sidecarset-injected-list"
+INJECTED_ENV = "IS_INJECTED"  # kruise marks injected containers so sharing skips them
+IGNORED_NAMESPACES = frozenset({"kube-system", "kube-public"})
+# Fields of a SidecarContainer that are not Container fields.
+_SIDECAR_ONLY = ("podInjectPolicy", "upgradeStrategy", "hotUpgradeEmptyImage", "shareVolumePolicy",
+                 "shareVolumeDevicePolicy", "transferEnv", "resourcesPolicy")
+_SUBPATH_VAR = re.compile(r"\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
+
+
+class InvalidSidecarSet(ValueError):
+    """A SidecarSet object that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SidecarSet:
+    """A SidecarSet parsed once from its object (as the API returns it)."""
+
+    name: str
+    revision: str
+    selector: LabelSelector
+    namespace: str = ""
+    namespace_selector: LabelSelector | None = None
+    containers: tuple[dict[str, Any], ...] = ()
+    init_containers: tuple[dict[str, Any], ...] = ()
+    volumes: tuple[dict[str, Any], ...] = ()
+    image_pull_secrets: tuple[dict[str, Any], ...] = ()
+    paused: bool = False
+
+    @classmethod
+    def from_object(cls, obj: Any) -> SidecarSet:
+        """Raises InvalidSidecarSet naming what is wrong."""
+        if not isinstance(obj, dict):
+            raise InvalidSidecarSet("not an object")
+        metadata = obj.get("metadata") or {}
+        spec = obj.get("spec") or {}
+        name = metadata.get("name")
+        if not isinstance(name, str) or not name or not isinstance(spec, dict):
+            raise InvalidSidecarSet("metadata.name and spec are required")
+
+        def objects(key: str) -> tuple[dict[str, Any], ...]:
+            items = spec.get(key) or []
+            if not isinstance(items, list) or not all(isinstance(i, dict) and i.get("name") for i in items):
+                raise InvalidSidecarSet(f"SidecarSet {name}: spec.{key} must be a list of named objects")
+            return tuple(items)
+
+        try:
+            selector = LabelSelector.parse(spec.get("selector"))
+            ns_raw = spec.get("namespaceSelector")
+            namespace_selector = LabelSelector.parse(ns_raw) if ns_raw is not None else None
+        except InvalidSelector as exc:
+            raise InvalidSidecarSet(f"SidecarSet {name}: {exc}") from None
+        containers = objects("containers")
+        strategy = spec.get("injectionStrategy") or {}
+        annotations = metadata.get("annotations") or {}
+        return cls(
+            name=name,
+            revision=str(annotations.get(HASH_ANNOTATION) or revision_of(containers)),
+            selector=selector,
+            namespace=str(spec.get("namespace") or ""),
+            namespace_selector=namespace_selector,
+            containers=containers,
+            init_containers=objects("initContainers"),
+            volumes=objects("volumes"),
+            image_pull_secrets=objects("imagePullSecrets"),
+            paused=isinstance(strategy, dict) and strategy.get("paused") is True,
+        )
+
+    def matches(self, labels: dict[str, str], namespace: str, namespace_labels: dict[str, str] | None) -> bool:
+        """Kruise's rule: an empty selector matches no pod; `namespace` and `namespaceSelector` narrow.
+        Unknown namespace labels (None) never match a `namespaceSelector`."""
+        if self.paused or namespace in IGNORED_NAMESPACES or self.selector.empty:
+            return False
+        if self.namespace and self.namespace != namespace:
+            return False
+        if self.namespace_selector is not None and (
+            namespace_labels is None or not self.namespace_selector.matches(namespace_labels)
+        ):
+            return False
+        return self.selector.matches(labels)
+
+
+def revision_of(containers: Iterable[dict[str, Any]]) -> str:
+    """A stable hash of the sidecar containers (what kruise's revision hash covers)."""
+    text = json.dumps(list(containers), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Injection:
+    injected: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+
+
+def _env_names(container: dict[str, Any]) -> set[str]:
+    return {e.get("name") for e in container.get("env") or [] if isinstance(e, dict)}
+
+
+def _app_env(app_containers: Sequence[dict[str, Any]], container: str, env: str) -> dict[str, Any] | None:
+    for app in app_containers:
+        if app.get("name") == container:
+            for var in app.get("env") or []:
+                if isinstance(var, dict) and var.get("name") == env:
+                    return var
+    return None
+
+
+def _transfer_env(sidecar: dict[str, Any], app_containers: Sequence[dict[str, Any]],
+                  warnings: list[str]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for item in sidecar.get("transferEnv") or []:
+        if not isinstance(item, dict):
+            continue
+        source = item.get("sourceContainerName")
+        names = [item["envName"]] if item.get("envName") else list(item.get("envNames") or [])
+        for name in names:
+            var = _app_env(app_containers, source, name)
+            if var is None:
+                warnings.append(f"sidecar {sidecar.get('name')!r}: transferEnv {source}/{name} not found")
+            else:
+                found.append(copy.deepcopy(var))
+    return found
+
+
+def _shared_mounts(sidecar: dict[str, Any], app_containers: Sequence[dict[str, Any]]
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    policy = sidecar.get("shareVolumePolicy") or {}
+    if not isinstance(policy, dict) or str(policy.get("type", "")).lower() != "enabled":
+        return [], []
+    mounts: list[dict[str, Any]] = []
+    envs: list[dict[str, Any]] = []
+    for app in app_containers:
+        for mount in app.get("volumeMounts") or []:
+            if not isinstance(mount, dict):
+                continue
+            mounts.append(copy.deepcopy(mount))
+            # A subPathExpr refers to the app container's variables: the sidecar needs them too.
+            for var in _SUBPATH_VAR.findall(str(mount.get("subPathExpr") or "")):
+                value = _app_env([app], app.get("name"), var)  # type: ignore[arg-type]
+                if value is not None:
+                    envs.append(copy.deepcopy(value))
+    return mounts, envs
+
+
+def _build_sidecar(template: dict[str, Any], app_containers: Sequence[dict[str, Any]],
+                   warnings: list[str]) -> dict[str, Any]:
+    container = {k: copy.deepcopy(v) for k, v in template.items() if k not in _SIDECAR_ONLY}
+    env = list(container.get("env") or [])
+    extra_env = [{"name": INJECTED_ENV, "value": "true"}, *_transfer_env(template, app_containers, warnings)]
+    mounts = list(container.get("volumeMounts") or [])
+    shared, subpath_env = _shared_mounts(template, app_containers)
+    for var in [*extra_env, *subpath_env]:
+        if var.get("name") not in _env_names({"env": env}):
+            env.append(var)
+    names = {m.get("name") for m in mounts if isinstance(m, dict)}
+    paths = {m.get("mountPath") for m in mounts if isinstance(m, dict)}
+    for mount in shared:
+        if mount.get("name") not in names and mount.get("mountPath") not in paths:
+            mounts.append(mount)
+            names.add(mount.get("name"))
+            paths.add(mount.get("mountPath"))
+    container["env"] = env
+    if mounts:
+        container["volumeMounts"] = mounts
+    return container
+
+
+def _is_app(container: dict[str, Any]) -> bool:
+    return not any(isinstance(e, dict) and e.get("name") == INJECTED_ENV and e.get("value") == "true"
+                   for e in container.get("env") or [])
+
+
+def _merge_named(existing: list[Any], additions: Iterable[dict[str, Any]]) -> list[Any]:
+    names = {i.get("name") for i in existing if isinstance(i, dict)}
+    merged = list(existing)
+    for item in additions:
+        if item.get("name") not in names:
+            merged.append(copy.deepcopy(item))
+            names.add(item.get("name"))
+    return merged
+
+
+def inject(pod: dict[str, Any], sidecarsets: Sequence[SidecarSet], *, namespace: str,
+           namespace_labels: dict[str, str] | None) -> Injection:
+    """Inject, in place, every matching SidecarSet into `pod` (see the module docstring)."""
+    result = Injection()
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") if isinstance(metadata.get("labels"), dict) else {}
+    namespace = namespace or str(metadata.get("namespace") or "")
+    spec = pod.setdefault("spec", {})
+    app_containers = [c for c in spec.get("containers") or [] if _is_app(c)]
+    before: list[dict[str, Any]] = []
+    after: list[dict[str, Any]] = []
+    init: list[dict[str, Any]] = []
+    taken = {c.get("name") for key in ("containers", "initContainers") for c in spec.get(key) or []}
+    injected: dict[str, str] = {}
+    volumes: list[dict[str, Any]] = []
+    secrets: list[dict[str, Any]] = []
+    for sidecar_set in sorted(sidecarsets, key=lambda s: s.name):
+        if sidecar_set.namespace_selector is not None and namespace_labels is None and sidecar_set.selector.matches(
+                labels):
+            result.warnings.append(f"SidecarSet {sidecar_set.name} not injected: labels of namespace "
+                                   f"{namespace!r} not known yet")
+        if not sidecar_set.matches(labels, namespace, namespace_labels):
+            continue
+        added = False
+        for template in sidecar_set.containers:
+            if template["name"] in taken:
+                continue
+            policy = template.get("podInjectPolicy") or "BeforeAppContainer"
+            (after if policy == "AfterAppContainer" else before).append(
+                _build_sidecar(template, app_containers, result.warnings))
+            taken.add(template["name"])
+            added = True
+        for template in sidecar_set.init_containers:
+            if template["name"] in taken:
+                continue
+            init.append({k: copy.deepcopy(v) for k, v in template.items() if k not in _SIDECAR_ONLY})
+            taken.add(template["name"])
+            added = True
+        if added:
+            injected[sidecar_set.name] = sidecar_set.revision
+            volumes.extend(sidecar_set.volumes)
+            secrets.extend(sidecar_set.image_pull_secrets)
+    if not injected:
+        return result
+    spec["containers"] = [*before, *(spec.get("containers") or []), *after]
+    if init:
+        spec["initContainers"] = [*(spec.get("initContainers") or []), *init]
+    if volumes:
+        spec["volumes"] = _merge_named(spec.get("volumes") or [], volumes)
+    if secrets:
+        spec["imagePullSecrets"] = _merge_named(spec.get("imagePullSecrets") or [], secrets)
+    _record(pod, injected)
+    result.injected = tuple(injected)
+    return result
+
+
+def _record(pod: dict[str, Any], injected: dict[str, str]) -> None:
+    metadata = pod.setdefault("metadata", {})
+    annotations = metadata.get("annotations")
+    if not isinstance(annotations, dict):
+        annotations = metadata["annotations"] = {}
+    try:
+        hashes = json.loads(annotations.get(HASH_ANNOTATION) or "{}")
+    except ValueError:
+        hashes = {}
+    hashes = hashes if isinstance(hashes, dict) else {}
+    for name, revision in injected.items():
+        hashes[name] = {"hash": revision, "sidecarSetName": name}
+    annotations[HASH_ANNOTATION] = json.dumps(hashes, sort_keys=True, separators=(",", ":"))
+    listed = {n for n in str(annotations.get(INJECTED_LIST_ANNOTATION) or "").split(",") if n}
+    annotations[INJECTED_LIST_ANNOTATION] = ",".join(sorted(listed | set(injected)))

@@ -1,0 +1,171 @@
+"""The local cluster itself: real pods on real kubelets, scheduling to both nodes, CRDs, DaemonSets."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from imagewarm.localcluster.cluster import Cluster
+from imagewarm.localcluster.images import ImageBuilder, push
+from imagewarm.localcluster.registry import Registry
+
+pytestmark = pytest.mark.e2e
+
+
+def apply(cluster: Cluster, *objects: dict[str, Any]) -> None:
+    cluster.kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    )
+
+
+def get(cluster: Cluster, *args: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def wait_for(what: str, predicate: Any, timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def busybox_image(registry: Registry, images: ImageBuilder) -> str:
+    push(registry, "smoke/busybox", "1", images.busybox())
+    return f"{registry.host}/smoke/busybox:1"
+
+
+def pod(name: str, image: str, command: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {"test": "smoke"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "main", "image": image, "command": ["sh", "-c", command]}],
+            **spec,
+        },
+    }
+
+
+def phase(cluster: Cluster, name: str) -> str:
+    return get(cluster, "pod", name).get("status", {}).get("phase", "")
+
+
+def test_pod_runs_from_local_registry_and_its_log_is_read_back(
+    cluster: Cluster, registry: Registry, images: ImageBuilder
+) -> None:
+    image = busybox_image(registry, images)
+    name = f"hello-{uuid.uuid4().hex[:6]}"
+    apply(cluster, pod(name, image, "echo hello from $(hostname); sleep 600"))
+    wait_for(f"pod {name} Running", lambda: phase(cluster, name) == "Running")
+    # The log comes through the API server from the kubelet (authenticated, authorised by webhook).
+    log = wait_for("the pod's log", lambda: cluster.kubectl("logs", name, check=False).stdout)
+    assert log.strip() == f"hello from {name}"
+    status = get(cluster, "pod", name)["status"]["containerStatuses"][0]
+    assert status["imageID"].startswith(f"{registry.host}/smoke/busybox@sha256:")
+    cluster.kubectl("delete", "pod", name, "--wait=false")
+
+
+def test_a_pod_lands_on_each_node(cluster: Cluster, registry: Registry, images: ImageBuilder) -> None:
+    image = busybox_image(registry, images)
+    names = {}
+    for node in cluster.nodes:
+        name = f"on-{node.name}-{uuid.uuid4().hex[:4]}"
+        names[name] = node
+        selector = {"kubernetes.io/hostname": node.name}
+        apply(cluster, pod(name, image, "echo on $(hostname -i)", nodeSelector=selector))
+    for name, node in names.items():
+        wait_for(f"pod {name} Succeeded", lambda n=name: phase(cluster, n) == "Succeeded")
+        status = get(cluster, "pod", name)
+        assert status["spec"]["nodeName"] == node.name
+        assert status["status"]["hostIP"] == node.ip
+        pod_ip = status["status"]["podIP"]
+        # Each node's pods get addresses from its own bridge's subnet.
+        assert pod_ip.rsplit(".", 1)[0] == node.ip.rsplit(".", 1)[0]
+        assert cluster.kubectl("logs", name).stdout.strip() == f"on {pod_ip}"
+    cluster.kubectl("delete", "pods", *names, "--wait=false")
+
+
+def test_a_custom_resource_definition_serves_objects(cluster: Cluster) -> None:
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.smoke.imagewarm.test"},
+        "spec": {
+            "group": "smoke.imagewarm.test",
+            "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {"type": "object", "properties": {"size": {"type": "integer"}}}
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    apply(cluster, crd)
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/widgets.smoke.imagewarm.test", "--timeout=60s"
+    )
+    widget = {"apiVersion": "smoke.imagewarm.test/v1", "kind": "Widget", "metadata": {"name": "w1"}}
+    apply(cluster, {**widget, "spec": {"size": 3}})
+    assert get(cluster, "widget", "w1", "-n", "default")["spec"] == {"size": 3}
+    # The schema is enforced: a wrong type is refused by the API server.
+    bad = cluster.kubectl(
+        "apply", "-f", "-", input=json.dumps({**widget, "metadata": {"name": "w2"}, "spec": {"size": "x"}}),
+        check=False,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "spec.size" in bad.stderr
+    cluster.kubectl("delete", "crd", "widgets.smoke.imagewarm.test", "--wait=false")
+
+
+def test_a_daemonset_runs_one_pod_per_node(
+    cluster: Cluster, registry: Registry, images: ImageBuilder
+) -> None:
+    image = busybox_image(registry, images)
+    labels = {"app": "smoke-ds"}
+    daemonset = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "smoke-ds", "namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "main", "image": image, "command": ["sleep", "600"]}],
+                },
+            },
+        },
+    }
+    apply(cluster, daemonset)
+
+    def ready_pods() -> list[dict[str, Any]]:
+        pods = get(cluster, "pods", "-l", "app=smoke-ds")["items"]
+        ready = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+        return ready if len(ready) == len(cluster.nodes) else []
+
+    pods = wait_for("a running DaemonSet pod on every node", ready_pods)
+    assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(n.name for n in cluster.nodes)
+    status = get(cluster, "daemonset", "smoke-ds")["status"]
+    assert status["desiredNumberScheduled"] == len(cluster.nodes)
+    cluster.kubectl("delete", "daemonset", "smoke-ds", "--wait=false")

@@ -1,0 +1,250 @@
+"""One fetch per blob, shared by every process: the Writer that fills the partial file and the
+Followers that stream it as it grows.
+
+Two flocks make this work across threads and gunicorn workers alike:
+- the digest's lock file (`locks/`), held exclusively by the one Writer from claim to commit/abort;
+- the partial file's own inode, held exclusively by its Writer. A Follower probes *that inode*: a
+  partial left by a killed writer has no holder, and a new Writer never reuses it (it publishes a
+  fresh inode by rename), so a Follower can tell its writer is gone without any in-memory state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from proxy import durable
+from proxy.paths import Layout, hasher, split_digest
+from proxy.store_errors import DigestMismatch, DiskFull, FetchAborted, SizeMismatch
+
+FOLLOW_CHUNK = 1 << 20
+# Followers poll the growing file: start fast so the first bytes go out at once, back off when idle.
+POLL_MIN = 0.001
+POLL_MAX = 0.02
+
+
+class Writer:
+    """The single fetcher of a blob. `write(chunk)` appends; `commit()` verifies size and digest, fsyncs
+    and renames the blob into place; `abort()` removes everything. As a context manager it aborts if
+    the block raises (and does nothing if it already committed).
+
+    Raises SizeMismatch (when more bytes arrive than `expected_size`, or fewer at commit),
+    DigestMismatch at commit, DiskFull on ENOSPC; in each case nothing is kept and followers see
+    FetchAborted.
+    """
+
+    def __init__(
+        self, layout: Layout, digest: str, expected_size: int | None, lock_fd: int, counter: durable.Counter
+    ) -> None:
+        self.digest = digest
+        self.expected_size = expected_size
+        self.bytes_written = 0
+        self._layout = layout
+        self._lock_fd: int | None = lock_fd
+        self._counter = counter
+        self._hash = hasher(digest)
+        self._hex = split_digest(digest)[1]
+        self._partial = layout.partial(digest)
+        try:
+            self._fd: int | None = self._publish_partial()
+        except BaseException:
+            self._release_claim()
+            raise
+
+    def _publish_partial(self) -> int:
+        # Create a fresh inode under a private name, lock it, then rename it over any stale partial:
+        # followers only ever open a partial path whose inode is locked by a live writer.
+        while True:
+            new = self._layout.new_partial(self.digest, secrets.token_hex(8))
+            try:
+                fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as error:
+                if durable.is_disk_full(error):
+                    raise DiskFull(error.errno, "cache disk full: free space on the cache volume") from error
+                raise
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink == 0:  # a starting store took it for stale in the instant before
+                os.close(fd)
+                continue
+            os.rename(new, self._partial)
+            return fd
+
+    @property
+    def path(self) -> Path:
+        return self._partial
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        if self._fd is None:
+            raise FetchAborted(f"writer for {self.digest} is closed; claim again")
+        if self.expected_size is not None and self.bytes_written + len(chunk) > self.expected_size:
+            self.abort()
+            raise SizeMismatch(f"{self.digest}: more than the expected {self.expected_size} bytes arrived")
+        try:
+            durable.write_all(self._fd, chunk)
+        except OSError as error:
+            self.abort()
+            if durable.is_disk_full(error):
+                raise DiskFull(error.errno, f"cache disk full writing {self.digest}: free space") from error
+            raise
+        self._hash.update(chunk)
+        self.bytes_written += len(chunk)
+
+    def commit(self) -> None:
+        """Verify, fsync, rename into place, fsync the directory. Only then is the digest visible."""
+        if self._fd is None:
+            raise FetchAborted(f"writer for {self.digest} is closed; claim again")
+        if self.expected_size is not None and self.bytes_written != self.expected_size:
+            self.abort()
+            raise SizeMismatch(
+                f"{self.digest}: got {self.bytes_written} bytes, expected {self.expected_size}; none kept"
+            )
+        actual = self._hash.hexdigest()
+        if actual != self._hex:
+            self.abort()
+            raise DigestMismatch(
+                f"bytes for {self.digest} hash to {self._hash.name}:{actual}; nothing was kept"
+            )
+        target = self._layout.blob(self.digest)
+        try:
+            os.fsync(self._fd)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            existed = target.exists()
+            os.rename(self._partial, target)
+            durable.fsync_dir(target.parent)
+        except OSError as error:
+            self.abort()
+            if durable.is_disk_full(error):
+                raise DiskFull(error.errno, f"cache disk full committing {self.digest}") from error
+            raise
+        if not existed:
+            self._counter.add(self.bytes_written)
+        self._close_partial()  # releases the inode lock: followers see the commit
+        self._release_claim()
+
+    def abort(self) -> None:
+        """Drop the partial file and release the claim; followers raise FetchAborted. Idempotent."""
+        if self._fd is not None:
+            # Unlink first, then release: a follower that sees the lock gone also sees no blob.
+            try:
+                if os.path.samestat(os.stat(self._partial), os.fstat(self._fd)):
+                    self._partial.unlink()
+            except FileNotFoundError:
+                pass
+            self._close_partial()
+        self._release_claim()
+
+    def _close_partial(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _release_claim(self) -> None:
+        if self._lock_fd is not None:
+            durable.unlock_and_remove(self._layout.lock(self.digest), self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if kind is not None or self._fd is not None:
+            self.abort()
+
+
+class Follower:
+    """Iterator of the bytes of a blob another Writer (any process) is fetching, read from the partial
+    file as it grows. It ends when the writer has committed, and then the bytes yielded are exactly the
+    verified blob. Raises FetchAborted when the writer aborts, dies, or adds nothing for
+    `stall_timeout` seconds; the caller must then fail its response (the bytes it sent are suspect).
+    """
+
+    def __init__(
+        self, layout: Layout, digest: str, fd: int, expected_size: int | None, stall_timeout: float
+    ) -> None:
+        self.digest = digest
+        self.expected_size = expected_size
+        self.bytes_read = 0
+        self._layout = layout
+        self._fd: int | None = fd
+        self._stall_timeout = stall_timeout
+        self._committed = False
+
+    @classmethod
+    def attach(
+        cls, layout: Layout, digest: str, expected_size: int | None, stall_timeout: float
+    ) -> Follower | None:
+        """Open the digest's partial file if a live writer holds it; None otherwise."""
+        try:
+            fd = os.open(layout.partial(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if durable.is_locked(fd):
+            return cls(layout, digest, fd, expected_size, stall_timeout)
+        os.close(fd)
+        return None
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._fd is None:
+            raise StopIteration
+        poll = POLL_MIN
+        idle_since = time.monotonic()
+        while True:
+            chunk = os.read(self._fd, FOLLOW_CHUNK)
+            if chunk:
+                self.bytes_read += len(chunk)
+                return chunk
+            if self._committed:
+                self.close()
+                raise StopIteration
+            if durable.is_locked(self._fd):  # writer alive: wait for more
+                if time.monotonic() - idle_since > self._stall_timeout:
+                    self.close()
+                    raise FetchAborted(
+                        f"the fetch of {self.digest} stalled for {self._stall_timeout:g}s; retry the pull"
+                    )
+                time.sleep(poll)
+                poll = min(poll * 2, POLL_MAX)
+                continue
+            if self._is_committed():
+                self._committed = True  # read what remains, then stop
+                continue
+            self.close()
+            raise FetchAborted(f"the fetch of {self.digest} was aborted by its writer; retry the pull")
+
+    def _is_committed(self) -> bool:
+        assert self._fd is not None
+        try:
+            committed = os.stat(self._layout.blob(self.digest))
+        except FileNotFoundError:
+            return False
+        if not os.path.samestat(committed, os.fstat(self._fd)):
+            return False
+        # From here on we serve a cached blob: hold it against eviction like any reader.
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        return True
+
+    def read_all(self) -> bytes:
+        return b"".join(self)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()

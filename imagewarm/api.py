@@ -439,7 +439,8 @@ def resolve_parallelism(parallelism: int | str | None, nodes: int) -> int:
 # A DNS-1123 subdomain: what the API server accepts as the name of a cluster-scoped object.
 _NAME_MAX = 253
 _HASH_LENGTH = 10
-_NOT_NAME_CHARACTERS = re.compile(r"[^a-z0-9.-]+")
+_NOT_NAME_CHARACTERS = re.compile(r"[^a-z0-9.]+")
+_DOTTED_SEPARATORS = re.compile(r"[.-]*\.[.-]*")
 
 
 def cached_image_name(image: str) -> str:
@@ -447,12 +448,16 @@ def cached_image_name(image: str) -> str:
 
     Pass the canonical reference (``str(imagewarm.reference.parse(text))``) so that spellings of
     one image share one object. The name is the reference lowered, with every run of characters
-    a Kubernetes name cannot hold replaced by ``-``, cut to fit, then ``-`` and the first 10 hex
-    digits of the reference's SHA-256 (so ``a/b:c`` and ``a/b-c`` stay distinct)."""
+    a Kubernetes name cannot hold replaced by ``-`` (``.`` where the run held a dot), cut to fit,
+    then ``-`` and the first 10 hex digits of the reference's SHA-256 (so ``a/b:c`` and
+    ``a/b-c`` stay distinct)."""
     if not image:
         raise ValueError("cached_image_name needs an image reference, got an empty string")
     digest = hashlib.sha256(image.encode()).hexdigest()[:_HASH_LENGTH]
     readable = _NOT_NAME_CHARACTERS.sub("-", image.lower())
+    # Each dot-separated label must start and end alphanumeric: a run of separators holding a
+    # dot becomes one dot.
+    readable = _DOTTED_SEPARATORS.sub(".", readable)
     readable = readable[: _NAME_MAX - _HASH_LENGTH - 1]
     # A name starts and ends with an alphanumeric character; trim separators left at the cut.
     readable = readable.strip(".-")

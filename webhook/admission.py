@@ -64,8 +64,10 @@ def parse_review(body: bytes) -> AdmissionRequest:
     if not isinstance(review, dict):
         raise BadReview("body must be a JSON object (an AdmissionReview)")
     if review.get("apiVersion") != API_VERSION or review.get("kind") != "AdmissionReview":
-        raise BadReview(f"expected apiVersion {API_VERSION} kind AdmissionReview, got "
-                        f"{str(review.get('apiVersion'))[:60]!r} {str(review.get('kind'))[:60]!r}")
+        raise BadReview(
+            f"expected apiVersion {API_VERSION} kind AdmissionReview, got "
+            f"{str(review.get('apiVersion'))[:60]!r} {str(review.get('kind'))[:60]!r}"
+        )
     request = review.get("request")
     if not isinstance(request, dict):
         raise BadReview("AdmissionReview has no request object")

@@ -30,23 +30,37 @@ log = logging.getLogger("imagewarm.webhook")
 
 
 def rule_of(config: WebhookConfig) -> Rule:
-    return Rule(proxy_prefix=config.proxy_prefix, excluded_registries=config.excluded_registries,
-                excluded_images=config.exclude_image)
+    return Rule(
+        proxy_prefix=config.proxy_prefix,
+        excluded_registries=config.excluded_registries,
+        excluded_images=config.exclude_image,
+    )
 
 
-def decide(req: admission.AdmissionRequest, rule: Rule, sidecarsets: SidecarSets | None,
-           namespaces: Store | None, sync_wait: float) -> Decision:
+def decide(
+    req: admission.AdmissionRequest,
+    rule: Rule,
+    sidecarsets: SidecarSets | None,
+    namespaces: Store | None,
+    sync_wait: float,
+) -> Decision:
     """The decision for one parsed request (reads the caches, never the API server)."""
     if not req.is_pod:
         return Decision(reason="ignored")
     if req.operation == "CREATE" and req.sub_resource == "":
         pod = req.object
-        if not isinstance(pod, dict) or not ((pod.get("spec") or {}) if isinstance(pod.get("spec"), dict) else
-                                             {}).get("containers"):
+        if not isinstance(pod, dict) or not (
+            (pod.get("spec") or {}) if isinstance(pod.get("spec"), dict) else {}
+        ).get("containers"):
             raise InvalidPod("the pod has no containers")
         found, synced = sidecarsets.current(sync_wait) if sidecarsets is not None else ([], True)
-        decision = on_create(pod, rule, sidecarsets=found, namespace=req.namespace,
-                             namespace_labels=namespace_labels(namespaces, req.namespace))
+        decision = on_create(
+            pod,
+            rule,
+            sidecarsets=found,
+            namespace=req.namespace,
+            namespace_labels=namespace_labels(namespaces, req.namespace),
+        )
         if not synced:
             decision.warnings.append("imagewarm: SidecarSet cache not synced yet; no SidecarSet injected")
         return decision
@@ -55,8 +69,9 @@ def decide(req: admission.AdmissionRequest, rule: Rule, sidecarsets: SidecarSets
     return Decision(reason="ignored")
 
 
-def create_app(config: WebhookConfig, *, sidecarsets: Store | None = None,
-               namespaces: Store | None = None) -> Flask:
+def create_app(
+    config: WebhookConfig, *, sidecarsets: Store | None = None, namespaces: Store | None = None
+) -> Flask:
     """The app. `sidecarsets` and `namespaces` are watch-backed caches (None: no SidecarSet injection,
     namespace labels unknown)."""
     app = Flask("webhook")
@@ -88,7 +103,9 @@ def create_app(config: WebhookConfig, *, sidecarsets: Store | None = None,
                 metrics.DECISIONS.labels("invalid").inc()
                 metrics.REQUESTS.labels(operation, "400").inc()
                 return jsonify(error=f"bad AdmissionReview: {exc}"), 400
-            operation = req.operation if req.operation in ("CREATE", "UPDATE", "DELETE", "CONNECT") else "other"
+            operation = (
+                req.operation if req.operation in ("CREATE", "UPDATE", "DELETE", "CONNECT") else "other"
+            )
             answer = _answer(req, rule, parsed_sidecarsets, namespaces, config.sync_wait)
             metrics.REQUESTS.labels(operation, "200").inc()
             return jsonify(answer), 200
@@ -98,8 +115,13 @@ def create_app(config: WebhookConfig, *, sidecarsets: Store | None = None,
     return app
 
 
-def _answer(req: admission.AdmissionRequest, rule: Rule, sidecarsets: SidecarSets | None,
-            namespaces: Store | None, sync_wait: float) -> dict[str, Any]:
+def _answer(
+    req: admission.AdmissionRequest,
+    rule: Rule,
+    sidecarsets: SidecarSets | None,
+    namespaces: Store | None,
+    sync_wait: float,
+) -> dict[str, Any]:
     try:
         decision = decide(req, rule, sidecarsets, namespaces, sync_wait)
     except InvalidPod as exc:
@@ -116,7 +138,15 @@ def _answer(req: admission.AdmissionRequest, rule: Rule, sidecarsets: SidecarSet
     for name in decision.injected if not req.dry_run else ():
         metrics.INJECTIONS.labels(name).inc()
     if decision.patch:
-        log.info("pod mutated", extra={"uid": req.uid, "namespace": req.namespace, "pod": req.name,
-                                        "rewrites": decision.rewrites, "injected": list(decision.injected),
-                                        "dry_run": req.dry_run})
+        log.info(
+            "pod mutated",
+            extra={
+                "uid": req.uid,
+                "namespace": req.namespace,
+                "pod": req.name,
+                "rewrites": decision.rewrites,
+                "injected": list(decision.injected),
+                "dry_run": req.dry_run,
+            },
+        )
     return admission.response(req.uid, decision.patch, decision.warnings)

@@ -49,7 +49,9 @@ class SidecarSets:
                     try:
                         self._parsed[key] = SidecarSet.from_object(obj)
                     except InvalidSidecarSet as exc:
-                        log.warning("SidecarSet ignored: fix it to have it injected", extra={"error": str(exc)})
+                        log.warning(
+                            "SidecarSet ignored: fix it to have it injected", extra={"error": str(exc)}
+                        )
                         self._parsed[key] = None
                 parsed = self._parsed[key]
             if parsed is not None:

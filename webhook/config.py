@@ -11,37 +11,54 @@ DEFAULT_EXCLUDED_REGISTRIES = ("localhost",)
 
 @dataclass(frozen=True)
 class WebhookConfig:
-    listen: tuple[str, int] = setting(("0.0.0.0", 8443), help="address to serve HTTPS on",
-                                      parse=parse_host_port, metavar="HOST:PORT")
-    tls_dir: str = setting("", help="directory with tls.crt and tls.key (reloaded when they change); "
-                                    "empty: make and manage our own CA and certificate", metavar="DIR")
-    proxy_prefix: str = setting("localhost:7439", help="the node proxy that images are rewritten to",
-                                metavar="HOST:PORT")
-    webhook_config_name: str = setting("imagewarm", help="MutatingWebhookConfiguration whose caBundle "
-                                                         "self-managed certificates are patched into")
-    service_name: str = setting("imagewarm-webhook", help="Service in front of the webhook (certificate names)")
+    listen: tuple[str, int] = setting(
+        ("0.0.0.0", 8443), help="address to serve HTTPS on", parse=parse_host_port, metavar="HOST:PORT"
+    )
+    tls_dir: str = setting(
+        "",
+        help="directory with tls.crt and tls.key (reloaded when they change); "
+        "empty: make and manage our own CA and certificate",
+        metavar="DIR",
+    )
+    proxy_prefix: str = setting(
+        "localhost:7439", help="the node proxy that images are rewritten to", metavar="HOST:PORT"
+    )
+    webhook_config_name: str = setting(
+        "imagewarm",
+        help="MutatingWebhookConfiguration whose caBundle self-managed certificates are patched into",
+    )
+    service_name: str = setting(
+        "imagewarm-webhook", help="Service in front of the webhook (certificate names)"
+    )
     namespace: str = setting("imagewarm", help="namespace of the Service and of the certificate Secret")
     secret_name: str = setting("imagewarm-webhook-tls", help="Secret holding self-managed CA and certificate")
     kubeconfig: str = setting("", help="kubeconfig path; empty: in-cluster config", metavar="PATH")
-    exclude_registry: tuple[str, ...] = setting((), help="registry never rewritten (localhost always is)",
-                                                repeated=True, metavar="HOST[:PORT]")
-    exclude_image: tuple[str, ...] = setting((), help="glob of images never rewritten, e.g. 'docker.io/library/*'",
-                                             repeated=True, metavar="GLOB")
-    sidecarsets: bool = setting(True, help="inject SidecarSets (needs list/watch on sidecarsets, namespaces)",
-                                parse=parse_bool)
+    exclude_registry: tuple[str, ...] = setting(
+        (), help="registry never rewritten (localhost always is)", repeated=True, metavar="HOST[:PORT]"
+    )
+    exclude_image: tuple[str, ...] = setting(
+        (), help="glob of images never rewritten, e.g. 'docker.io/library/*'", repeated=True, metavar="GLOB"
+    )
+    sidecarsets: bool = setting(
+        True, help="inject SidecarSets (needs list/watch on sidecarsets, namespaces)", parse=parse_bool
+    )
     workers: int = setting(2, help="gunicorn worker processes", parse=int)
     threads: int = setting(8, help="threads per worker", parse=int)
     max_body_bytes: int = setting(3 * 1024 * 1024, help="largest AdmissionReview accepted", parse=parse_bytes)
-    sync_wait: float = setting(1.0, help="how long a request waits for the SidecarSet cache's first sync",
-                               parse=parse_duration)
-    cert_check_interval: float = setting(600.0, help="how often self-managed certificates are checked",
-                                         parse=parse_duration)
+    sync_wait: float = setting(
+        1.0, help="how long a request waits for the SidecarSet cache's first sync", parse=parse_duration
+    )
+    cert_check_interval: float = setting(
+        600.0, help="how often self-managed certificates are checked", parse=parse_duration
+    )
     log_level: str = setting("info", help="debug, info, warning or error")
     log_format: str = setting("json", help="json or text")
 
     def __post_init__(self) -> None:
         if "/" in self.proxy_prefix or not self.proxy_prefix:
-            raise ValueError(f"--proxy-prefix {self.proxy_prefix!r}: give HOST:PORT only, e.g. localhost:7439")
+            raise ValueError(
+                f"--proxy-prefix {self.proxy_prefix!r}: give HOST:PORT only, e.g. localhost:7439"
+            )
         if self.workers < 1 or self.threads < 1:
             raise ValueError("--workers and --threads must be at least 1")
         if self.log_format not in ("json", "text"):

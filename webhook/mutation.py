@@ -74,8 +74,13 @@ def _existing_originals(annotations: dict[str, Any], warnings: list[str]) -> dic
     return {str(k): str(v) for k, v in value.items()}
 
 
-def rewrite_images(pod: dict[str, Any], rule: Rule, *, fields: Sequence[str] = CONTAINER_FIELDS,
-                   leave: frozenset[tuple[str, str]] = frozenset()) -> tuple[int, list[str]]:
+def rewrite_images(
+    pod: dict[str, Any],
+    rule: Rule,
+    *,
+    fields: Sequence[str] = CONTAINER_FIELDS,
+    leave: frozenset[tuple[str, str]] = frozenset(),
+) -> tuple[int, list[str]]:
     """Rewrite, in place, the images of the containers in `fields` of `pod` (except the
     (field, name) pairs in `leave`) and merge the originals into the annotation.
     Returns (number rewritten, warnings)."""
@@ -102,8 +107,14 @@ def rewrite_images(pod: dict[str, Any], rule: Rule, *, fields: Sequence[str] = C
     return len(originals), warnings
 
 
-def on_create(pod: object, rule: Rule, *, sidecarsets: Sequence[sidecarset.SidecarSet] = (),
-              namespace: str = "", namespace_labels: dict[str, str] | None = None) -> Decision:
+def on_create(
+    pod: object,
+    rule: Rule,
+    *,
+    sidecarsets: Sequence[sidecarset.SidecarSet] = (),
+    namespace: str = "",
+    namespace_labels: dict[str, str] | None = None,
+) -> Decision:
     """The patch for a pod being created: matching SidecarSets injected, then every image rewritten.
 
     `namespace` is the request's (a pod being created may omit its own); `namespace_labels` None means
@@ -125,15 +136,18 @@ def on_ephemeral_update(pod: object, old_pod: object, rule: Rule) -> Decision:
     if skipped(original):
         return Decision(reason="skipped")
     old = _check(old_pod) if old_pod is not None else {}
-    existing = frozenset(("ephemeralContainers", c.get("name"))
-                         for c in (old.get("spec") or {}).get("ephemeralContainers") or [])
+    existing = frozenset(
+        ("ephemeralContainers", c.get("name"))
+        for c in (old.get("spec") or {}).get("ephemeralContainers") or []
+    )
     new = copy.deepcopy(original)
     count, warnings = rewrite_images(new, rule, fields=("ephemeralContainers",), leave=existing)
     return _decision(original, new, count, warnings, ())
 
 
-def _decision(original: dict[str, Any], new: dict[str, Any], count: int, warnings: list[str],
-              injected: tuple[str, ...]) -> Decision:
+def _decision(
+    original: dict[str, Any], new: dict[str, Any], count: int, warnings: list[str], injected: tuple[str, ...]
+) -> Decision:
     patch = diff_pod(original, new)
     reason = "patched" if patch else ("warned" if warnings else "unchanged")
     return Decision(patch=patch, warnings=warnings, rewrites=count, injected=injected, reason=reason)

@@ -52,12 +52,14 @@ class LabelSelector:
         if not isinstance(value, dict):
             raise InvalidSelector("a selector must be an object with matchLabels/matchExpressions")
         requirements: list[Requirement] = []
-        match_labels = value.get("matchLabels") or {}
+        match_labels = value.get("matchLabels")
+        match_labels = {} if match_labels is None else match_labels
         if not isinstance(match_labels, dict):
             raise InvalidSelector("matchLabels must be an object of strings")
         for key, val in match_labels.items():
             requirements.append(Requirement(str(key), "In", frozenset([str(val)])))
-        expressions = value.get("matchExpressions") or []
+        expressions = value.get("matchExpressions")
+        expressions = [] if expressions is None else expressions
         if not isinstance(expressions, list):
             raise InvalidSelector("matchExpressions must be a list")
         for expression in expressions:

@@ -28,8 +28,15 @@ INJECTED_LIST_ANNOTATION = "imagewarm.io/sidecarset-injected-list"
 INJECTED_ENV = "IS_INJECTED"  # kruise marks injected containers so sharing skips them
 IGNORED_NAMESPACES = frozenset({"kube-system", "kube-public"})
 # Fields of a SidecarContainer that are not Container fields.
-_SIDECAR_ONLY = ("podInjectPolicy", "upgradeStrategy", "hotUpgradeEmptyImage", "shareVolumePolicy",
-                 "shareVolumeDevicePolicy", "transferEnv", "resourcesPolicy")
+_SIDECAR_ONLY = (
+    "podInjectPolicy",
+    "upgradeStrategy",
+    "hotUpgradeEmptyImage",
+    "shareVolumePolicy",
+    "shareVolumeDevicePolicy",
+    "transferEnv",
+    "resourcesPolicy",
+)
 _SUBPATH_VAR = re.compile(r"\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 
 
@@ -91,7 +98,9 @@ class SidecarSet:
             paused=isinstance(strategy, dict) and strategy.get("paused") is True,
         )
 
-    def matches(self, labels: dict[str, str], namespace: str, namespace_labels: dict[str, str] | None) -> bool:
+    def matches(
+        self, labels: dict[str, str], namespace: str, namespace_labels: dict[str, str] | None
+    ) -> bool:
         """Kruise's rule: an empty selector matches no pod; `namespace` and `namespaceSelector` narrow.
         Unknown namespace labels (None) never match a `namespaceSelector`."""
         if self.paused or namespace in IGNORED_NAMESPACES or self.selector.empty:
@@ -130,8 +139,9 @@ def _app_env(app_containers: Sequence[dict[str, Any]], container: str, env: str)
     return None
 
 
-def _transfer_env(sidecar: dict[str, Any], app_containers: Sequence[dict[str, Any]],
-                  warnings: list[str]) -> list[dict[str, Any]]:
+def _transfer_env(
+    sidecar: dict[str, Any], app_containers: Sequence[dict[str, Any]], warnings: list[str]
+) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for item in sidecar.get("transferEnv") or []:
         if not isinstance(item, dict):
@@ -147,8 +157,9 @@ def _transfer_env(sidecar: dict[str, Any], app_containers: Sequence[dict[str, An
     return found
 
 
-def _shared_mounts(sidecar: dict[str, Any], app_containers: Sequence[dict[str, Any]]
-                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _shared_mounts(
+    sidecar: dict[str, Any], app_containers: Sequence[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     policy = sidecar.get("shareVolumePolicy") or {}
     if not isinstance(policy, dict) or str(policy.get("type", "")).lower() != "enabled":
         return [], []
@@ -167,8 +178,9 @@ def _shared_mounts(sidecar: dict[str, Any], app_containers: Sequence[dict[str, A
     return mounts, envs
 
 
-def _build_sidecar(template: dict[str, Any], app_containers: Sequence[dict[str, Any]],
-                   warnings: list[str]) -> dict[str, Any]:
+def _build_sidecar(
+    template: dict[str, Any], app_containers: Sequence[dict[str, Any]], warnings: list[str]
+) -> dict[str, Any]:
     container = {k: copy.deepcopy(v) for k, v in template.items() if k not in _SIDECAR_ONLY}
     env = list(container.get("env") or [])
     extra_env = [{"name": INJECTED_ENV, "value": "true"}, *_transfer_env(template, app_containers, warnings)]
@@ -191,8 +203,10 @@ def _build_sidecar(template: dict[str, Any], app_containers: Sequence[dict[str, 
 
 
 def _is_app(container: dict[str, Any]) -> bool:
-    return not any(isinstance(e, dict) and e.get("name") == INJECTED_ENV and e.get("value") == "true"
-                   for e in container.get("env") or [])
+    return not any(
+        isinstance(e, dict) and e.get("name") == INJECTED_ENV and e.get("value") == "true"
+        for e in container.get("env") or []
+    )
 
 
 def _merge_named(existing: list[Any], additions: Iterable[dict[str, Any]]) -> list[Any]:
@@ -205,8 +219,13 @@ def _merge_named(existing: list[Any], additions: Iterable[dict[str, Any]]) -> li
     return merged
 
 
-def inject(pod: dict[str, Any], sidecarsets: Sequence[SidecarSet], *, namespace: str,
-           namespace_labels: dict[str, str] | None) -> Injection:
+def inject(
+    pod: dict[str, Any],
+    sidecarsets: Sequence[SidecarSet],
+    *,
+    namespace: str,
+    namespace_labels: dict[str, str] | None,
+) -> Injection:
     """Inject, in place, every matching SidecarSet into `pod` (see the module docstring)."""
     result = Injection()
     metadata = pod.get("metadata") or {}
@@ -222,10 +241,14 @@ def inject(pod: dict[str, Any], sidecarsets: Sequence[SidecarSet], *, namespace:
     volumes: list[dict[str, Any]] = []
     secrets: list[dict[str, Any]] = []
     for sidecar_set in sorted(sidecarsets, key=lambda s: s.name):
-        if sidecar_set.namespace_selector is not None and namespace_labels is None and sidecar_set.selector.matches(
-                labels):
-            result.warnings.append(f"SidecarSet {sidecar_set.name} not injected: labels of namespace "
-                                   f"{namespace!r} not known yet")
+        if (
+            sidecar_set.namespace_selector is not None
+            and namespace_labels is None
+            and sidecar_set.selector.matches(labels)
+        ):
+            result.warnings.append(
+                f"SidecarSet {sidecar_set.name} not injected: labels of namespace {namespace!r} not known yet"
+            )
         if not sidecar_set.matches(labels, namespace, namespace_labels):
             continue
         added = False
@@ -234,7 +257,8 @@ def inject(pod: dict[str, Any], sidecarsets: Sequence[SidecarSet], *, namespace:
                 continue
             policy = template.get("podInjectPolicy") or "BeforeAppContainer"
             (after if policy == "AfterAppContainer" else before).append(
-                _build_sidecar(template, app_containers, result.warnings))
+                _build_sidecar(template, app_containers, result.warnings)
+            )
             taken.add(template["name"])
             added = True
         for template in sidecar_set.init_containers:

@@ -13,15 +13,20 @@ from webhook.mutation import ORIGINAL_IMAGES, Decision, InvalidPod, on_create, o
 from webhook.patch import pointer
 from webhook.rewrite import Rule
 
-RULE = Rule(proxy_prefix="localhost:7439", excluded_registries=frozenset({"localhost", "quay.io"}),
-            excluded_images=("docker.io/library/pause*", "*/internal/*"))
+RULE = Rule(
+    proxy_prefix="localhost:7439",
+    excluded_registries=frozenset({"localhost", "quay.io"}),
+    excluded_images=("docker.io/library/pause*", "*/internal/*"),
+)
 DIGEST = "sha256:" + "ab" * 32
 
 
-def pod(*images: str, init: tuple[str, ...] = (), annotations: dict[str, str] | None = None,
-        metadata: bool = True) -> dict[str, Any]:
+def pod(
+    *images: str, init: tuple[str, ...] = (), annotations: dict[str, str] | None = None, metadata: bool = True
+) -> dict[str, Any]:
     result: dict[str, Any] = {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "spec": {"containers": [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]},
     }
     if init:
@@ -96,7 +101,10 @@ def test_init_and_app_containers_rewritten_patch_applies_without_annotations() -
     original = pod("nginx:1", "redis:7", init=("busybox:1",), annotations=None)
     assert "annotations" not in original["metadata"]
     result = apply(original, on_create(original, RULE))
-    assert images(result) == ["localhost:7439/docker.io/library/nginx:1", "localhost:7439/docker.io/library/redis:7"]
+    assert images(result) == [
+        "localhost:7439/docker.io/library/nginx:1",
+        "localhost:7439/docker.io/library/redis:7",
+    ]
     assert images(result, "initContainers") == ["localhost:7439/docker.io/library/busybox:1"]
     assert originals(result) == {"c0": "nginx:1", "c1": "redis:7", "i0": "busybox:1"}
 
@@ -110,9 +118,15 @@ def test_patch_applies_when_metadata_is_absent() -> None:
 def test_existing_annotations_are_kept_and_slash_keys_escaped() -> None:
     original = pod("nginx:1", annotations={"a/b": "1", "x~y": "2"})
     decision = on_create(original, RULE)
-    assert {"op": "add", "path": pointer("metadata", "annotations", ORIGINAL_IMAGES),
-            "value": json.dumps({"c0": "nginx:1"}, separators=(",", ":"))} in decision.patch
-    assert pointer("metadata", "annotations", ORIGINAL_IMAGES) == "/metadata/annotations/imagewarm.io~1original-images"
+    assert {
+        "op": "add",
+        "path": pointer("metadata", "annotations", ORIGINAL_IMAGES),
+        "value": json.dumps({"c0": "nginx:1"}, separators=(",", ":")),
+    } in decision.patch
+    assert (
+        pointer("metadata", "annotations", ORIGINAL_IMAGES)
+        == "/metadata/annotations/imagewarm.io~1original-images"
+    )
     result = apply(original, decision)
     assert result["metadata"]["annotations"]["a/b"] == "1" and result["metadata"]["annotations"]["x~y"] == "2"
 
@@ -151,20 +165,34 @@ def test_a_corrupt_original_images_annotation_is_replaced_with_a_warning() -> No
 
 def test_ephemeral_update_rewrites_only_new_ephemeral_containers() -> None:
     old = apply(pod("nginx:1"), on_create(pod("nginx:1"), RULE))
-    old["spec"]["ephemeralContainers"] = [{"name": "debug-old", "image": "busybox:1"}]  # added with webhook down
+    old["spec"]["ephemeralContainers"] = [
+        {"name": "debug-old", "image": "busybox:1"}
+    ]  # added with webhook down
     new = copy.deepcopy(old)
     new["spec"]["ephemeralContainers"].append({"name": "debug", "image": f"busybox@{DIGEST}"})
     decision = on_ephemeral_update(new, old, RULE)
     result = apply(new, decision)
-    assert images(result, "ephemeralContainers") == ["busybox:1", f"localhost:7439/docker.io/library/busybox@{DIGEST}"]
+    assert images(result, "ephemeralContainers") == [
+        "busybox:1",
+        f"localhost:7439/docker.io/library/busybox@{DIGEST}",
+    ]
     assert originals(result) == {"c0": "nginx:1", "debug": f"busybox@{DIGEST}"}
     assert all(op["path"].startswith(("/spec/ephemeralContainers/1", "/metadata")) for op in decision.patch)
     assert on_ephemeral_update(result, old, RULE).patch == []
 
 
-@pytest.mark.parametrize("bad", [None, [], "pod", {"spec": []}, {"spec": {"containers": "x"}},
-                                 {"spec": {"containers": ["x"]}}, {"metadata": {"annotations": []},
-                                                                   "spec": {"containers": []}}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        [],
+        "pod",
+        {"spec": []},
+        {"spec": {"containers": "x"}},
+        {"spec": {"containers": ["x"]}},
+        {"metadata": {"annotations": []}, "spec": {"containers": []}},
+    ],
+)
 def test_objects_not_shaped_like_pods_raise_invalid_pod(bad: Any) -> None:
     with pytest.raises(InvalidPod):
         on_create(bad, RULE)

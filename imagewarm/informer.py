@@ -1,0 +1,181 @@
+"""A watch-backed local cache of one kind of object: list, then watch from the list's resourceVersion.
+
+Reads (`items`, `get`) never call the API server and are safe from any thread. The background thread
+keeps the cache current: when a watch ends or drops it resumes from the last resourceVersion seen
+(bookmarks included); when the server answers 410 Gone it lists again and replaces the cache; other
+failures are retried with capped exponential backoff. `synced` turns true after the first complete
+list and stays true (the cache may then be stale, never empty by mistake).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from imagewarm.kube import Gone, KubeError
+
+log = logging.getLogger("imagewarm.informer")
+
+Handler = Callable[[str, dict[str, Any]], None]
+
+
+class Source(Protocol):
+    """What an informer reads from (`imagewarm.kube.Kube` has this shape)."""
+
+    def get(self, path: str, **params: Any) -> dict[str, Any]: ...
+
+    def watch(
+        self,
+        path: str,
+        resource_version: str,
+        *,
+        timeout_seconds: int = 300,
+        params: dict[str, Any] | None = None,
+    ) -> Iterator[dict[str, Any]]: ...
+
+
+def key_of(obj: dict[str, Any]) -> str:
+    """`namespace/name` for namespaced objects, `name` for cluster-scoped ones."""
+    metadata = obj.get("metadata") or {}
+    namespace = metadata.get("namespace")
+    return f"{namespace}/{metadata.get('name')}" if namespace else str(metadata.get("name"))
+
+
+class Informer:
+    """Cache of the objects at the collection `path` (e.g. `/api/v1/namespaces` or
+    `/apis/imagewarm.io/v1alpha1/sidecarsets`). `handlers` are called on the informer's thread with
+    ("ADDED"|"MODIFIED"|"DELETED", object) for every change, including those a relist reveals."""
+
+    def __init__(
+        self,
+        source: Source,
+        path: str,
+        *,
+        name: str = "",
+        watch_timeout: int = 300,
+        max_backoff: float = 30.0,
+        label_selector: str = "",
+        handlers: tuple[Handler, ...] = (),
+    ) -> None:
+        self.source = source
+        self.path = path
+        self.name = name or path
+        self.watch_timeout = watch_timeout
+        self.max_backoff = max_backoff
+        self.params = {"labelSelector": label_selector} if label_selector else {}
+        self.handlers = handlers
+        self.resource_version = ""
+        self.lists = 0  # how many times the collection was listed (1 + relists)
+        self._objects: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # Reads ---------------------------------------------------------------------------------------
+
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
+    def wait_synced(self, timeout: float) -> bool:
+        return self._synced.wait(timeout)
+
+    def items(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._objects.values())
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._objects.get(key)
+
+    # Lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> Informer:
+        self._thread = threading.Thread(target=self.run, name=f"informer {self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to stop; it does after the current watch request returns."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        """List and watch until `stop()`."""
+        backoff = 0.5
+        need_list = True
+        while not self._stop.is_set():
+            try:
+                if need_list:
+                    self._list()
+                    need_list = False
+                for event in self.source.watch(
+                    self.path, self.resource_version, timeout_seconds=self.watch_timeout, params=self.params
+                ):
+                    self._apply(event)
+                    backoff = 0.5
+                    if self._stop.is_set():
+                        return
+            except Gone:
+                log.info("watch expired; listing again", extra={"informer": self.name})
+                need_list = True
+            except KubeError as exc:
+                log.warning(
+                    "list/watch failed; retrying",
+                    extra={"informer": self.name, "error": str(exc), "retry_seconds": backoff},
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+            except Exception:  # a bug must not silently end the cache's updates
+                log.exception("informer error; listing again", extra={"informer": self.name})
+                need_list = True
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+
+    # Updates -------------------------------------------------------------------------------------
+
+    def _list(self) -> None:
+        listing = self.source.get(self.path, **self.params)
+        fresh = {key_of(obj): obj for obj in listing.get("items") or []}
+        with self._lock:
+            old, self._objects = self._objects, fresh
+            self.resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
+            self.lists += 1
+        self._synced.set()
+        for key, obj in fresh.items():
+            if key not in old:
+                self._notify("ADDED", obj)
+            elif old[key] != obj:
+                self._notify("MODIFIED", obj)
+        for key, obj in old.items():
+            if key not in fresh:
+                self._notify("DELETED", obj)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind, obj = event.get("type"), event.get("object") or {}
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if kind == "BOOKMARK":
+            if version:
+                self.resource_version = str(version)
+            return
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            return
+        with self._lock:
+            if kind == "DELETED":
+                self._objects.pop(key_of(obj), None)
+            else:
+                self._objects[key_of(obj)] = obj
+            if version:
+                self.resource_version = str(version)
+        self._notify(kind, obj)
+
+    def _notify(self, kind: str, obj: dict[str, Any]) -> None:
+        for handler in self.handlers:
+            try:
+                handler(kind, obj)
+            except Exception:
+                log.exception("informer handler failed", extra={"informer": self.name, "event": kind})

@@ -1,0 +1,281 @@
+"""Kubernetes API access for the programs: configuration (in-cluster or a kubeconfig), raw JSON
+requests and watches, and typed errors.
+
+Objects stay plain dicts as the API server sends them (programs parse what they need at their edge).
+Errors are `KubeError` subclasses that mix in builtins, split into permanent ones (`NotFound`,
+`Conflict`, `Invalid`, `Forbidden`...: do not retry blindly) and `Unavailable` (temporary: retry
+with backoff).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class KubeError(Exception):
+    """An API request failed; `status` is the HTTP status (0: no answer), `reason` the API's reason."""
+
+    temporary = False
+
+    def __init__(self, message: str, *, status: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class NotFound(KubeError, LookupError):
+    pass
+
+
+class Conflict(KubeError):
+    """409: the object changed since it was read (re-read and retry) or already exists."""
+
+
+class AlreadyExists(Conflict):
+    pass
+
+
+class Gone(KubeError):
+    """410: the resourceVersion is too old (relist)."""
+
+
+class Invalid(KubeError, ValueError):
+    pass
+
+
+class Forbidden(KubeError, PermissionError):
+    """401/403: check the credentials and RBAC rules the message names."""
+
+
+class Unavailable(KubeError, ConnectionError):
+    """No answer, a timeout, 429 or a 5xx: temporary, retry with backoff."""
+
+    temporary = True
+
+
+class ConfigurationError(KubeError):
+    """Neither a usable kubeconfig nor an in-cluster service account was found."""
+
+
+def error_for(status: int, body: bytes | str, what: str) -> KubeError:
+    """The typed error for an API answer with a non-2xx `status` and a `Status` object body."""
+    try:
+        status_obj = json.loads(body)
+    except ValueError:
+        status_obj = {}
+    if not isinstance(status_obj, dict):
+        status_obj = {}
+    reason = str(status_obj.get("reason") or "")
+    message = f"{what}: {status} {status_obj.get('message') or str(body)[:200]}"
+    kind: type[KubeError]
+    if status == 404:
+        kind = NotFound
+    elif status == 409:
+        kind = AlreadyExists if reason == "AlreadyExists" else Conflict
+    elif status == 410:
+        kind = Gone
+    elif status in (400, 422):
+        kind = Invalid
+    elif status in (401, 403):
+        kind = Forbidden
+    elif status == 429 or status >= 500:
+        kind = Unavailable
+    else:
+        kind = KubeError
+    return kind(message, status=status, reason=reason)
+
+
+@dataclass
+class Kube:
+    """A connection to one API server. Thread-safe for requests (one `requests.Session`)."""
+
+    server: str
+    verify: str | bool = True
+    cert: tuple[str, str] | None = None
+    token: Callable[[], str] | None = None
+    timeout: float = 30.0
+    session: requests.Session = field(default_factory=requests.Session, repr=False)
+
+    # Construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, kubeconfig: str | os.PathLike[str] | None = None) -> Kube:
+        """From `kubeconfig` when given, else in-cluster when running in a pod, else $KUBECONFIG or
+        ~/.kube/config. Raises ConfigurationError saying what was tried."""
+        if kubeconfig:
+            return cls.from_kubeconfig(kubeconfig)
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and (SERVICE_ACCOUNT_DIR / "token").exists():
+            return cls.in_cluster()
+        default = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+        if Path(default).exists():
+            return cls.from_kubeconfig(default)
+        raise ConfigurationError(
+            "no Kubernetes configuration: pass --kubeconfig PATH, set KUBECONFIG, "
+            "or run in a pod with a service account"
+        )
+
+    @classmethod
+    def in_cluster(cls) -> Kube:
+        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        host = f"[{host}]" if ":" in host else host
+        token_file = SERVICE_ACCOUNT_DIR / "token"
+        # Bound tokens rotate: read the file again on every request (it is small and cached by the OS).
+        return cls(
+            server=f"https://{host}:{port}",
+            verify=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
+            token=lambda: token_file.read_text().strip(),
+        )
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | os.PathLike[str]) -> Kube:
+        from kubernetes import config as kconfig
+        from kubernetes.client import Configuration
+
+        configuration = Configuration()
+        try:
+            kconfig.load_kube_config(config_file=str(path), client_configuration=configuration)
+        except Exception as exc:  # the library raises several types for one cause: a bad file
+            raise ConfigurationError(f"cannot use kubeconfig {path}: {exc}") from None
+        return cls.from_configuration(configuration)
+
+    @classmethod
+    def from_configuration(cls, configuration: Any) -> Kube:
+        """From a `kubernetes.client.Configuration` (e.g. `ApiClient().configuration`)."""
+        verify: str | bool = configuration.ssl_ca_cert or bool(configuration.verify_ssl)
+        cert = (configuration.cert_file, configuration.key_file) if configuration.cert_file else None
+        api_key = (configuration.api_key or {}).get("authorization") or (configuration.api_key or {}).get(
+            "BearerToken"
+        )
+        token = None
+        if api_key:
+            value = str(api_key).removeprefix("Bearer ").strip()
+            token = lambda: value  # noqa: E731
+        return cls(server=configuration.host.rstrip("/"), verify=verify, cert=cert, token=token)
+
+    # Requests -----------------------------------------------------------------------------------
+
+    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token()}"
+        return headers
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """One request; the decoded JSON answer. Raises the typed KubeError for a non-2xx answer."""
+        what = f"{method} {path}"
+        try:
+            response = self.session.request(
+                method,
+                self.server + path,
+                params=params,
+                verify=self.verify,
+                cert=self.cert,
+                headers=self._headers(content_type if body is not None else None),
+                data=json.dumps(body) if body is not None else None,
+                timeout=timeout or self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise Unavailable(f"{what}: no answer from {self.server}: {exc}") from None
+        if response.status_code >= 300:
+            raise error_for(response.status_code, response.content, what)
+        return response.json() if response.content else {}
+
+    def get(self, path: str, **params: Any) -> dict[str, Any]:
+        return self.request("GET", path, params=params or None)
+
+    def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", path, body=body)
+
+    def replace(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("PUT", path, body=body)
+
+    def patch(self, path: str, body: Any, *, kind: str = "merge") -> dict[str, Any]:
+        """`kind`: json (RFC 6902 ops), merge (RFC 7386) or strategic."""
+        types = {
+            "json": "application/json-patch+json",
+            "merge": "application/merge-patch+json",
+            "strategic": "application/strategic-merge-patch+json",
+        }
+        return self.request("PATCH", path, body=body, content_type=types[kind])
+
+    def delete(self, path: str) -> dict[str, Any]:
+        return self.request("DELETE", path)
+
+    def watch(
+        self,
+        path: str,
+        resource_version: str,
+        *,
+        timeout_seconds: int = 300,
+        params: dict[str, Any] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Watch events (`{"type", "object"}`) from `resource_version` until the server ends the watch
+        (after about `timeout_seconds`) or the connection drops (Unavailable). An ERROR event is
+        raised as its typed error (Gone for 410)."""
+        query = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+            **(params or {}),
+        }
+        what = f"WATCH {path}"
+        try:
+            response = self.session.get(
+                self.server + path,
+                params=query,
+                verify=self.verify,
+                cert=self.cert,
+                headers=self._headers(),
+                stream=True,
+                timeout=(self.timeout, timeout_seconds + 30),
+            )
+        except requests.RequestException as exc:
+            raise Unavailable(f"{what}: no answer from {self.server}: {exc}") from None
+        with response:
+            if response.status_code >= 300:
+                raise error_for(response.status_code, response.content, what)
+            try:
+                for line in response.iter_lines():
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object") or {}
+                        raise error_for(int(status.get("code") or 500), json.dumps(status), what)
+                    yield event
+            except (requests.RequestException, ValueError) as exc:
+                raise Unavailable(f"{what}: watch interrupted: {exc}") from None
+
+
+def retry(call: Callable[[], Any], *, attempts: int = 5, delay: float = 0.5) -> Any:
+    """`call()`, retried with exponential backoff while it raises a temporary KubeError."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except KubeError as exc:
+            if not exc.temporary or attempt == attempts - 1:
+                raise
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")

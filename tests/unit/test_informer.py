@@ -1,0 +1,130 @@
+"""The informer's list/watch logic against a scripted source (the real API server: tests/e2e)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from imagewarm.informer import Informer
+from imagewarm.kube import Gone, Unavailable
+
+
+def obj(name: str, version: str, namespace: str | None = None, **data: Any) -> dict[str, Any]:
+    metadata = {"name": name, "resourceVersion": version} | ({"namespace": namespace} if namespace else {})
+    return {"metadata": metadata, **data}
+
+
+class ScriptedSource:
+    """Answers lists from `lists` in turn and watches from `watches` in turn (each a list of events or
+    an exception to raise); records every watch's resourceVersion. Blocks when the script is done."""
+
+    def __init__(self, lists: list[dict[str, Any]], watches: list[Any]) -> None:
+        self.lists = lists
+        self.watches = watches
+        self.watched_from: list[str] = []
+        self.done = threading.Event()
+
+    def get(self, path: str, **params: Any) -> dict[str, Any]:
+        return self.lists.pop(0)
+
+    def watch(
+        self,
+        path: str,
+        resource_version: str,
+        *,
+        timeout_seconds: int = 300,
+        params: dict[str, Any] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        self.watched_from.append(resource_version)
+        if not self.watches:
+            self.done.set()
+            threading.Event().wait(0.05)
+            return
+        step = self.watches.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        yield from step
+
+
+def run(source: ScriptedSource, **kwargs: Any) -> tuple[Informer, list[tuple[str, str]]]:
+    seen: list[tuple[str, str]] = []
+    informer = Informer(
+        source,
+        "/x",
+        max_backoff=0.01,
+        handlers=(lambda kind, o: seen.append((kind, o["metadata"]["name"])),),
+        **kwargs,
+    )
+    informer.start()
+    assert source.done.wait(5)
+    informer.stop()
+    return informer, seen
+
+
+def test_list_then_watch_resumes_from_the_last_version_after_a_drop() -> None:
+    source = ScriptedSource(
+        lists=[{"metadata": {"resourceVersion": "10"}, "items": [obj("a", "5"), obj("b", "6", "ns")]}],
+        watches=[
+            [
+                {"type": "ADDED", "object": obj("c", "11")},
+                {"type": "MODIFIED", "object": obj("a", "12", x=1)},
+            ],
+            Unavailable("connection dropped"),
+            [
+                {"type": "DELETED", "object": obj("b", "13", "ns")},
+                {"type": "BOOKMARK", "object": obj("", "20")},
+            ],
+        ],
+    )
+    informer, seen = run(source)
+    assert informer.synced and informer.lists == 1
+    assert source.watched_from[:4] == ["10", "12", "12", "20"]
+    assert sorted(o["metadata"]["name"] for o in informer.items()) == ["a", "c"]
+    assert informer.get("a")["x"] == 1 and informer.get("ns/b") is None
+    assert seen == [("ADDED", "a"), ("ADDED", "b"), ("ADDED", "c"), ("MODIFIED", "a"), ("DELETED", "b")]
+
+
+def test_gone_relists_and_reports_what_changed_meanwhile() -> None:
+    source = ScriptedSource(
+        lists=[
+            {"metadata": {"resourceVersion": "10"}, "items": [obj("a", "5"), obj("b", "6")]},
+            {"metadata": {"resourceVersion": "90"}, "items": [obj("a", "80"), obj("n", "85")]},
+        ],
+        watches=[Gone("too old", status=410)],
+    )
+    informer, seen = run(source)
+    assert informer.lists == 2 and source.watched_from[:2] == ["10", "90"]
+    assert sorted(o["metadata"]["name"] for o in informer.items()) == ["a", "n"]
+    assert seen[2:] == [("MODIFIED", "a"), ("ADDED", "n"), ("DELETED", "b")]
+
+
+def test_not_synced_until_the_first_list_succeeds() -> None:
+    gate = threading.Event()
+
+    class Slow(ScriptedSource):
+        def get(self, path: str, **params: Any) -> dict[str, Any]:
+            gate.wait(5)
+            return super().get(path, **params)
+
+    source = Slow(lists=[{"metadata": {"resourceVersion": "1"}, "items": []}], watches=[])
+    informer = Informer(source, "/x").start()
+    assert not informer.synced and not informer.wait_synced(0.05)
+    gate.set()
+    assert informer.wait_synced(5)
+    informer.stop()
+
+
+def test_failed_lists_are_retried() -> None:
+    class Flaky(ScriptedSource):
+        calls = 0
+
+        def get(self, path: str, **params: Any) -> dict[str, Any]:
+            self.calls += 1
+            if self.calls < 3:
+                raise Unavailable("apiserver restarting")
+            return super().get(path, **params)
+
+    source = Flaky(lists=[{"metadata": {"resourceVersion": "1"}, "items": [obj("a", "1")]}], watches=[])
+    informer, _ = run(source)
+    assert source.calls == 3 and informer.get("a") is not None

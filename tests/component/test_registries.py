@@ -1,0 +1,343 @@
+"""The upstream side of the harness against the real thing: docker-registry, skopeo, processes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from imagewarm.localcluster import images as image_types
+from imagewarm.localcluster.images import ImageBuilder, push
+from imagewarm.localcluster.processes import Daemon, DaemonError, free_ports, live_daemons
+from imagewarm.localcluster.registry import start_registry
+from tests.fixtures.registries import SkopeoError
+
+pytestmark = pytest.mark.component
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def copy_to_dir(skopeo, source: str, target: Path, *extra: str) -> Path:
+    """skopeo copy docker://source dir:target, keeping manifests byte for byte."""
+    skopeo(
+        "copy", "--src-tls-verify=false", "--preserve-digests", *extra, f"docker://{source}", f"dir:{target}"
+    )
+    return target
+
+
+def assert_dir_matches(copied: Path, image) -> None:
+    """The dir: copy holds exactly the image's manifest and blobs, each matching its digest."""
+    assert (copied / "manifest.json").read_bytes() == image.manifest
+    for blob in image.blobs:
+        stored = copied / blob.digest.split(":")[1]
+        assert stored.stat().st_size == blob.size
+        assert sha256_file(stored) == blob.digest
+
+
+@pytest.mark.parametrize("oci", [True, False], ids=["oci", "docker"])
+@pytest.mark.parametrize("compressed", [True, False], ids=["gzip", "tar"])
+def test_synthetic_image_round_trips_through_skopeo(registry, images, skopeo, tmp_path, oci, compressed):
+    image = images.synthetic(layers=2, layer_size=256 << 10, compressed=compressed, seed=7, oci=oci)
+    repository = f"synthetic/{'oci' if oci else 'docker'}-{'gz' if compressed else 'tar'}"
+
+    digest = push(registry, repository, "v1", image)
+
+    assert digest == image.digest
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{repository}:v1")
+    assert raw.stdout.encode() == image.manifest
+    manifest = json.loads(image.manifest)
+    assert manifest["mediaType"] == (image_types.OCI_MANIFEST if oci else image_types.DOCKER_MANIFEST)
+    expected_layer = {
+        (True, True): image_types.OCI_LAYER_GZIP,
+        (True, False): image_types.OCI_LAYER,
+        (False, True): image_types.DOCKER_LAYER_GZIP,
+        (False, False): image_types.DOCKER_LAYER,
+    }[(oci, compressed)]
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [expected_layer] * 2
+    assert_dir_matches(copy_to_dir(skopeo, f"{registry.host}/{repository}:v1", tmp_path / "copy"), image)
+
+
+def test_synthetic_layers_hold_seeded_incompressible_bytes(images):
+    image = images.synthetic(layers=2, layer_size=300_000, compressed=True, seed=3)
+    diff_ids = image.config_json()["rootfs"]["diff_ids"]
+    contents = []
+    for layer, diff_id in zip(image.layers, diff_ids, strict=True):
+        tar_bytes = gzip.decompress(layer.read_bytes())
+        assert "sha256:" + hashlib.sha256(tar_bytes).hexdigest() == diff_id
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+            member = next(m for m in tar.getmembers() if m.isfile())
+            assert (member.size, member.mtime, member.uid) == (300_000, 0, 0)
+            data = tar.extractfile(member).read()
+        assert len(gzip.compress(data)) > len(data)  # random: gzip cannot shrink it
+        contents.append(data)
+    assert contents[0] != contents[1]
+    assert images.synthetic(layers=2, layer_size=300_000, seed=4).layers[0].digest != image.layers[0].digest
+
+
+def test_builds_are_deterministic_across_builders_and_cached(tmp_path, images):
+    first = ImageBuilder(tmp_path / "a").synthetic(layers=1, layer_size=100_000, seed=11, oci=False)
+    second = ImageBuilder(tmp_path / "b").synthetic(layers=1, layer_size=100_000, seed=11, oci=False)
+    assert (first.digest, first.manifest) == (second.digest, second.manifest)
+    assert ImageBuilder(tmp_path / "a").busybox().digest == ImageBuilder(tmp_path / "b").busybox().digest
+
+    # A new builder on the same directory reuses the files instead of rebuilding them.
+    layer_path = first.layers[0].path
+    before = layer_path.stat().st_mtime_ns
+    again = ImageBuilder(tmp_path / "a").synthetic(layers=1, layer_size=100_000, seed=11, oci=False)
+    assert again == first
+    assert layer_path.stat().st_mtime_ns == before
+
+
+def test_busybox_image_is_runnable_layout(registry, images, skopeo, tmp_path):
+    image = images.busybox(entrypoint=["/bin/sh", "-c"], cmd=["echo hello"])
+    push(registry, "busybox", "1.36", image)
+
+    config = image.config_json()
+    assert config["config"]["Entrypoint"] == ["/bin/sh", "-c"]
+    assert config["config"]["Cmd"] == ["echo hello"]
+    assert image.media_type == image_types.DOCKER_MANIFEST
+    assert image.layers[0].media_type == image_types.DOCKER_LAYER_GZIP
+    with tarfile.open(image.layers[0].path, "r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert members["bin/busybox"].isfile() and members["bin/busybox"].mode == 0o755
+    assert members["bin/sh"].issym() and members["bin/sh"].linkname == "busybox"
+    assert members["tmp"].mode == 0o1777
+    assert {"etc/passwd", "etc/group", "proc", "sys", "dev"} <= members.keys()
+    assert_dir_matches(copy_to_dir(skopeo, f"{registry.host}/busybox:1.36", tmp_path / "copy"), image)
+
+
+def test_pause_image_sleeps_until_terminated(images):
+    pause = images.pause()
+    assert pause.config_json()["config"]["Entrypoint"] == list(image_types.PAUSE_ENTRYPOINT)
+    assert pause.layers == images.busybox().layers  # same layer, different config
+    # The entrypoint really waits and exits 0 on TERM (run with the host's busybox).
+    process = subprocess.Popen(["/bin/busybox", *image_types.PAUSE_ENTRYPOINT])
+    time.sleep(0.3)
+    assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(5) == 0
+
+
+def test_index_pushes_platform_manifests_first(registry, images, skopeo):
+    amd = images.synthetic(layers=1, layer_size=64 << 10, seed=21, platform="linux/amd64")
+    arm = images.synthetic(layers=1, layer_size=64 << 10, seed=22, platform="linux/arm64")
+    index = images.index({"linux/amd64": amd, "linux/arm64": arm})
+    before = len(registry.requests())
+
+    assert push(registry, "multi", "v1", index) == index.digest
+
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/multi:v1")
+    assert raw.stdout.encode() == index.manifest
+    assert json.loads(index.manifest)["mediaType"] == image_types.OCI_INDEX
+    for arch, image in (("amd64", amd), ("arm64", arm)):
+        chosen = skopeo(
+            "--override-arch", arch, "inspect", "--tls-verify=false", f"docker://{registry.host}/multi:v1"
+        )
+        assert json.loads(chosen.stdout)["Layers"] == [image.layers[0].digest]
+    manifest_puts = [
+        path for method, path, _ in registry.requests()[before:] if method == "PUT" and "/manifests/" in path
+    ]
+    assert manifest_puts[-1] == "/v2/multi/manifests/v1"
+    assert {f"/v2/multi/manifests/{amd.digest}", f"/v2/multi/manifests/{arm.digest}"} == set(
+        manifest_puts[:-1]
+    )
+
+
+def test_auth_registry_refuses_anonymous_and_accepts_credentials(auth_registry, images, skopeo, tmp_path):
+    image = images.synthetic(layers=1, layer_size=32 << 10, seed=31)
+    push(auth_registry, "private/app", "1", image)
+    reference = f"{auth_registry.host}/private/app:1"
+
+    anonymous = requests.get(f"{auth_registry.url}/v2/private/app/manifests/1", timeout=10)
+    assert anonymous.status_code == 401
+    assert anonymous.headers["WWW-Authenticate"].startswith("Basic ")
+    wrong = requests.get(f"{auth_registry.url}/v2/", auth=(auth_registry.username, "wrong"), timeout=10)
+    assert wrong.status_code == 401
+    with pytest.raises(SkopeoError, match=r"unauthorized|authentication required"):
+        skopeo("inspect", "--tls-verify=false", "--no-creds", f"docker://{reference}")
+
+    creds = f"{auth_registry.username}:{auth_registry.password}"
+    inspected = skopeo("inspect", "--tls-verify=false", "--creds", creds, f"docker://{reference}")
+    assert json.loads(inspected.stdout)["Digest"] == image.digest
+    copied = copy_to_dir(skopeo, reference, tmp_path / "copy", "--src-creds", creds)
+    assert_dir_matches(copied, image)
+
+
+def test_anonymous_push_to_auth_registry_names_the_refusal(auth_registry, images):
+    class Anonymous:
+        url = auth_registry.url
+
+    with pytest.raises(image_types.PushError, match="401"):
+        push(Anonymous(), "private/denied", "1", images.synthetic(layers=1, layer_size=1024, seed=32))
+
+
+def test_chunked_and_monolithic_uploads_store_the_same_blobs(registry_factory, images):
+    image = images.synthetic(layers=2, layer_size=1 << 20, seed=41)
+    monolithic, chunked = registry_factory(), registry_factory()
+
+    assert push(monolithic, "app", "1", image) == push(
+        chunked, "app", "1", image, chunked=True, chunk_size=300_000
+    )
+
+    chunked_requests = chunked.requests()
+    patches = [path for method, path, status in chunked_requests if method == "PATCH" and status == 202]
+    assert len(patches) == sum(math.ceil(blob.size / 300_000) for blob in image.blobs) == 9
+    assert not any(method == "PATCH" for method, _, _ in monolithic.requests())
+    for blob in image.blobs:
+        for target in (monolithic, chunked):
+            served = requests.get(f"{target.url}/v2/app/blobs/{blob.digest}", timeout=10)
+            assert served.status_code == 200
+            assert served.content == blob.read_bytes()
+
+
+def test_push_skips_blobs_the_registry_has(registry_factory, images):
+    image = images.synthetic(layers=2, layer_size=64 << 10, seed=51)
+    target = registry_factory()
+    push(target, "app", "1", image)
+    before = len(target.requests())
+
+    push(target, "app", "2", image)
+
+    second = target.requests()[before:]
+    assert [m for m, _, _ in second if m in ("POST", "PATCH")] == []
+    assert [(m, s) for m, p, s in second if "/blobs/" in p] == [("HEAD", 200)] * 3
+
+
+def test_requests_sees_each_blob_get_once(registry_factory, images, skopeo, tmp_path):
+    image = images.synthetic(layers=3, layer_size=64 << 10, seed=61)
+    target = registry_factory()
+    push(target, "seen", "1", image)
+    before = len(target.requests())
+
+    copy_to_dir(skopeo, f"{target.host}/seen:1", tmp_path / "copy")
+
+    gets = [(p, s) for m, p, s in target.requests()[before:] if m == "GET" and "/blobs/" in p]
+    assert sorted(gets) == sorted((f"/v2/seen/blobs/{blob.digest}", 200) for blob in image.blobs)
+
+
+def test_stop_and_start_keep_port_and_content(registry_factory, images, skopeo):
+    image = images.synthetic(layers=1, layer_size=64 << 10, seed=71)
+    target = registry_factory(auth=True)
+    push(target, "kept", "1", image)
+    url = target.url
+
+    target.stop()
+    assert not target.running
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/v2/", timeout=2)
+    target.start()
+
+    assert target.url == url
+    answer = requests.get(
+        f"{url}/v2/kept/manifests/1", auth=target.auth, headers={"Accept": image.media_type}, timeout=10
+    )
+    assert answer.status_code == 200 and answer.content == image.manifest
+    requests_after = [r for r in target.requests() if r[1] == "/v2/kept/manifests/1"]
+    assert requests_after[-1] == ("GET", "/v2/kept/manifests/1", 200)
+
+
+def test_pull_through_cache_serves_hits_without_upstream(registry_factory, images):
+    image = images.synthetic(layers=1, layer_size=128 << 10, seed=81)
+    # An open upstream: distribution 2.8's pull-through cache sends credentials only to bearer-token
+    # upstreams (distribution/distribution#3153), never basic auth.
+    upstream = registry_factory()
+    push(upstream, "library/app", "1", image)
+    cache = registry_factory(proxy_remote_url=upstream.url)
+    layer = image.layers[0]
+
+    def fetch() -> None:
+        served = requests.get(f"{cache.url}/v2/library/app/blobs/{layer.digest}", timeout=30)
+        assert served.status_code == 200 and served.content == layer.read_bytes()
+
+    def upstream_blob_gets() -> list[tuple[str, str, int]]:
+        return [r for r in upstream.requests() if r[0] == "GET" and r[1].endswith(layer.digest)]
+
+    fetch()
+    # distribution 2.8 serves a miss from one upstream GET and stores it from a second, concurrent
+    # one (worth knowing for the benchmark anchor); wait for the stored copy to be committed.
+    hex_digest = layer.digest.split(":")[1]
+    stored = cache.storage_dir / f"docker/registry/v2/blobs/sha256/{hex_digest[:2]}/{hex_digest}/data"
+    deadline = time.monotonic() + 10
+    while not stored.is_file():
+        assert time.monotonic() < deadline, f"the cache never stored {layer.digest}"
+        time.sleep(0.05)
+    time.sleep(0.2)
+    misses = upstream_blob_gets()
+    assert 1 <= len(misses) <= 2
+    assert set(misses) == {("GET", f"/v2/library/app/blobs/{layer.digest}", 200)}
+
+    fetch()
+    fetch()
+
+    assert upstream_blob_gets() == misses  # hits are served from the cache alone
+    with pytest.raises(image_types.PushError):
+        push(cache, "library/other", "1", image)  # a pull-through cache refuses pushes
+
+
+def test_registry_failing_to_start_reports_its_log(tmp_path, registry):
+    with pytest.raises(DaemonError, match="address already in use"):
+        start_registry(tmp_path / "clash", port=registry.port, timeout=10)
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = free_ports(20)
+    assert len(set(ports)) == 20
+    assert all(1024 <= port < 65536 for port in ports)
+
+
+def test_daemon_stop_ends_the_whole_process_group(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    daemon = Daemon(
+        "group", ["/bin/sh", "-c", f"trap '' TERM; sleep 300 & echo $! > {pid_file}; wait"], tmp_path / "log"
+    ).start()
+    deadline = time.monotonic() + 5
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    child = int(pid_file.read_text())
+    assert daemon in live_daemons()
+
+    daemon.stop(timeout=1)  # the shell ignores TERM: KILL after the timeout
+
+    assert daemon not in live_daemons()
+    assert not daemon.running
+    time.sleep(0.1)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().split(") ")[1].startswith("Z")
+
+
+def test_daemon_never_signals_a_process_whose_cmdline_does_not_match(tmp_path):
+    daemon = Daemon("impostor", ["sleep", "300"], tmp_path / "log", marker="not-in-its-cmdline").start()
+    try:
+        with pytest.raises(DaemonError, match="refusing to signal"):
+            daemon.stop(timeout=0.5)
+        assert daemon.running  # neither TERM nor KILL was sent
+    finally:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon._popen.wait(5)
+
+
+def test_daemon_reports_early_exit_with_its_log(tmp_path):
+    daemon = Daemon(
+        "broken", ["/bin/sh", "-c", "echo cannot bind: something; exit 3"], tmp_path / "log"
+    ).start()
+    with pytest.raises(DaemonError, match=r"(?s)exited \(code 3\).*cannot bind"):
+        daemon.wait_port(free_ports(1)[0], timeout=5)
+    daemon.stop()

@@ -143,7 +143,7 @@ class Kube:
 
         configuration = Configuration()
         try:
-            kconfig.load_kube_config(config_file=str(path), client_configuration=configuration)
+            kconfig.load_kube_config(config_file=str(path), client_configuration=configuration)  # type: ignore[no-untyped-call]
         except Exception as exc:  # the library raises several types for one cause: a bad file
             raise ConfigurationError(f"cannot use kubeconfig {path}: {exc}") from None
         return cls.from_configuration(configuration)

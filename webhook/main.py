@@ -1,5 +1,50 @@
-"""`imagewarm webhook`: not built yet; it says so rather than pretending."""
+"""`imagewarm webhook`: the admission webhook (rewrites pod images to the node proxy, injects SidecarSets)."""
 
-from imagewarm.cli import not_landed
+from __future__ import annotations
 
-command = not_landed("imagewarm webhook", "issue 5, the admission webhook")
+import logging
+import sys
+import tempfile
+
+from imagewarm import logs
+from imagewarm.cli import Command
+from imagewarm.kube import KubeError
+from webhook.config import WebhookConfig
+
+log = logging.getLogger("imagewarm.webhook")
+
+
+def run(config: WebhookConfig) -> int:
+    logs.setup(config.log_level, config.log_format)
+    from webhook import server  # gunicorn and the app load only when serving
+
+    tls_dir = config.tls_dir
+    keeper = None
+    if not tls_dir:
+        tls_dir = tempfile.mkdtemp(prefix="imagewarm-webhook-tls-")
+        try:
+            # The first sync happens before serving, so the certificate files exist for the workers.
+            server.cert_manager(config, tls_dir).sync()
+        except KubeError as exc:
+            print(
+                f"imagewarm webhook: cannot set up self-managed certificates: {exc}. Give --tls-dir DIR "
+                "with tls.crt/tls.key, or allow get/create/update on the Secret and the "
+                "MutatingWebhookConfiguration.",
+                file=sys.stderr,
+            )
+            return 1
+        keeper = server.start_cert_keeper(config, tls_dir)
+    log.info("serving", extra={"listen": f"{config.listen[0]}:{config.listen[1]}", "tls_dir": tls_dir})
+    try:
+        server.WebhookServer(config, tls_dir).run()
+    finally:
+        if keeper is not None:
+            keeper.terminate()
+    return 0
+
+
+command = Command(
+    help="the admission webhook: rewrites pod images to the node proxy and injects SidecarSets",
+    config=WebhookConfig,
+    run=run,
+)

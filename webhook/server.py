@@ -1,0 +1,116 @@
+"""Serving the app with gunicorn over TLS, and the background work around it.
+
+Each worker process starts its own informers (SidecarSets, namespaces) after the fork, so no thread
+crosses a fork. Self-managed certificates are kept by one separate process (`cert_keeper`) that
+writes the files the workers' `ReloadingContext` picks up.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from imagewarm.informer import Informer
+from imagewarm.kube import Kube, KubeError
+from webhook.app import create_app
+from webhook.config import WebhookConfig
+from webhook.selfcert import CertManager
+from webhook.tls import ReloadingContext
+
+log = logging.getLogger("imagewarm.webhook")
+
+SIDECARSETS_PATH = "/apis/imagewarm.io/v1alpha1/sidecarsets"
+NAMESPACES_PATH = "/api/v1/namespaces"
+
+
+def informers(config: WebhookConfig) -> tuple[Informer | None, Informer | None]:
+    """Started SidecarSet and namespace caches, or (None, None) when injection is off."""
+    if not config.sidecarsets:
+        return None, None
+    kube = Kube.load(config.kubeconfig or None)
+    sidecarsets = Informer(kube, SIDECARSETS_PATH, name="sidecarsets").start()
+    namespaces = Informer(kube, NAMESPACES_PATH, name="namespaces").start()
+    return sidecarsets, namespaces
+
+
+def wsgi_app(config: WebhookConfig) -> Any:
+    """The app with its caches (called in each worker)."""
+    sidecarsets, namespaces = informers(config)
+    return create_app(config, sidecarsets=sidecarsets, namespaces=namespaces)
+
+
+class WebhookServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn, configured from `WebhookConfig`, serving TLS from `tls_dir` (reloaded on change)."""
+
+    def __init__(self, config: WebhookConfig, tls_dir: str) -> None:
+        self.webhook_config = config
+        self.tls_dir = tls_dir
+        super().__init__()
+
+    def load_config(self) -> None:
+        host, port = self.webhook_config.listen
+        context = ReloadingContext(self.tls_dir)
+        settings = {
+            "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
+            "workers": self.webhook_config.workers,
+            "threads": self.webhook_config.threads,
+            "worker_class": "gthread",
+            "keepalive": 75,  # the API server keeps connections to webhooks open
+            "timeout": 30,
+            "graceful_timeout": 5,
+            "certfile": str(context.cert_path),
+            "keyfile": str(context.key_path),
+            "ssl_context": lambda conf, default: context.get(),
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": "warning",
+            "limit_request_line": 8190,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return wsgi_app(self.webhook_config)
+
+
+def keep_certificates(config: WebhookConfig, directory: str, parent: int) -> None:
+    """Loop (in its own process): sync the self-managed certificates every `cert_check_interval`,
+    sooner while the caBundle could not be set; exit when the parent exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    manager = cert_manager(config, directory)
+    stop = threading.Event()
+    while os.getppid() == parent:
+        try:
+            in_place = manager.sync()
+        except KubeError as exc:
+            log.warning("certificate sync failed; retrying", extra={"error": str(exc)})
+            in_place = False
+        stop.wait(config.cert_check_interval if in_place else 5.0)
+
+
+def cert_manager(config: WebhookConfig, directory: str) -> CertManager:
+    return CertManager(
+        Kube.load(config.kubeconfig or None),
+        namespace=config.namespace,
+        secret_name=config.secret_name,
+        webhook_config_name=config.webhook_config_name,
+        dns_names=config.service_dns_names,
+        directory=directory,
+    )
+
+
+def start_cert_keeper(config: WebhookConfig, directory: str) -> multiprocessing.process.BaseProcess:
+    process = multiprocessing.get_context("fork").Process(
+        target=keep_certificates,
+        args=(config, directory, os.getpid()),
+        name="imagewarm-cert-keeper",
+        daemon=True,
+    )
+    process.start()
+    return process

@@ -43,7 +43,8 @@ def test_pulls_through_a_hosts_toml_mirror_with_the_ns_parameter(
     assert path == containerd.certs_dir / "iw-upstream.test" / "hosts.toml"
     containerd.pull(f"iw-upstream.test/{repository}:1.35", plain_http=False)
     assert f"iw-upstream.test/{repository}:1.35" in image_names(containerd)
-    mirrored = [p for m, p, s in registry.requests() if p.startswith(f"/v2/{repository}/manifests/1.35")]
+    pulls = [(m, p) for m, p, _ in registry.requests() if m in ("GET", "HEAD") and f"/v2/{repository}/" in p]
+    mirrored = [p for _, p in pulls if p.startswith(f"/v2/{repository}/manifests/1.35")]
     assert mirrored and all(p.endswith("?ns=iw-upstream.test") for p in mirrored)
 
 

@@ -1,5 +1,41 @@
-"""`imagewarm proxy`: not built yet; it says so rather than pretending."""
+"""`imagewarm proxy`: the node-local caching registry proxy (DESIGN.md, "Interfaces")."""
 
-from imagewarm.cli import not_landed
+from __future__ import annotations
 
-command = not_landed("imagewarm proxy", "issue 4, the node proxy")
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from imagewarm import logs
+from imagewarm.cli import Command
+from proxy.config import ProxyConfig
+
+
+def _metrics_dir() -> None:
+    """Workers write their metrics to files here; it must exist, empty, before prometheus_client loads."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        shutil.rmtree(given, ignore_errors=True)
+        Path(given).mkdir(parents=True, exist_ok=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imagewarm-proxy-metrics-")
+
+
+def run(config: ProxyConfig) -> int:
+    logs.setup(config.log_level, config.log_format)
+    _metrics_dir()
+    # Imported only now: prometheus_client picks its multiprocess mode when first imported.
+    from proxy.app import create_app
+    from proxy.serve import ProxyServer
+
+    app = create_app(config)
+    ProxyServer(app, config, app.extensions["imagewarm.proxy"].store).run()
+    return 0
+
+
+command = Command(
+    help="the node proxy: a verified, deduplicating, offline-capable pull-through cache",
+    config=ProxyConfig,
+    run=run,
+)

@@ -282,6 +282,16 @@ class Upstream:
         digest = response.headers.get("Docker-Content-Digest")
         return digest or None
 
+    def head_blob(
+        self, registry: str, repository: str, digest: str, credentials: Credentials | None
+    ) -> int | None:
+        """The size of a blob upstream (None if not stated); raises as the upstream answered."""
+        response = self.request("HEAD", registry, repository, f"blobs/{digest}", credentials)
+        with response:
+            _raise_for(response, "BLOB_UNKNOWN", f"{registry}/{repository}@{digest}")
+        length = response.headers.get("Content-Length", "")
+        return int(length) if length.isdigit() else None
+
     def blob(
         self,
         registry: str,

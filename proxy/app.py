@@ -1,0 +1,112 @@
+"""`create_app(config)`: the proxy's Flask application (the pull side of the OCI distribution API)."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, g, request
+
+from imagewarm.metrics import exposition
+from proxy import metrics, routes
+from proxy.access import AccessControl
+from proxy.auth import credentials_from_header
+from proxy.blobs import Blobs
+from proxy.config import ProxyConfig
+from proxy.errors import RegistryError
+from proxy.manifest_store import ManifestStore
+from proxy.manifests import Manifests
+from proxy.routes import Kind
+from proxy.store import BlobStore
+from proxy.tags import TagIndex
+from proxy.tee import Tee
+from proxy.upstream import Upstream
+
+log = logging.getLogger("imagewarm.proxy")
+
+
+class Proxy:
+    """Everything a request needs, built once per process tree (before gunicorn forks)."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        config.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.store = BlobStore(config.cache_dir)
+        self.upstream = Upstream(config)
+        self.access = AccessControl(config.cache_dir, config.access_ttl)
+        tags = TagIndex(config.cache_dir)
+        self.manifests = Manifests(
+            self.upstream, ManifestStore(config.cache_dir), tags, self.access, config.tag_ttl
+        )
+        self.blobs = Blobs(self.store, self.upstream, self.access, Tee(self.upstream, self.access))
+
+    def handle(self, path: str) -> Response:
+        head = request.method == "HEAD"
+        try:
+            target = routes.parse(path, request.args.get("ns"))
+            g.route = target.kind.value
+            credentials = credentials_from_header(request.headers.get("Authorization"))
+            if target.kind is Kind.BASE:
+                return self._base(credentials is not None or "Authorization" in request.headers)
+            if not self.config.allowed(target.registry):
+                raise RegistryError(
+                    "DENIED",
+                    f"registry {target.registry} is not an upstream of this proxy "
+                    "(add it with --upstream, or --insecure-upstream for plain HTTP)",
+                )
+            if target.kind is Kind.MANIFEST:
+                return self.manifests.serve(target, credentials, request.headers.getlist("Accept"))
+            return self.blobs.serve(target, credentials, head)
+        except RegistryError as exc:
+            if exc.status >= 500:
+                log.warning("request failed", extra={"path": path, "code": exc.code, "error": exc.message})
+            return exc.response(head=head)
+
+    @staticmethod
+    def _base(authenticated: bool) -> Response:
+        # Like an authenticating registry: clients that hold credentials learn to send them (Basic);
+        # any Authorization, even empty, is enough here: access is decided per repository.
+        if not authenticated:
+            return RegistryError(
+                "UNAUTHORIZED", "send credentials (or empty Basic for anonymous pulls)"
+            ).response(head=request.method == "HEAD")
+        return Response(
+            "{}", mimetype="application/json", headers={"Docker-Distribution-API-Version": "registry/2.0"}
+        )
+
+
+def create_app(config: ProxyConfig) -> Flask:
+    proxy = Proxy(config)
+    app = Flask("imagewarm.proxy")
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    app.extensions["imagewarm.proxy"] = proxy
+
+    @app.route("/v2", methods=["GET", "HEAD"])
+    @app.route("/v2/", methods=["GET", "HEAD"])
+    @app.route("/v2/<path:_rest>", methods=["GET", "HEAD"])
+    def v2(_rest: str = "") -> Response:
+        return proxy.handle(request.path)
+
+    @app.route("/healthz")
+    def healthz() -> Response:
+        return Response("ok\n", mimetype="text/plain")
+
+    @app.route("/readyz")
+    def readyz() -> Response:
+        # The store opened (and recovered) when the app was built: serving means ready.
+        return Response("ready\n", mimetype="text/plain")
+
+    @app.route("/metrics")
+    def prometheus() -> Response:
+        metrics.CACHE_BYTES.set(proxy.store.total_bytes())
+        body, content_type = exposition()
+        return Response(body, content_type=content_type)
+
+    @app.after_request
+    def count(response: Response) -> Response:
+        metrics.REQUESTS.labels(
+            route=g.get("route", "other"), method=request.method, status=str(response.status_code)
+        ).inc()
+        return response
+
+    return app

@@ -1,0 +1,103 @@
+"""Blobs: a hit goes out zero-copy (gunicorn `sendfile`s a `wsgi.file_wrapper` response of known
+length), with `Range`; a miss is teed (see `proxy.tee`). HEAD shares the GET path, without a body."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterable
+
+from flask import Response, request
+from werkzeug.wsgi import FileWrapper
+
+from proxy import metrics
+from proxy.access import AccessControl
+from proxy.auth import Credentials
+from proxy.ranges import parse_range
+from proxy.routes import Target
+from proxy.store import BlobStore, CachedBlob, Follower, Writer
+from proxy.tee import Tee
+from proxy.upstream import Upstream
+
+SEND_BLOCK = 1 << 20
+
+
+class _BlobFile(io.FileIO):
+    """A private descriptor of a cached blob for the server to `sendfile` from; closing it also releases
+    the blob's eviction lock."""
+
+    def __init__(self, blob: CachedBlob) -> None:
+        super().__init__(os.dup(blob.fileno()), "rb", closefd=True)
+        self._blob = blob
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._blob.close()
+
+
+def blob_headers(digest: str, length: int) -> dict[str, str]:
+    return {
+        "Content-Type": "application/octet-stream",
+        "Docker-Content-Digest": digest,
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+        "Content-Length": str(length),
+    }
+
+
+class Blobs:
+    def __init__(self, store: BlobStore, upstream: Upstream, access: AccessControl, tee: Tee) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.access = access
+        self.tee = tee
+
+    def serve(self, target: Target, credentials: Credentials | None, head: bool) -> Response:
+        digest = target.reference
+        range_header = request.headers.get("Range")
+        if not self.store.has(digest):
+            if head:
+                return self.tee.head(target, credentials)
+            if range_header:
+                return self.tee.passthrough(target, credentials, range_header)
+        claim = self.store.claim(digest)
+        if isinstance(claim, Writer):
+            return self.tee.write(target, credentials, claim)
+        if isinstance(claim, Follower):
+            return self.tee.follow(target, credentials, claim)
+        try:
+            self.access.check(target.registry, target.repository, credentials, self._probe(target))
+            return self._from_cache(claim, head, range_header)
+        except BaseException:
+            claim.close()
+            raise
+
+    def _probe(self, target: Target) -> Callable[[Credentials | None], None]:
+        def probe(credentials: Credentials | None) -> None:
+            self.upstream.head_blob(target.registry, target.repository, target.reference, credentials)
+
+        return probe
+
+    def _from_cache(self, blob: CachedBlob, head: bool, range_header: str | None) -> Response:
+        span = parse_range(range_header, blob.size)
+        first, last = span if span else (0, blob.size - 1)
+        length = last - first + 1
+        headers = blob_headers(blob.digest, length)
+        status = 200
+        if span:
+            status = 206
+            headers["Content-Range"] = f"bytes {first}-{last}/{blob.size}"
+        if head:
+            blob.close()
+            return Response(_empty(), status=status, headers=headers)
+        metrics.HIT_BYTES.labels(kind="blob").inc(length)
+        handle = _BlobFile(blob)
+        handle.seek(first)  # gunicorn sends `Content-Length` bytes from the current offset
+        wrap = request.environ.get("wsgi.file_wrapper", FileWrapper)
+        return Response(wrap(handle, SEND_BLOCK), status=status, headers=headers, direct_passthrough=True)
+
+
+def _empty() -> Iterable[bytes]:
+    return iter(())

@@ -1,0 +1,38 @@
+"""The proxy's metrics (DESIGN.md: `imagewarm_proxy_*`, base units). Declared once, at import."""
+
+from __future__ import annotations
+
+from imagewarm.metrics import counter, gauge, histogram
+
+REQUESTS = counter("proxy_requests_total", "Requests by route and HTTP status", ["route", "method", "status"])
+HIT_BYTES = counter("proxy_cache_hit_bytes_total", "Bytes served from the cache", ["kind"])
+MISS_BYTES = counter("proxy_cache_miss_bytes_total", "Bytes served while fetching (cache misses)", ["kind"])
+UPSTREAM_BYTES = counter(
+    "proxy_upstream_bytes_total", "Bytes received from upstream registries", ["registry"]
+)
+FETCH_SECONDS = histogram(
+    "proxy_upstream_fetch_seconds",
+    "Duration of upstream blob fetches",
+    ["registry"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+)
+IN_FLIGHT = gauge("proxy_inflight_fetches", "Upstream blob fetches in progress", unitless_ok=True)
+CACHE_BYTES = gauge("proxy_cache_bytes", "Bytes held by the blob cache", multiprocess_mode="max")
+EVICTIONS = counter("proxy_evictions_total", "Blobs evicted to stay under --max-cache-bytes")
+EVICTED_BYTES = counter("proxy_evicted_bytes_total", "Bytes evicted to stay under --max-cache-bytes")
+AUTH_DECISIONS = counter(
+    "proxy_auth_decisions_total",
+    "Private-image access decisions by source and outcome",
+    ["source", "decision"],
+)
+STALE_SERVES = counter(
+    "proxy_stale_tag_serves_total", "Tags served from their last known digest because the upstream failed"
+)
+UNCACHED_STREAMS = counter(
+    "proxy_uncached_streams_total",
+    "Blob misses streamed without caching, by reason (e.g. disk_full)",
+    ["reason"],
+)
+DIGEST_MISMATCHES = counter(
+    "proxy_digest_mismatches_total", "Upstream transfers dropped because their digest did not verify"
+)

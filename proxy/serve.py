@@ -1,0 +1,94 @@
+"""gunicorn serving the proxy: `gthread` workers in several processes, metrics aggregated across them,
+the evictor and the startup-taint removal running in the master once it listens."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+from proxy import metrics
+from proxy.config import ProxyConfig
+from proxy.eviction import Evictor
+from proxy.readiness import start_taint_removal
+from proxy.store import BlobStore
+
+log = logging.getLogger("imagewarm.proxy.serve")
+
+
+def bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run_evictor(store: BlobStore, max_bytes: int, interval: float, stop: threading.Event) -> None:
+    evictor = Evictor(store, max_bytes)
+    while not stop.wait(interval):
+        try:
+            report = evictor.run_once()
+        except Exception:
+            log.exception("eviction pass failed; will retry")
+            continue
+        if report.evicted_count:
+            metrics.EVICTIONS.inc(report.evicted_count)
+            metrics.EVICTED_BYTES.inc(report.evicted_bytes)
+            log.info(
+                "evicted blobs",
+                extra={
+                    "count": report.evicted_count,
+                    "bytes": report.evicted_bytes,
+                    "cache_bytes": report.bytes_after,
+                },
+            )
+
+
+class ProxyServer(BaseApplication):  # type: ignore[misc]
+    def __init__(self, app: Flask, config: ProxyConfig, store: BlobStore) -> None:
+        self.app = app
+        self.config = config
+        self.store = store
+        self.stop = threading.Event()
+        super().__init__()
+
+    def load_config(self) -> None:
+        settings: dict[str, Any] = {
+            "bind": [bind_address(*self.config.listen)],
+            "workers": self.config.workers,
+            "threads": self.config.threads,
+            "worker_class": "gthread",
+            "timeout": 120,  # worker heartbeat; long transfers run on threads and are not cut by it
+            "graceful_timeout": 10,
+            "keepalive": 30,
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": self.config.log_level,
+            "child_exit": _child_exit,
+            "when_ready": self._when_ready,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        return self.app
+
+    def _when_ready(self, _server: Any) -> None:
+        log.info(
+            "serving", extra={"listen": bind_address(*self.config.listen), "workers": self.config.workers}
+        )
+        if self.config.max_cache_bytes:
+            threading.Thread(
+                target=run_evictor,
+                name="evictor",
+                daemon=True,
+                args=(self.store, self.config.max_cache_bytes, self.config.eviction_interval, self.stop),
+            ).start()
+        if self.config.node_name:
+            start_taint_removal(self.config.node_name, self.config.kubeconfig)
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -144,6 +144,9 @@ class BlobStore:
             self._remove_stale_partials(everything=False)
             return False
         self._remove_stale_partials(everything=True)
+        # Alone, every lock file is a leftover of a killed writer (harmless, but they would pile up).
+        for lock in self.layout.locks_dir.iterdir():
+            lock.unlink(missing_ok=True)
         self._counter.set(sum(info.size for info in self.blobs()))
         fcntl.flock(self._open_fd, fcntl.LOCK_SH)
         return True

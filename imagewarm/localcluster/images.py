@@ -19,6 +19,7 @@ import random
 import subprocess
 import tarfile
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -194,6 +195,15 @@ class ImageBuilder:
         for directory in (self.blob_dir, self._tmp, self.workdir / "refs", self.workdir / "layers"):
             directory.mkdir(parents=True, exist_ok=True)
         self._memo: dict[str, Image] = {}
+        self._remove_abandoned_temporaries()
+
+    def _remove_abandoned_temporaries(self, older_than: float = 3600) -> None:
+        """Delete partial files a killed build left behind (old enough not to be in progress)."""
+        cutoff = time.time() - older_than
+        for leftover in self._tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
 
     # --- public builders -----------------------------------------------------------------------
 

@@ -133,7 +133,12 @@ class Daemon:
         pid = self._popen.pid
         if self._popen.poll() is None:
             cmdline = _cmdline(pid)
-            if cmdline is not None and self.marker not in cmdline:
+            # Right after exec the new command line is briefly empty: wait for it to appear.
+            deadline = time.monotonic() + 1
+            while cmdline == "" and time.monotonic() < deadline and self._popen.poll() is None:
+                time.sleep(0.01)
+                cmdline = _cmdline(pid)
+            if cmdline and self.marker not in cmdline:
                 raise DaemonError(
                     f"refusing to signal pid {pid} of {self.name}: its command line {cmdline!r} "
                     f"does not contain {self.marker!r}; pass the right marker to Daemon()"

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -103,6 +104,35 @@ def test_builds_are_deterministic_across_builders_and_cached(tmp_path, images):
     again = ImageBuilder(tmp_path / "a").synthetic(layers=1, layer_size=100_000, seed=11, oci=False)
     assert again == first
     assert layer_path.stat().st_mtime_ns == before
+
+
+def test_large_layers_are_streamed_not_held_in_memory(tmp_path):
+    """A 96 MiB layer builds in a child process whose peak memory stays far below the layer size."""
+    script = (
+        "import resource, sys\n"
+        "from imagewarm.localcluster.images import ImageBuilder\n"
+        "image = ImageBuilder(sys.argv[1]).synthetic(layers=1, layer_size=96 << 20, seed=99)\n"
+        "print(image.layers[0].size, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120, check=True
+    )
+    size, peak_kib = map(int, result.stdout.split())
+    assert size > 96 << 20
+    assert peak_kib < 80 << 10, f"peak RSS {peak_kib} KiB: the layer was held in memory"
+
+
+def test_abandoned_temporary_files_are_removed(tmp_path):
+    ImageBuilder(tmp_path)
+    old, fresh = tmp_path / "tmp" / "old-partial", tmp_path / "tmp" / "fresh-partial"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+
+    ImageBuilder(tmp_path)
+
+    assert not old.exists()
+    assert fresh.exists()  # may belong to a build running right now in another process
 
 
 def test_busybox_image_is_runnable_layout(registry, images, skopeo, tmp_path):
@@ -341,3 +371,37 @@ def test_daemon_reports_early_exit_with_its_log(tmp_path):
     with pytest.raises(DaemonError, match=r"(?s)exited \(code 3\).*cannot bind"):
         daemon.wait_port(free_ports(1)[0], timeout=5)
     daemon.stop()
+
+
+DAEMON_OWNER = """
+import os, signal, sys, time
+from pathlib import Path
+from imagewarm.localcluster.processes import Daemon
+daemon = Daemon("sleeper", ["sleep", "300"], Path(sys.argv[1]) / "log").start()
+print(daemon.pid, flush=True)
+if sys.argv[2] == "wait":
+    time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().split(") ")[1].startswith("Z")
+
+
+@pytest.mark.parametrize("ending", ["exit", "SIGTERM", "SIGHUP", "SIGINT"])
+def test_daemons_do_not_outlive_their_owner(tmp_path, ending):
+    owner = subprocess.Popen(
+        [sys.executable, "-c", DAEMON_OWNER, str(tmp_path), "exit" if ending == "exit" else "wait"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = int(owner.stdout.readline())
+    assert not _gone(pid)
+    if ending != "exit":
+        owner.send_signal(getattr(signal, ending))
+    owner.wait(20)
+    deadline = time.monotonic() + 10
+    while not _gone(pid):
+        assert time.monotonic() < deadline, f"daemon {pid} outlived its owner ({ending})"
+        time.sleep(0.05)

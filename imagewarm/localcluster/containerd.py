@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagewarm.localcluster import binaries, host
@@ -105,6 +105,7 @@ class Containerd:
     namespace: str
     daemon: Daemon
     owns_base: bool = False
+    _known_ids: set[str] = field(default_factory=set)
 
     @property
     def address(self) -> str:
@@ -195,8 +196,16 @@ class Containerd:
         path.write_text(render_hosts(server_url, mirrors))
         return path
 
+    def container_ids(self) -> list[str]:
+        """IDs of every container this containerd knows, in all namespaces (pod sandboxes included)."""
+        if not self.daemon.running:
+            return []
+        namespaces = self._ctr(["namespaces", "ls", "-q"]).stdout.split()
+        return [i for ns in namespaces for i in self._ctr(["containers", "ls", "-q"], ns).stdout.split()]
+
     def kill_containers(self) -> None:
         """Kill every container (all namespaces) and the shims that run them."""
+        self._known_ids.update(self.container_ids())
         host.kill_shims(self.address)
 
     def stop(self) -> None:
@@ -208,5 +217,7 @@ class Containerd:
         host.kill_shims(self.address)
         host.unmount_all(self.base)
         host.remove_dead_shim_sockets()
+        # The CNI result cache is machine-wide (/var/lib/cni/results), keyed by sandbox ID.
+        host.remove_cni_results(self._known_ids)
         if self.owns_base and not host.mounts_under(self.base):
             shutil.rmtree(self.base, ignore_errors=True)

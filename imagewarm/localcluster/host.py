@@ -133,3 +133,17 @@ def remove_dead_shim_sockets() -> None:
         if str(sock) not in listening:
             with contextlib.suppress(OSError):
                 sock.unlink()
+
+
+CNI_RESULTS_DIR = Path("/var/lib/cni/results")
+
+
+def remove_cni_results(sandbox_ids: Iterable[str]) -> None:
+    """Delete the CNI result cache entries (``<network>-<sandbox id>-<interface>``) of these sandboxes."""
+    ids = set(sandbox_ids)
+    if not ids or not CNI_RESULTS_DIR.is_dir():
+        return
+    for entry in CNI_RESULTS_DIR.iterdir():
+        if any(f"-{i}-" in entry.name for i in ids):
+            with contextlib.suppress(OSError):
+                entry.unlink()

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 
 class DaemonError(RuntimeError):
@@ -76,6 +77,7 @@ class Daemon:
         self.marker = marker if marker is not None else " ".join(self.argv[1:] or self.argv[:1])
         self._popen: subprocess.Popen[bytes] | None = None
         self._log_offset = 0  # where this run's output starts in the (appended) log
+        self.owner_pid = os.getpid()  # only the starting process may stop it at exit
 
     def __repr__(self) -> str:
         return f"Daemon({self.name!r}, pid={self.pid}, running={self.running})"
@@ -104,6 +106,7 @@ class Daemon:
                 cwd=self.cwd,
                 start_new_session=True,
             )
+        self.owner_pid = os.getpid()
         _register(self)
         return self
 
@@ -235,7 +238,9 @@ class Daemon:
 
 _lock = threading.Lock()
 _live: dict[int, Daemon] = {}
-_handlers_installed = False
+_atexit_installed = False
+_signals_installed = False
+_previous_handlers: dict[int, Any] = {}
 
 
 def _register(daemon: Daemon) -> None:
@@ -250,9 +255,12 @@ def _unregister(daemon: Daemon) -> None:
 
 
 def live_daemons() -> list[Daemon]:
-    """Daemons started and not yet stopped, oldest first."""
+    """Daemons this process started and has not stopped yet, oldest first.
+
+    A forked child inherits the registry but not the daemons: it sees none of them.
+    """
     with _lock:
-        return list(_live.values())
+        return [daemon for daemon in _live.values() if daemon.owner_pid == os.getpid()]
 
 
 def stop_all(timeout: float = 10) -> None:
@@ -273,22 +281,21 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     os.kill(os.getpid(), signum)
 
 
-_previous_handlers: dict[int, signal.Handlers | object] = {}
-
-
 def _install_handlers() -> None:
-    """Once per process: stop daemons at exit and on SIGTERM/SIGHUP (Ctrl-C unwinds to atexit)."""
-    global _handlers_installed
+    """Stop daemons at exit and on SIGTERM/SIGHUP (Ctrl-C unwinds to atexit). Installed once;
+    the signal handlers as soon as a daemon is started from the main thread (Python's rule).
+    """
+    global _atexit_installed, _signals_installed
     with _lock:
-        if _handlers_installed:
+        if not _atexit_installed:
+            _atexit_installed = True
+            atexit.register(stop_all)
+        if _signals_installed or threading.current_thread() is not threading.main_thread():
             return
-        _handlers_installed = True
-    atexit.register(stop_all)
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be set from the main thread; atexit still covers us
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        previous = signal.getsignal(signum)
-        if previous is signal.SIG_IGN:
-            continue
-        _previous_handlers[signum] = previous
-        signal.signal(signum, _on_signal)
+        _signals_installed = True
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN:
+                continue  # the owner chose to survive this signal; so do its daemons
+            _previous_handlers[signum] = previous
+            signal.signal(signum, _on_signal)

@@ -405,3 +405,20 @@ def test_daemons_do_not_outlive_their_owner(tmp_path, ending):
     while not _gone(pid):
         assert time.monotonic() < deadline, f"daemon {pid} outlived its owner ({ending})"
         time.sleep(0.05)
+
+
+def test_a_forked_child_leaves_its_parents_daemons_alone(tmp_path):
+    daemon = Daemon("parent-owned", ["sleep", "300"], tmp_path / "log").start()
+    try:
+        child = os.fork()
+        if child == 0:  # the child exits through atexit, as a forked worker might
+            import atexit
+
+            inherited = live_daemons()
+            atexit._run_exitfuncs()
+            os._exit(1 if inherited else 0)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert daemon.running
+    finally:
+        daemon.stop()

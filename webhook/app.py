@@ -81,6 +81,8 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
+        if exc.code == 413:
+            _drain(request.environ)
         return jsonify(error=f"{exc.name}: {exc.description}"), exc.code or 400
 
     @app.get("/healthz")
@@ -113,6 +115,26 @@ def create_app(
             metrics.DURATION.observe(time.perf_counter() - started)
 
     return app
+
+
+DRAIN_LIMIT = 16 * 1024 * 1024
+
+
+def _drain(environ: dict[str, Any]) -> None:
+    """Read and drop a too-large body (up to DRAIN_LIMIT) so the client receives our 413 instead of
+    a connection reset while it is still sending; beyond that the connection is simply closed."""
+    try:
+        remaining = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return
+    if remaining > DRAIN_LIMIT:
+        return
+    stream = environ["wsgi.input"]
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 65536))
+        if not chunk:
+            break
+        remaining -= len(chunk)
 
 
 def _answer(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 
@@ -14,8 +15,18 @@ from webhook.config import WebhookConfig
 log = logging.getLogger("imagewarm.webhook")
 
 
+def _multiprocess_metrics() -> None:
+    """Workers share metrics through files (set before prometheus_client is imported)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if "prometheus_client" in sys.modules:
+            log.warning("metrics imported before setup: /metrics shows one worker's values")
+            return
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imagewarm-webhook-metrics-")
+
+
 def run(config: WebhookConfig) -> int:
     logs.setup(config.log_level, config.log_format)
+    _multiprocess_metrics()
     from webhook import server  # gunicorn and the app load only when serving
 
     tls_dir = config.tls_dir

@@ -45,6 +45,13 @@ def wsgi_app(config: WebhookConfig) -> Any:
     return create_app(config, sidecarsets=sidecarsets, namespaces=namespaces)
 
 
+def _child_exit(server: Any, worker: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
 class WebhookServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured from `WebhookConfig`, serving TLS from `tls_dir` (reloaded on change)."""
 
@@ -71,6 +78,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "errorlog": "-",
             "loglevel": "warning",
             "limit_request_line": 8190,
+            "child_exit": _child_exit,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)

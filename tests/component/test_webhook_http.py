@@ -1,0 +1,247 @@
+"""The webhook served by gunicorn over TLS, as the API server reaches it: real processes, real TLS."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imagewarm import certs
+
+pytestmark = pytest.mark.component
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_pair(directory: Path, ca: certs.CertKey) -> None:
+    leaf = certs.issue(ca, "localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    (directory / "tls.key.new").write_bytes(leaf.key_pem)
+    (directory / "tls.crt.new").write_bytes(leaf.cert_pem)
+    os.replace(directory / "tls.key.new", directory / "tls.key")
+    os.replace(directory / "tls.crt.new", directory / "tls.crt")
+
+
+class Served:
+    def __init__(self, url: str, ca_file: Path, tls_dir: Path, process: subprocess.Popen[bytes]) -> None:
+        self.url, self.ca_file, self.tls_dir, self.process = url, ca_file, tls_dir, process
+        self.session = requests.Session()
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE would replace our CA
+        self.session.verify = str(ca_file)
+
+    def post(self, body: bytes | dict[str, Any], **kwargs: Any) -> requests.Response:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        return self.session.post(
+            self.url + "/mutate",
+            data=data,
+            timeout=10,
+            headers={"Content-Type": "application/json"},
+            **kwargs,
+        )
+
+
+def serve(tmp: Path, *extra: str) -> Served:
+    tls_dir = tmp / "tls"
+    tls_dir.mkdir()
+    ca = certs.new_ca("test-ca")
+    (tmp / "ca.crt").write_bytes(ca.cert_pem)
+    write_pair(tls_dir, ca)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "webhook",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tls-dir",
+            str(tls_dir),
+            "--sidecarsets",
+            "false",
+            "--workers",
+            "2",
+            "--threads",
+            "4",
+            "--exclude-registry",
+            "quay.io",
+            "--log-format",
+            "text",
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    served = Served(f"https://127.0.0.1:{port}", tmp / "ca.crt", tls_dir, process)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"webhook exited: {process.stdout.read().decode() if process.stdout else ''}"
+            )
+        try:
+            if served.session.get(served.url + "/healthz", timeout=1).ok:
+                return served
+        except requests.RequestException:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError("webhook did not answer /healthz within 30 s")
+
+
+@pytest.fixture(scope="module")
+def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    served = serve(tmp_path_factory.mktemp("webhook"))
+    yield served
+    served.process.terminate()
+    try:
+        served.process.wait(10)
+    except subprocess.TimeoutExpired:
+        served.process.kill()
+
+
+def review(pod: Any, **request: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "u-1",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": "default",
+            "object": pod,
+            **request,
+        },
+    }
+
+
+POD = {
+    "metadata": {"name": "p", "namespace": "default"},
+    "spec": {
+        "initContainers": [{"name": "init", "image": "busybox:1.36"}],
+        "containers": [
+            {"name": "app", "image": "registry.corp:5000/team/app:1"},
+            {"name": "exporter", "image": "quay.io/prometheus/node-exporter:v1"},
+        ],
+    },
+}
+
+
+def test_create_over_tls_returns_the_patch(webhook: Served) -> None:
+    reply = webhook.post(review(POD))
+    assert reply.status_code == 200
+    answer = reply.json()["response"]
+    assert answer["uid"] == "u-1" and answer["allowed"] and answer["patchType"] == "JSONPatch"
+    pod = jsonpatch.apply_patch(POD, json.loads(base64.b64decode(answer["patch"])))
+    assert pod["spec"]["initContainers"][0]["image"] == "localhost:7439/docker.io/library/busybox:1.36"
+    assert [c["image"] for c in pod["spec"]["containers"]] == [
+        "localhost:7439/registry.corp_5000/team/app:1",
+        "quay.io/prometheus/node-exporter:v1",
+    ]
+    assert json.loads(pod["metadata"]["annotations"]["imagewarm.io/original-images"]) == {
+        "app": "registry.corp:5000/team/app:1",
+        "init": "busybox:1.36",
+    }
+
+
+def test_keep_alive_connection_serves_many_requests(webhook: Served) -> None:
+    for _ in range(20):
+        assert webhook.post(review(POD)).status_code == 200
+
+
+@pytest.mark.parametrize(("body", "status"), [(b"{", 400), (b'{"apiVersion": "v1"}', 400), (b"null", 400)])
+def test_bad_bodies_are_4xx_with_a_message(webhook: Served, body: bytes, status: int) -> None:
+    reply = webhook.post(body)
+    assert reply.status_code == status and reply.json()["error"]
+
+
+def test_a_body_over_the_limit_is_413_not_a_hang(webhook: Served) -> None:
+    started = time.monotonic()
+    reply = webhook.post(b"{" + b" " * (4 * 1024 * 1024) + b"}")
+    assert reply.status_code == 413 and "Too Large" in reply.json()["error"]
+    assert time.monotonic() - started < 10
+
+
+def test_plain_http_is_refused(webhook: Served) -> None:
+    with pytest.raises(requests.RequestException):
+        requests.post(webhook.url.replace("https", "http") + "/mutate", data=b"{}", timeout=5)
+
+
+def test_metrics_count_requests_from_every_worker(webhook: Served) -> None:
+    for _ in range(10):
+        webhook.post(review(POD))
+    text = webhook.session.get(webhook.url + "/metrics", timeout=5).text
+    total = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("imagewarm_webhook_request_duration_seconds_count")
+    )
+    assert total >= 10
+    assert 'imagewarm_webhook_decisions_total{decision="patched"}' in text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.integers() | st.text(max_size=10),
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+        ).map(lambda v: json.dumps(review(v)).encode()),
+    )
+)
+def test_fuzz_over_tls_never_5xx(webhook: Served, body: bytes) -> None:
+    assert webhook.post(body).status_code in (200, 400)
+
+
+def test_certificate_files_replaced_are_served_without_restart(tmp_path: Path) -> None:
+    served = serve(tmp_path)
+    try:
+        assert served.post(review(POD)).status_code == 200
+        new_ca = certs.new_ca("rotated-ca")
+        write_pair(served.tls_dir, new_ca)
+        (tmp_path / "new-ca.crt").write_bytes(new_ca.cert_pem)
+        context = ssl.create_default_context(cafile=str(tmp_path / "new-ca.crt"))
+        host, port = served.url.removeprefix("https://").split(":")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with (
+                    socket.create_connection((host, int(port)), timeout=5) as raw,
+                    context.wrap_socket(raw, server_hostname="localhost") as tls,
+                ):
+                    assert tls.version() in ("TLSv1.2", "TLSv1.3")
+                break
+            except ssl.SSLError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        fresh = requests.Session()
+        fresh.trust_env = False
+        fresh.verify = str(tmp_path / "new-ca.crt")
+        assert fresh.post(served.url + "/mutate", json=review(POD), timeout=5).status_code == 200
+    finally:
+        served.process.terminate()
+        served.process.wait(10)

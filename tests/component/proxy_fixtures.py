@@ -36,8 +36,9 @@ class ProxyProcess:
 
     def start(self, timeout: float = 30) -> ProxyProcess:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -77,12 +78,33 @@ class ProxyProcess:
         return total
 
 
-def start_proxy(workdir: Path, *, upstreams: tuple[str, ...] = (), insecure: tuple[str, ...] = (),
-                cache_dir: Path | None = None, extra: tuple[str, ...] = (), workers: int = 3) -> ProxyProcess:
+def start_proxy(
+    workdir: Path,
+    *,
+    upstreams: tuple[str, ...] = (),
+    insecure: tuple[str, ...] = (),
+    cache_dir: Path | None = None,
+    extra: tuple[str, ...] = (),
+    workers: int = 3,
+) -> ProxyProcess:
     port = free_ports(1)[0]
     cache_dir = cache_dir or workdir / "cache"
-    args = [sys.executable, "-m", "imagewarm", "proxy", "--listen", f"127.0.0.1:{port}", "--cache-dir",
-            str(cache_dir), "--workers", str(workers), "--log-format", "text", "--connect-timeout", "2s"]
+    args = [
+        sys.executable,
+        "-m",
+        "imagewarm",
+        "proxy",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--cache-dir",
+        str(cache_dir),
+        "--workers",
+        str(workers),
+        "--log-format",
+        "text",
+        "--connect-timeout",
+        "2s",
+    ]
     for host in upstreams:
         args += ["--upstream", host]
     for host in insecure:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -12,9 +11,10 @@ import pytest
 import requests
 
 from imagewarm.localcluster.images import push
-from tests.component.proxy_fixtures import proxy_factory  # noqa: F401  (fixture)
+from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.component
+proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
 
 
 def sha256_file(path: Path) -> str:
@@ -30,7 +30,9 @@ def segment(host: str) -> str:
 
 
 def copy(skopeo, source: str, target: Path, *extra: str) -> Path:
-    skopeo("copy", "--src-tls-verify=false", "--preserve-digests", *extra, f"docker://{source}", f"dir:{target}")
+    skopeo(
+        "copy", "--src-tls-verify=false", "--preserve-digests", *extra, f"docker://{source}", f"dir:{target}"
+    )
     return target
 
 
@@ -43,8 +45,11 @@ def assert_copied(copied: Path, image) -> None:
 
 
 def blob_gets(registry, repository: str) -> list[str]:
-    return [path for method, path, status in registry.requests()
-            if method == "GET" and f"/v2/{repository}/blobs/" in path and status == 200]
+    return [
+        path
+        for method, path, status in registry.requests()
+        if method == "GET" and f"/v2/{repository}/blobs/" in path and status == 200
+    ]
 
 
 def test_skopeo_copies_through_the_proxy_by_tag_and_digest(registry, images, skopeo, proxy_factory, tmp_path):
@@ -61,7 +66,8 @@ def test_skopeo_copies_through_the_proxy_by_tag_and_digest(registry, images, sko
     gets = blob_gets(registry, "pull/basic")
     assert sorted(gets) == sorted({f"/v2/pull/basic/blobs/{b.digest}" for b in image.blobs})
     assert proxy.metric("imagewarm_proxy_cache_hit_bytes_total", kind="blob") >= 2 * sum(
-        b.size for b in image.layers)
+        b.size for b in image.layers
+    )
 
 
 def test_manifest_headers_and_blob_ranges(registry, images, proxy_factory):
@@ -99,15 +105,18 @@ def test_manifest_headers_and_blob_ranges(registry, images, proxy_factory):
     assert blob_head.status_code == 200 and blob_head.headers["Content-Length"] == str(len(data))
 
 
-@pytest.mark.parametrize("path, code, status", [
-    ("/v2/{host}/../etc/manifests/v1", "NAME_INVALID", 400),
-    ("/v2/{host}/Upper/manifests/v1", "NAME_INVALID", 400),
-    ("/v2/{host}/ok/blobs/sha256:abc", "DIGEST_INVALID", 400),
-    ("/v2/{host}/ok/manifests/sha256:xyz", "DIGEST_INVALID", 400),
-    ("/v2/evil.example.com/ok/manifests/v1", "DENIED", 403),
-    ("/v2/ok/manifests/v1?ns=evil.example.com", "DENIED", 403),
-    ("/v2/{host}/pull/none/manifests/v1", "MANIFEST_UNKNOWN", 404),
-])
+@pytest.mark.parametrize(
+    "path, code, status",
+    [
+        ("/v2/{host}/../etc/manifests/v1", "NAME_INVALID", 400),
+        ("/v2/{host}/Upper/manifests/v1", "NAME_INVALID", 400),
+        ("/v2/{host}/ok/blobs/sha256:abc", "DIGEST_INVALID", 400),
+        ("/v2/{host}/ok/manifests/sha256:xyz", "DIGEST_INVALID", 400),
+        ("/v2/evil.example.com/ok/manifests/v1", "DENIED", 403),
+        ("/v2/ok/manifests/v1?ns=evil.example.com", "DENIED", 403),
+        ("/v2/{host}/pull/none/manifests/v1", "MANIFEST_UNKNOWN", 404),
+    ],
+)
 def test_bad_requests_get_oci_errors(registry, proxy_factory, path, code, status):
     proxy = proxy_factory(insecure=(registry.host,), workers=1)
     response = requests.get(proxy.url + path.format(host=segment(registry.host)), auth=("", ""), timeout=10)
@@ -121,8 +130,9 @@ def test_mirror_mode_path_with_ns(registry, images, proxy_factory):
     proxy = proxy_factory(insecure=(registry.host,), workers=1)
     got = requests.get(f"{proxy.url}/v2/pull/mirror/manifests/v1", params={"ns": registry.host}, timeout=10)
     assert got.status_code == 200 and got.content == image.manifest
-    blob = requests.get(f"{proxy.url}/v2/pull/mirror/blobs/{image.layers[0].digest}",
-                        params={"ns": registry.host}, timeout=10)
+    blob = requests.get(
+        f"{proxy.url}/v2/pull/mirror/blobs/{image.layers[0].digest}", params={"ns": registry.host}, timeout=10
+    )
     assert blob.content == image.layers[0].read_bytes()
 
 
@@ -154,8 +164,9 @@ def test_moved_tag_is_seen_after_the_tag_ttl(registry, images, proxy_factory):
     assert requests.get(url, timeout=10).headers["Docker-Content-Digest"] == second.digest
 
 
-def test_offline_upstream_still_serves_tags_and_digests(registry_factory, images, skopeo, proxy_factory,
-                                                         tmp_path):
+def test_offline_upstream_still_serves_tags_and_digests(
+    registry_factory, images, skopeo, proxy_factory, tmp_path
+):
     upstream = registry_factory()
     image = images.synthetic(layers=2, layer_size=200_000, seed=18)
     push(upstream, "pull/offline", "v1", image)
@@ -183,7 +194,8 @@ def test_fan_in_sixteen_cold_pulls_fetch_each_blob_once(registry, images, skopeo
 
 
 def test_unauthenticated_client_cannot_read_a_private_image_an_authorised_client_cached(
-        auth_registry, images, skopeo, proxy_factory, tmp_path):
+    auth_registry, images, skopeo, proxy_factory, tmp_path
+):
     image = images.synthetic(layers=1, layer_size=200_000, seed=20)
     push(auth_registry, "private/app", "v1", image)
     proxy = proxy_factory(insecure=(auth_registry.host,), workers=2)
@@ -201,6 +213,6 @@ def test_unauthenticated_client_cannot_read_a_private_image_an_authorised_client
         assert wrong.status_code in (401, 403), url
         right = requests.get(url, auth=(auth_registry.username, auth_registry.password), timeout=10)
         assert right.status_code == 200, url
-    with pytest.raises(Exception, match="401|unauthorized|authentication"):
+    with pytest.raises(Exception, match=r"401|unauthorized|authentication"):
         copy(skopeo, f"{name}:v1", tmp_path / "anonymous")
     assert proxy.metric("imagewarm_proxy_auth_decisions_total", decision="deny") >= 1

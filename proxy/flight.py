@@ -50,8 +50,9 @@ class Writer:
         self._hash = hasher(digest)
         self._hex = split_digest(digest)[1]
         self._partial = layout.partial(digest)
+        self._fd: int | None = None
         try:
-            self._fd: int | None = self._publish_partial()
+            self._fd = self._publish_partial()
         except BaseException:
             self._release_claim()
             raise
@@ -157,6 +158,11 @@ class Writer:
         if kind is not None or self._fd is not None:
             self.abort()
 
+    def __del__(self) -> None:
+        # A writer dropped without commit or abort must not hold the claim (and its followers) hostage.
+        if getattr(self, "_lock_fd", None) is not None:
+            self.abort()
+
 
 class Follower:
     """Iterator of the bytes of a blob another Writer (any process) is fetching, read from the partial
@@ -247,4 +253,7 @@ class Follower:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
         self.close()

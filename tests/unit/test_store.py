@@ -134,6 +134,16 @@ def test_context_manager_aborts_on_exception(make_store: MakeStore) -> None:
     assert not store.has(sha256(data)) and leftovers(store) == []
 
 
+def test_a_dropped_writer_releases_its_claim(make_store: MakeStore) -> None:
+    store = make_store()
+    writer = store.claim(sha256(b"dropped"))
+    assert isinstance(writer, Writer)
+    writer.write(b"drop")
+    del writer  # e.g. a request handler that died without abort()
+    assert leftovers(store) == []
+    assert isinstance(store.claim(sha256(b"dropped")), Writer)
+
+
 def test_digest_mismatch_keeps_nothing(make_store: MakeStore) -> None:
     store = make_store()
     writer = store.claim(sha256(b"the real bytes"))

@@ -11,6 +11,7 @@ Two flocks make this work across threads and gunicorn workers alike:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import secrets
 import time
@@ -33,6 +34,7 @@ class Writer:
     and renames the blob into place; `abort()` removes everything. As a context manager it aborts if
     the block raises (and does nothing if it already committed).
 
+    `expected_size` may be set after the claim (e.g. from the upstream's Content-Length).
     Raises SizeMismatch (when more bytes arrive than `expected_size`, or fewer at commit),
     DigestMismatch at commit, DiskFull on ENOSPC; in each case nothing is kept and followers see
     FetchAborted.
@@ -78,6 +80,11 @@ class Writer:
     @property
     def path(self) -> Path:
         return self._partial
+
+    def running_hash(self) -> hashlib._Hash:
+        """A copy of the hash of every byte written so far: lets a caller whose caching stopped (DiskFull)
+        keep verifying the rest of the stream it passes through."""
+        return self._hash.copy()
 
     def write(self, chunk: bytes | memoryview) -> None:
         if self._fd is None:

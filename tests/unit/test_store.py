@@ -144,6 +144,18 @@ def test_a_dropped_writer_releases_its_claim(make_store: MakeStore) -> None:
     assert isinstance(store.claim(sha256(b"dropped")), Writer)
 
 
+def test_running_hash_continues_after_disk_full_style_abort(make_store: MakeStore) -> None:
+    store = make_store()
+    data = b"0123456789" * 100
+    writer = store.claim(sha256(data))
+    assert isinstance(writer, Writer)
+    writer.write(data[:300])
+    check = writer.running_hash()
+    writer.abort()
+    check.update(data[300:])
+    assert f"sha256:{check.hexdigest()}" == sha256(data)
+
+
 def test_digest_mismatch_keeps_nothing(make_store: MakeStore) -> None:
     store = make_store()
     writer = store.claim(sha256(b"the real bytes"))

@@ -1,0 +1,262 @@
+"""Throughput of `imagewarm proxy` against the alternatives, on the same synthetic layers, in one run.
+
+    python bench/proxy_bench.py            # 256 MiB and 1 GiB layers
+    python bench/proxy_bench.py --quick    # 32 MiB and 64 MiB, to try it out
+
+Rows (MiB/s, measured by curl discarding the body): the upstream docker-registry directly; the proxy
+cold (first fetch, teed into its cache) and warm (from its cache, sendfile); docker-registry as a
+pull-through cache cold and warm; nginx (Debian's nginx, its own config on loopback, sendfile on)
+serving the same blob files. Ratios: proxy warm / nginx (goal >= 0.9), proxy cold / upstream direct
+(goal >= 0.9). Then 16 concurrent cold fetches of one blob through a fresh proxy: how many times the
+upstream served it (goal 1), and the proxy's peak RSS per process while 16 clients read warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from imagewarm.localcluster.images import ImageBuilder, push
+from imagewarm.localcluster.processes import free_ports
+from imagewarm.localcluster.registry import Registry, start_registry
+
+MiB = 1 << 20
+
+
+def curl_speed(url: str) -> float:
+    """MiB/s of one GET, body discarded (curl reports bytes per second)."""
+    out = subprocess.run(
+        ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download}", url],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    return float(out) / MiB
+
+
+class Proxy:
+    def __init__(self, workdir: Path, upstream: Registry, workers: int = 4) -> None:
+        self.port = free_ports(1)[0]
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEWARM_")}
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / "metrics")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "imagewarm",
+                "proxy",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--cache-dir",
+                str(workdir / "cache"),
+                "--insecure-upstream",
+                upstream.host,
+                "--workers",
+                str(workers),
+            ],
+            stdout=(workdir / "proxy.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        wait_for(f"http://127.0.0.1:{self.port}/readyz")
+
+    def url(self, upstream: Registry, repository: str, digest: str) -> str:
+        return f"http://127.0.0.1:{self.port}/v2/{upstream.host}/{repository}/blobs/{digest}"
+
+    def rss_mib(self) -> list[float]:
+        """RSS of the master and each worker."""
+        pids = [self.process.pid]
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        sizes = []
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        sizes.append(int(line.split()[1]) / 1024)
+            except FileNotFoundError:
+                continue
+        return sizes
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(20)
+
+
+class Nginx:
+    def __init__(self, workdir: Path, files: Path) -> None:
+        self.port = free_ports(1)[0]
+        workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "nginx.conf"
+        # As root, nginx workers drop to www-data, which cannot read our private temp directory.
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf.write_text(f"""
+{user}
+daemon off;
+worker_processes 2;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {workdir}/tmp; proxy_temp_path {workdir}/tmp; fastcgi_temp_path {workdir}/tmp;
+    uwsgi_temp_path {workdir}/tmp; scgi_temp_path {workdir}/tmp;
+    server {{ listen 127.0.0.1:{self.port}; root {files}; }}
+}}
+""")
+        self.process = subprocess.Popen(
+            ["nginx", "-c", str(conf), "-p", str(workdir)],
+            start_new_session=True,
+            stderr=(workdir / "stderr.log").open("wb"),
+        )
+        wait_for(f"http://127.0.0.1:{self.port}/", ok=(200, 403, 404))
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(20)
+
+
+def wait_for(url: str, ok: tuple[int, ...] = (200,), timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code in ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up in {timeout}s")
+
+
+def blob_gets(registry: Registry, digest: str, since: int) -> int:
+    return sum(1 for m, p, s in registry.requests()[since:] if m == "GET" and p.endswith(f"/blobs/{digest}"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="32 MiB and 64 MiB layers instead of 256 MiB and 1 GiB"
+    )
+    parser.add_argument("--sizes", help="comma-separated layer sizes in MiB (overrides --quick)")
+    args = parser.parse_args()
+    sizes = (
+        [int(s) for s in args.sizes.split(",")] if args.sizes else ([32, 64] if args.quick else [256, 1024])
+    )
+    if shutil.which("nginx") is None or shutil.which("curl") is None:
+        print("needs nginx (Debian nginx-light) and curl", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="imagewarm-proxy-bench-"))
+    stoppers: list = []
+    try:
+        builder = ImageBuilder(work / "images")
+        upstream = start_registry(work / "upstream")
+        stoppers.append(upstream.stop)
+        pull_through = start_registry(work / "pull-through", proxy_remote_url=upstream.url)
+        stoppers.append(pull_through.stop)
+        files = work / "nginx-files"
+        files.mkdir()
+        layers = []
+        for i, size in enumerate(sizes):
+            image = builder.synthetic(layers=1, layer_size=size * MiB, compressed=False, seed=1000 + i)
+            push(upstream, f"bench/l{size}", "v1", image)
+            layer = image.layers[0]
+            os.link(layer.path, files / layer.digest.split(":")[1]) if _same_fs(
+                layer.path, files
+            ) else shutil.copyfile(layer.path, files / layer.digest.split(":")[1])
+            layers.append((size, f"bench/l{size}", layer))
+        proxy = Proxy(work / "proxy", upstream)
+        stoppers.append(proxy.stop)
+        nginx = Nginx(work / "nginx", files)
+        stoppers.append(nginx.stop)
+
+        rows = []
+        for size, repository, layer in layers:
+            d = layer.digest
+            direct = curl_speed(f"{upstream.url}/v2/{repository}/blobs/{d}")
+            cold = curl_speed(proxy.url(upstream, repository, d))
+            warm = curl_speed(proxy.url(upstream, repository, d))
+            ptc_cold = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
+            ptc_warm = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
+            ngx = curl_speed(f"http://127.0.0.1:{nginx.port}/{d.split(':')[1]}")
+            rows.append((size, direct, cold, warm, ptc_cold, ptc_warm, ngx))
+
+        # Fan-in: a fresh proxy, 16 concurrent cold fetches of the largest blob.
+        size, repository, layer = layers[-1]
+        fresh = Proxy(work / "proxy-fanin", upstream)
+        stoppers.append(fresh.stop)
+        since = len(upstream.requests())
+        url = fresh.url(upstream, repository, layer.digest)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda _: curl_speed(url), range(16)))
+        fetches = blob_gets(upstream, layer.digest, since)
+        # Warm: 16 concurrent readers of the same blob, RSS sampled meanwhile.
+        peak: list[float] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak.append(max(fresh.rss_mib() or [0.0]))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda _: curl_speed(url), range(16)))
+        done.set()
+        sampler.join()
+
+        print(f"\nimagewarm proxy benchmark (MiB/s; curl, loopback, {os.cpu_count()} CPUs)\n")
+        header = (
+            f"{'layer':>8} {'upstream':>9} {'proxy cold':>11} {'proxy warm':>11} {'ptc cold':>9} "
+            f"{'ptc warm':>9} {'nginx':>8} {'warm/nginx':>11} {'cold/upstr':>11} {'ptc cold/upstr':>15}"
+        )
+        print(header)
+        print("-" * len(header))
+        for size, direct, cold, warm, ptc_cold, ptc_warm, ngx in rows:
+            print(
+                f"{size:>5}MiB {direct:>9.0f} {cold:>11.0f} {warm:>11.0f} {ptc_cold:>9.0f} {ptc_warm:>9.0f} "
+                f"{ngx:>8.0f} {warm / ngx:>11.2f} {cold / direct:>11.2f} {ptc_cold / direct:>15.2f}"
+            )
+        print(
+            f"\nfan-in: 16 concurrent cold fetches of the {size} MiB blob -> upstream served it {fetches}x "
+            "(goal 1)"
+        )
+        print(
+            f"proxy RSS while 16 clients read it warm: peak {max(peak or [0]):.0f} MiB per process "
+            "(goal < 100)"
+        )
+        return 0
+    finally:
+        for stop in reversed(stoppers):
+            try:
+                stop()
+            except Exception as exc:
+                print(f"cleanup: {exc}", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+if __name__ == "__main__":
+    sys.exit(main())

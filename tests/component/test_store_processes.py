@@ -45,7 +45,7 @@ def _claim_and_report(root: str, source: str, digest: str, barrier: Any, results
         with open(source, "rb") as upstream:
             while chunk := upstream.read(CHUNK):
                 claimed.write(chunk)
-                time.sleep(0.01)  # a slow upstream, so the others arrive while the blob is partial
+                time.sleep(0.03)  # a slow upstream (~1 s): the others arrive while the blob is partial
         claimed.commit()
         results.put(("writer", os.getpid(), None))
         return

@@ -215,10 +215,13 @@ def test_put_bytes_verifies(make_store: MakeStore) -> None:
 
 
 def _follow_in_threads(store: BlobStore, digest: str, count: int) -> tuple[list[threading.Thread], list]:
+    """Start `count` threads that claim `digest` and consume what they get; returns once all claimed."""
     results: list = []
+    claimed_all = threading.Barrier(count + 1)
 
     def follow() -> None:
         claimed = store.claim(digest)
+        claimed_all.wait(10)
         try:
             if isinstance(claimed, Follower):
                 results.append(("follower", b"".join(claimed)))
@@ -232,6 +235,7 @@ def _follow_in_threads(store: BlobStore, digest: str, count: int) -> tuple[list[
     threads = [threading.Thread(target=follow) for _ in range(count)]
     for thread in threads:
         thread.start()
+    claimed_all.wait(10)
     return threads, results
 
 
@@ -242,7 +246,6 @@ def test_followers_get_identical_bytes(make_store: MakeStore) -> None:
     writer = store.claim(digest, len(data))
     assert isinstance(writer, Writer)
     threads, results = _follow_in_threads(store, digest, 4)
-    time.sleep(0.1)  # let the followers attach while the blob is still partial
     for start in range(0, len(data), 64 * 1024):
         writer.write(data[start : start + 64 * 1024])
         time.sleep(0.002)
@@ -274,7 +277,6 @@ def test_follower_sees_abort(make_store: MakeStore) -> None:
     assert isinstance(writer, Writer)
     writer.write(data[:50_000])
     threads, results = _follow_in_threads(store, sha256(data), 2)
-    time.sleep(0.1)
     writer.abort()
     for thread in threads:
         thread.join(10)

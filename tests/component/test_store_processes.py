@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from proxy.eviction import Evictor
 from proxy.flight import Follower, Writer
 from proxy.manifest_store import ManifestStore
 from proxy.store import BlobStore, CachedBlob, DiskFull, FetchAborted, NotCached, StoreError
@@ -80,6 +81,14 @@ def _follow_until_the_end(root: str, digest: str, attached: Any, results: Any) -
         results.put(("aborted", received))
         return
     results.put(("completed", received))
+
+
+def _hold_open(root: str, digest: str, opened: Any, release: Any) -> None:
+    store = BlobStore(Path(root))
+    with store.open(digest) as blob:
+        opened.set()
+        release.wait(60)
+        assert len(blob.read()) == blob.size
 
 
 # -- tests ----------------------------------------------------------------------------------------
@@ -178,6 +187,28 @@ def test_new_claim_takes_over_from_a_killed_writer_while_others_run(tmp_path: Pa
     with live.open(digest) as blob:
         assert blob.read() == data
     assert [p.name for p in live.layout.partial_dir.iterdir()] == []
+
+
+def test_eviction_spares_a_blob_another_process_is_serving(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = BlobStore(root)
+    served, idle = os.urandom(1 << 20), os.urandom(1 << 20)
+    for data in (served, idle):
+        store.put_bytes(_digest(data), data)
+    opened, release = SPAWN.Event(), SPAWN.Event()
+    reader = SPAWN.Process(target=_hold_open, args=(str(root), _digest(served), opened, release))
+    reader.start()
+    try:
+        assert opened.wait(60)
+        report = Evictor(store, max_bytes=1 << 20, high=0.5, low=0.0001).run_once()
+        assert (report.evicted_count, report.skipped_in_use) == (1, 1)
+        assert store.has(_digest(served)) and not store.has(_digest(idle))
+    finally:
+        release.set()
+        reader.join(30)
+    assert reader.exitcode == 0, "the reader read the whole blob"
+    assert Evictor(store, max_bytes=1 << 20, high=0.5, low=0.0001).run_once().evicted_count == 1
+    assert store.total_bytes() == 0
 
 
 @pytest.fixture

@@ -335,6 +335,18 @@ def test_restart_removes_stale_partials_and_recounts(make_store: MakeStore, tmp_
     assert isinstance(reopened.claim(sha256(b"interrupted")), Writer)
 
 
+def test_restart_removes_unpublished_and_temporary_files(make_store: MakeStore, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "c")
+    # What a writer killed before publishing its partial, or a killed small write, leaves behind.
+    unpublished = store.layout.new_partial(sha256(b"x"), "0123abcd")
+    temporary = store.layout.tmp("feedbeef")
+    unpublished.write_bytes(b"half")
+    temporary.write_bytes(b"{")
+    store.close()
+    make_store(tmp_path / "c")
+    assert not unpublished.exists() and not temporary.exists()
+
+
 def test_second_process_keeps_a_live_writers_partial(make_store: MakeStore, tmp_path: Path) -> None:
     first = make_store(tmp_path / "b")
     writer = first.claim(sha256(b"live"))

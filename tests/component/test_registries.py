@@ -374,13 +374,12 @@ def test_daemon_reports_early_exit_with_its_log(tmp_path):
 
 
 DAEMON_OWNER = """
-import os, signal, sys, time
+import sys
 from pathlib import Path
 from imagewarm.localcluster.processes import Daemon
 daemon = Daemon("sleeper", ["sleep", "300"], Path(sys.argv[1]) / "log").start()
 print(daemon.pid, flush=True)
-if sys.argv[2] == "wait":
-    time.sleep(300)
+sys.stdin.readline()  # exit normally when the test closes our stdin (or die by its signal)
 """
 
 
@@ -392,13 +391,16 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize("ending", ["exit", "SIGTERM", "SIGHUP", "SIGINT"])
 def test_daemons_do_not_outlive_their_owner(tmp_path, ending):
     owner = subprocess.Popen(
-        [sys.executable, "-c", DAEMON_OWNER, str(tmp_path), "exit" if ending == "exit" else "wait"],
+        [sys.executable, "-c", DAEMON_OWNER, str(tmp_path)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     pid = int(owner.stdout.readline())
     assert not _gone(pid)
-    if ending != "exit":
+    if ending == "exit":
+        owner.stdin.close()
+    else:
         owner.send_signal(getattr(signal, ending))
     owner.wait(20)
     deadline = time.monotonic() + 10

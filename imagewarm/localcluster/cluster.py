@@ -108,9 +108,12 @@ class Cluster:
         try:
             if leftover:
                 report(f"cleaning up after a killed cluster run in {leftover.get('workdir')}")
-            machine.clean_host(leftover.get("workdir"), leftover.get("ip_forward"))
+            machine.clean_host(leftover.get("workdir"), leftover.get("ip_forward"),
+                               remove_workdir=leftover.get("remove_workdir") == "yes")  # fmt: skip
             ip_forward = network.read_ip_forward()
-            lock.record(workdir=str(workdir), ip_forward=ip_forward)
+            lock.record(
+                workdir=str(workdir), ip_forward=ip_forward, remove_workdir="yes" if created else "no"
+            )
         except BaseException:
             lock.release()
             raise

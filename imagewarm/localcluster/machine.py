@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,16 +61,26 @@ class MachineLock:
         self._fd = None
 
 
-def clean_host(workdir: str | None, ip_forward: str | None) -> None:
+def _sandbox_ids(workdir: Path) -> list[str]:
+    """Sandbox and container IDs the CRI plugin of each node's containerd recorded on disk."""
+    cri = "containerd/root/io.containerd.grpc.v1.cri"
+    return [p.name for kind in ("sandboxes", "containers") for p in workdir.glob(f"*/{cri}/{kind}/*")]
+
+
+def clean_host(workdir: str | None, ip_forward: str | None, *, remove_workdir: bool = False) -> None:
     """Remove every machine-wide trace of a cluster in ``workdir`` (None: only the shared parts).
 
-    Safe to repeat: processes mentioning ``workdir``, shims of its containerds, its mounts, then our
-    bridges, ``KUBE-*`` chains, the kubelet device-plugin socket and CNI results; restores ip_forward."""
+    Safe to repeat: processes mentioning ``workdir``, shims of its containerds, its mounts and CNI
+    results (and the directory itself with ``remove_workdir``), then our bridges, ``KUBE-*`` chains,
+    the kubelet device-plugin socket and CNI results; restores ip_forward."""
     if workdir:
         for pid in host.pids_matching(workdir):
             host.kill_trees([pid])
         host.kill_shims(workdir)
         host.unmount_all(Path(workdir))
+        host.remove_cni_results(_sandbox_ids(Path(workdir)))
+        if remove_workdir and not host.mounts_under(Path(workdir)):
+            shutil.rmtree(workdir, ignore_errors=True)
     for bridge in network.our_bridges():
         network.delete_bridge(bridge)
     network.delete_kube_chains()

@@ -229,7 +229,7 @@ class CertManager:
             except NotFound:
                 log.warning(
                     "MutatingWebhookConfiguration not found; caBundle not set yet",
-                    extra={"name": self.webhook_config_name},
+                    extra={"webhook_configuration": self.webhook_config_name},
                 )
                 return False
             webhooks = configuration.get("webhooks") or []
@@ -239,7 +239,7 @@ class CertManager:
                 webhook.setdefault("clientConfig", {})["caBundle"] = encoded
             try:
                 self.kube.replace(path, configuration)
-                log.info("caBundle set", extra={"name": self.webhook_config_name})
+                log.info("caBundle set", extra={"webhook_configuration": self.webhook_config_name})
                 return True
             except Conflict:
                 continue

@@ -109,6 +109,12 @@ class Webhook:
                 self.process.kill()
                 self.process.wait()
 
+    def serving(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise AssertionError(f"the webhook exited:\n{self.logs()}")
+        with socket.create_connection((self.ip, self.port), timeout=2):
+            return True
+
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
 
@@ -145,12 +151,14 @@ def webhook(cluster: Cluster, kube: Kube, tmp_path_factory: pytest.TempPathFacto
         "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
     )
     server.start()
+    LAST_WEBHOOK[:] = [server]
     try:
         eventually(
             lambda: all(w["clientConfig"].get("caBundle") for w in kube.get(CONFIG_PATH)["webhooks"]),
             30,
             "the webhook to patch its caBundle",
         )
+        eventually(server.serving, 30, "the webhook to listen")
         yield server
     except BaseException:
         print(server.logs())
@@ -197,6 +205,9 @@ def create(cluster: Cluster, namespace: str, obj: dict[str, Any], *args: str) ->
     return json.loads(out)  # type: ignore[no-any-return]
 
 
+LAST_WEBHOOK: list[Webhook] = []
+
+
 def rewritten(cluster: Cluster, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
     """Create `obj` and return the stored pod; retried while the freshly registered webhook is not
     yet called (HARNESS.md §7: the first creates may race the configuration)."""
@@ -210,7 +221,21 @@ def rewritten(cluster: Cluster, namespace: str, obj: dict[str, Any]) -> dict[str
         stored = create(cluster, namespace, candidate)
         return stored if stored["spec"]["containers"][0]["image"].startswith(PREFIX) else None
 
-    return eventually(once, 20, "a created pod to be rewritten")  # type: ignore[no-any-return]
+    try:
+        return eventually(once, 20, "a created pod to be rewritten")  # type: ignore[no-any-return]
+    except AssertionError:
+        print("webhook log:", *(w.logs() for w in LAST_WEBHOOK), sep="\n")
+        apiserver = sorted(cluster.workdir.rglob("*apiserver*.log"))
+        for path in apiserver:
+            print(
+                path,
+                "".join(
+                    line
+                    for line in path.read_text(errors="replace").splitlines(True)
+                    if "webhook" in line.lower()
+                )[-3000:],
+            )
+        raise
 
 
 def images(stored: dict[str, Any], field: str = "containers") -> list[str]:
@@ -317,16 +342,20 @@ def test_ephemeral_container_added_through_the_subresource_is_rewritten(
 ) -> None:
     stored = rewritten(cluster, namespace, pod("debug-me", "nginx:1.27"))
     name = stored["metadata"]["name"]
-    stored["spec"]["ephemeralContainers"] = [
-        {"name": "debugger", "image": "busybox:1.36", "stdin": True, "targetContainerName": "c0"}
-    ]
+    # What `kubectl debug` sends: a strategic merge patch of the ephemeralcontainers subresource.
+    debugger = {"name": "debugger", "image": "busybox:1.36", "stdin": True, "targetContainerName": "c0"}
     cluster.kubectl(
-        "replace",
-        "--raw",
-        f"/api/v1/namespaces/{namespace}/pods/{name}/ephemeralcontainers",
-        "-f",
-        "-",
-        input=json.dumps(stored),
+        "patch",
+        "pod",
+        "-n",
+        namespace,
+        name,
+        "--subresource",
+        "ephemeralcontainers",
+        "--type",
+        "strategic",
+        "-p",
+        json.dumps({"spec": {"ephemeralContainers": [debugger]}}),
     )
     after = json.loads(cluster.kubectl("get", "pod", "-n", namespace, name, "-o", "json").stdout)
     assert images(after, "ephemeralContainers") == [f"{PREFIX}/docker.io/library/busybox:1.36"]

@@ -8,6 +8,7 @@ prints a table of how long each phase took and tears everything down (also on Ct
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -86,6 +87,10 @@ def run(config: DemoConfig) -> int:
     from imagewarm.localcluster.cluster import Cluster, ClusterError
     from imagewarm.localcluster.images import ImageBuilder, push
 
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
+
+    signal.signal(signal.SIGTERM, interrupted)
     demo = Demo()
     cluster: Cluster | None = None
     try:

@@ -5,14 +5,13 @@ No I/O here: SidecarSets and namespace labels are passed in by the caller (from 
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from webhook import sidecarset
-from webhook.patch import Op, diff_pod
+from webhook.patch import SPEC_FIELDS, Op, diff_pod
 from webhook.rewrite import Rule, decide
 
 ORIGINAL_IMAGES = "imagewarm.io/original-images"
@@ -53,6 +52,23 @@ def _check(pod: object) -> dict[str, Any]:
     if annotations is not None and not isinstance(annotations, dict):
         raise InvalidPod("metadata.annotations is not an object")
     return pod
+
+
+def editable_copy(pod: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `pod` that the injection and rewriting may edit without touching `pod`: fresh
+    dicts down to each container, annotations and spec lists; everything below is shared, read only.
+    (A full deepcopy was 70% of the decision's time.)"""
+    new = dict(pod)
+    if isinstance(pod.get("metadata"), dict):
+        metadata = new["metadata"] = dict(pod["metadata"])
+        if isinstance(metadata.get("annotations"), dict):
+            metadata["annotations"] = dict(metadata["annotations"])
+    if isinstance(pod.get("spec"), dict):
+        spec = new["spec"] = dict(pod["spec"])
+        for name in SPEC_FIELDS:
+            if isinstance(spec.get(name), list):
+                spec[name] = [dict(item) if isinstance(item, dict) else item for item in spec[name]]
+    return new
 
 
 def skipped(pod: dict[str, Any]) -> bool:
@@ -123,7 +139,7 @@ def on_create(
     original = _check(pod)
     if skipped(original):
         return Decision(reason="skipped")
-    new = copy.deepcopy(original)
+    new = editable_copy(original)
     injection = sidecarset.inject(new, sidecarsets, namespace=namespace, namespace_labels=namespace_labels)
     count, warnings = rewrite_images(new, rule)
     return _decision(original, new, count, [*injection.warnings, *warnings], injection.injected)
@@ -140,7 +156,7 @@ def on_ephemeral_update(pod: object, old_pod: object, rule: Rule) -> Decision:
         ("ephemeralContainers", c.get("name"))
         for c in (old.get("spec") or {}).get("ephemeralContainers") or []
     )
-    new = copy.deepcopy(original)
+    new = editable_copy(original)
     count, warnings = rewrite_images(new, rule, fields=("ephemeralContainers",), leave=existing)
     return _decision(original, new, count, warnings, ())
 

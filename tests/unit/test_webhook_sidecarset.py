@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -288,3 +289,26 @@ def test_label_selector(selector: dict[str, Any], labels: dict[str, str], expect
 def test_label_selector_rejects(bad: Any) -> None:
     with pytest.raises(InvalidSelector):
         LabelSelector.parse(bad)
+
+
+def test_the_request_pod_is_never_modified() -> None:
+    sets = [
+        sidecarset(
+            containers=[
+                {
+                    "name": "s",
+                    "image": "x:1",
+                    "shareVolumePolicy": {"type": "enabled"},
+                    "transferEnv": [{"sourceContainerName": "main", "envName": "APP_NAME"}],
+                }
+            ],
+            initContainers=[{"name": "setup", "image": "busybox:1"}],
+            volumes=[{"name": "v"}],
+            imagePullSecrets=[{"name": "s"}],
+        )
+    ]
+    original = web_pod(initContainers=[{"name": "own", "image": "alpine:3"}])
+    original["metadata"]["annotations"] = {"a": "b"}
+    before = copy.deepcopy(original)
+    decision = on_create(original, RULE, sidecarsets=sets, namespace="default", namespace_labels=None)
+    assert decision.patch and original == before

@@ -1,0 +1,354 @@
+"""Benchmark: `imagewarm webhook` under gunicorn over TLS, as the API server calls it.
+
+    python bench/webhook_bench.py            # 3000 requests per cell
+    python bench/webhook_bench.py --quick    # 500 per cell, to try it
+
+Cells: a realistic pod (3 containers + 1 init container) without and with a matching SidecarSet,
+at 1 and 8 concurrent keep-alive TLS clients (the API server keeps its connections to webhooks
+open). Anchor, run side by side on the same server: `GET /healthz` (TLS + gunicorn + Flask, no
+decision), so the ratio shows what the decision itself costs. Goal: p99 <= 5 ms at 8 clients.
+
+The SidecarSets reach the webhook as in production, through its list+watch cache; here the
+list/watch endpoints are served by a small local stand-in for the API server, because no API call
+is on the measured path (the webhook reads its cache, never the API server, per request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from imagewarm import certs  # noqa: E402
+
+SIDECARSET = {
+    "apiVersion": "imagewarm.io/v1alpha1",
+    "kind": "SidecarSet",
+    "metadata": {"name": "log-agent", "resourceVersion": "2"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "web"}},
+        "containers": [
+            {
+                "name": "log-agent",
+                "image": "registry.example.com/log-agent:2.3",
+                "podInjectPolicy": "BeforeAppContainer",
+                "shareVolumePolicy": {"type": "enabled"},
+                "transferEnv": [{"sourceContainerName": "app", "envName": "APP_NAME"}],
+                "volumeMounts": [{"name": "logs", "mountPath": "/var/log/app"}],
+            }
+        ],
+        "volumes": [{"name": "logs", "emptyDir": {}}],
+        "imagePullSecrets": [{"name": "registry-cred"}],
+    },
+}
+
+
+def container(name: str, image: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+        "env": [
+            {"name": "APP_NAME", "value": "shop"},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 5},
+        "volumeMounts": [
+            {"name": "data", "mountPath": "/data"},
+            {
+                "name": "kube-api-access-abcde",
+                "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                "readOnly": True,
+            },
+        ],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+    }
+
+
+def review(labels: dict[str, str]) -> bytes:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "shop-7d9c-",
+            "namespace": "default",
+            "labels": labels,
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": "shop-7d9c",
+                    "uid": "1b7c",
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {
+            "initContainers": [container("migrate", "registry.corp:5000/shop/migrate:1.4")],
+            "containers": [
+                container("app", "registry.corp:5000/shop/app:1.4"),
+                container("cache", "redis:7.2"),
+                container("exporter", f"quay.io/prometheus/statsd-exporter@sha256:{'ab' * 32}"),
+            ],
+            "volumes": [
+                {"name": "data", "emptyDir": {}},
+                {
+                    "name": "kube-api-access-abcde",
+                    "projected": {
+                        "sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]
+                    },
+                },
+            ],
+            "serviceAccountName": "default",
+            "restartPolicy": "Always",
+            "dnsPolicy": "ClusterFirst",
+        },
+    }
+    return json.dumps(
+        {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "operation": "CREATE",
+                "namespace": "default",
+                "object": pod,
+                "dryRun": False,
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            },
+        }
+    ).encode()
+
+
+class StandInAPI(BaseHTTPRequestHandler):
+    """List and watch of SidecarSets and namespaces (watches stay open, quietly)."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if "watch=true" in self.path:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            time.sleep(300)
+            return
+        items = (
+            [SIDECARSET]
+            if "sidecarsets" in self.path
+            else [{"metadata": {"name": "default", "resourceVersion": "1", "labels": {}}}]
+        )
+        body = json.dumps({"metadata": {"resourceVersion": "3"}, "items": items}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_webhook(workdir: Path, api_url: str) -> tuple[subprocess.Popen[bytes], int, ssl.SSLContext]:
+    ca = certs.new_ca("bench-ca")
+    leaf = certs.issue(ca, "localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    (workdir / "tls").mkdir()
+    (workdir / "tls" / "tls.crt").write_bytes(leaf.cert_pem)
+    (workdir / "tls" / "tls.key").write_bytes(leaf.key_pem)
+    kubeconfig = workdir / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "clusters": [{"name": "c", "cluster": {"server": api_url}}],
+                "users": [{"name": "u", "user": {"token": "bench"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "webhook",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tls-dir",
+            str(workdir / "tls"),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--exclude-registry",
+            "quay.io",
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "webhook.log").open("wb"),
+    )
+    context = ssl.create_default_context(cafile=None)
+    context.load_verify_locations(cadata=ca.cert_pem.decode())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            status, body = request(connect(port, context), "GET", "/healthz", b"")
+            if status == 200 and json.loads(body).get("sidecarsetsSynced"):
+                return process, port, context
+        except OSError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"webhook did not become ready: {(workdir / 'webhook.log').read_text()[-2000:]}")
+
+
+def connect(port: int, context: ssl.SSLContext) -> http.client.HTTPSConnection:
+    return http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+
+
+def request(conn: http.client.HTTPSConnection, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    conn.request(
+        method, path, body=body or None, headers={"Content-Type": "application/json"} if body else {}
+    )
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def measure(
+    port: int,
+    context: ssl.SSLContext,
+    method: str,
+    path: str,
+    body: bytes,
+    clients: int,
+    total: int,
+    check: Any,
+) -> dict[str, float]:
+    per_client = total // clients
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    failures: list[str] = []
+    barrier = threading.Barrier(clients + 1)
+
+    def client(index: int) -> None:
+        conn = connect(port, context)
+        request(conn, method, path, body)  # handshake and warm-up outside the measurement
+        barrier.wait()
+        own = latencies[index]
+        for _ in range(per_client):
+            started = time.perf_counter()
+            status, answer = request(conn, method, path, body)
+            own.append(time.perf_counter() - started)
+            if status != 200 or not check(answer):
+                failures.append(f"{status} {answer[:200]!r}")
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if failures:
+        raise SystemExit(f"{len(failures)} bad answers, e.g. {failures[0]}")
+    flat = sorted(x for own in latencies for x in own)
+    return {
+        "rps": len(flat) / elapsed,
+        "p50": statistics.median(flat) * 1000,
+        "p99": flat[int(len(flat) * 0.99) - 1] * 1000,
+    }
+
+
+def patched_with(containers: int) -> Any:
+    def check(answer: bytes) -> bool:
+        import base64
+
+        response = json.loads(answer)["response"]
+        ops = json.loads(base64.b64decode(response["patch"]))
+        replaced = next((op["value"] for op in ops if op["path"] == "/spec/containers"), None)
+        return response["allowed"] and (
+            containers == 3 or (replaced is not None and len(replaced) == containers)
+        )
+
+    return check
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--requests", type=int, default=0)
+    args = parser.parse_args()
+    total = args.requests or (500 if args.quick else 3000)
+    api = ThreadingHTTPServer(("127.0.0.1", 0), StandInAPI)
+    api.daemon_threads = True
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    with tempfile.TemporaryDirectory(prefix="iw-webhook-bench-") as tmp:
+        process, port, context = start_webhook(Path(tmp), f"http://127.0.0.1:{api.server_address[1]}")
+        try:
+            cells = [
+                ("healthz (anchor)", "GET", "/healthz", b"", lambda a: True),
+                ("pod, no SidecarSet", "POST", "/mutate", review({"app": "shop"}), patched_with(3)),
+                ("pod + SidecarSet", "POST", "/mutate", review({"app": "web"}), patched_with(4)),
+            ]
+            rows = []
+            for clients in (1, 8):
+                results = {
+                    name: measure(port, context, method, path, body, clients, total, check)
+                    for name, method, path, body, check in cells
+                }
+                anchor = results["healthz (anchor)"]
+                for name, result in results.items():
+                    rows.append((name, clients, result, result["p50"] / anchor["p50"]))
+        finally:
+            process.terminate()
+            process.wait(15)
+            api.shutdown()
+    print(
+        f"\nimagewarm webhook, gunicorn gthread 2 workers x 8 threads, TLS keep-alive, "
+        f"{total} requests per cell, {os.cpu_count()} CPUs shared with the clients\n"
+    )
+    print(f"{'request':<22}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p50 / anchor':>14}")
+    for name, clients, result, ratio in rows:
+        print(
+            f"{name:<22}{clients:>8}{result['rps']:>10.0f}{result['p50']:>9.2f}{result['p99']:>9.2f}{ratio:>14.2f}"
+        )
+    worst = max(r["p99"] for name, clients, r, _ in rows if clients == 8 and name != "healthz (anchor)")
+    print(
+        f"\ngoal p99 <= 5 ms at 8 clients: {'met' if worst <= 5 else 'NOT met'} "
+        f"(worst mutate p99 {worst:.2f} ms)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

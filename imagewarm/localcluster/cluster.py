@@ -13,6 +13,7 @@ cluster runs it holds the machine lock (``machine.py``); a second one waits for 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -193,8 +194,8 @@ class Cluster:
         )
         for node in self.nodes:
             assert node.kubelet is not None
-            self._wait_for(node.kubelet, f"node {node.name} Ready", lambda n=node: self._node_ready(n.name),
-                           deadline)  # fmt: skip
+            ready = functools.partial(self._node_ready, node.name)
+            self._wait_for(node.kubelet, f"node {node.name} Ready", ready, deadline)
         self.progress(f"{count} node(s) Ready ({time.monotonic() - started:.1f}s)")
         self._wait_for(manager, "the default ServiceAccount",
                        lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
@@ -297,7 +298,7 @@ class Cluster:
         """A ``kubernetes.client.ApiClient`` authenticated as cluster admin."""
         from kubernetes import config
 
-        return config.new_client_from_config(config_file=str(self.kubeconfig))
+        return config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
 
     def trust_registry(self, registry: Registry) -> None:
         """Let every node pull from ``registry`` over plain HTTP (its ``hosts.toml`` in the shared

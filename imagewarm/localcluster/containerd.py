@@ -36,7 +36,10 @@ def _toml_string(value: str) -> str:
 
 def render_config(base: Path, certs_dir: Path, sandbox_image: str | None, cni_conf_dir: Path) -> str:
     """The config.toml (version 3) of a containerd whose every path is below ``base``."""
-    q = lambda p: _toml_string(str(p))  # noqa: E731
+
+    def q(path: Path) -> str:
+        return _toml_string(str(path))
+
     sandbox = f"    sandbox = {_toml_string(sandbox_image)}\n" if sandbox_image else ""
     return f"""version = 3
 root = {q(base / "root")}

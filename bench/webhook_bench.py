@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import socket
 import ssl
@@ -173,7 +174,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_webhook(workdir: Path, api_url: str) -> tuple[subprocess.Popen[bytes], int, ssl.SSLContext]:
+def start_webhook(workdir: Path, api_url: str) -> tuple[subprocess.Popen[bytes], int, bytes]:
     ca = certs.new_ca("bench-ca")
     leaf = certs.issue(ca, "localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     (workdir / "tls").mkdir()
@@ -223,7 +224,7 @@ def start_webhook(workdir: Path, api_url: str) -> tuple[subprocess.Popen[bytes],
         try:
             status, body = request(connect(port, context), "GET", "/healthz", b"")
             if status == 200 and json.loads(body).get("sidecarsetsSynced"):
-                return process, port, context
+                return process, port, ca.cert_pem
         except OSError:
             pass
         time.sleep(0.2)
@@ -243,50 +244,66 @@ def request(conn: http.client.HTTPSConnection, method: str, path: str, body: byt
     return response.status, response.read()
 
 
-def measure(
+def _client(
     port: int,
-    context: ssl.SSLContext,
+    ca_pem: bytes,
     method: str,
     path: str,
     body: bytes,
-    clients: int,
-    total: int,
+    count: int,
     check: Any,
+    start_at: float,
+    out: Any,
+) -> None:
+    """One client process: a keep-alive TLS connection, `count` timed requests from `start_at`."""
+    context = ssl.create_default_context(cafile=None)
+    context.load_verify_locations(cadata=ca_pem.decode())
+    conn = connect(port, context)
+    request(conn, method, path, body)  # handshake and warm-up outside the measurement
+    time.sleep(max(0.0, start_at - time.time()))
+    latencies, failures = [], []
+    for _ in range(count):
+        started = time.perf_counter()
+        status, answer = request(conn, method, path, body)
+        latencies.append(time.perf_counter() - started)
+        if status != 200 or not check(answer):
+            failures.append(f"{status} {answer[:200]!r}")
+    out.send((latencies, failures, time.time()))
+    conn.close()
+
+
+def measure(
+    port: int, ca_pem: bytes, method: str, path: str, body: bytes, clients: int, total: int, check: Any
 ) -> dict[str, float]:
-    per_client = total // clients
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    failures: list[str] = []
-    barrier = threading.Barrier(clients + 1)
-
-    def client(index: int) -> None:
-        conn = connect(port, context)
-        request(conn, method, path, body)  # handshake and warm-up outside the measurement
-        barrier.wait()
-        own = latencies[index]
-        for _ in range(per_client):
-            started = time.perf_counter()
-            status, answer = request(conn, method, path, body)
-            own.append(time.perf_counter() - started)
-            if status != 200 or not check(answer):
-                failures.append(f"{status} {answer[:200]!r}")
-        conn.close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
+    """Clients are separate processes so their own Python overhead does not queue behind one GIL."""
+    context = multiprocessing.get_context("fork")
+    start_at = time.time() + 0.5 + 0.1 * clients
+    pipes, processes = [], []
+    for _ in range(clients):
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_client, args=(port, ca_pem, method, path, body, total // clients, check, start_at, send)
+        )
+        process.start()
+        pipes.append(receive)
+        processes.append(process)
+    results = [pipe.recv() for pipe in pipes]
+    for process in processes:
+        process.join()
+    failures = [f for _, fs, _ in results for f in fs]
     if failures:
         raise SystemExit(f"{len(failures)} bad answers, e.g. {failures[0]}")
-    flat = sorted(x for own in latencies for x in own)
+    flat = sorted(x for latencies, _, _ in results for x in latencies)
+    elapsed = max(end for _, _, end in results) - start_at
     return {
         "rps": len(flat) / elapsed,
         "p50": statistics.median(flat) * 1000,
         "p99": flat[int(len(flat) * 0.99) - 1] * 1000,
     }
+
+
+def _always(answer: bytes) -> bool:
+    return True
 
 
 def patched_with(containers: int) -> Any:
@@ -313,7 +330,7 @@ def main() -> int:
     api.daemon_threads = True
     threading.Thread(target=api.serve_forever, daemon=True).start()
     with tempfile.TemporaryDirectory(prefix="iw-webhook-bench-") as tmp:
-        process, port, context = start_webhook(Path(tmp), f"http://127.0.0.1:{api.server_address[1]}")
+        process, port, ca_pem = start_webhook(Path(tmp), f"http://127.0.0.1:{api.server_address[1]}")
         try:
             cells = [
                 ("healthz (anchor)", "GET", "/healthz", b"", lambda a: True),
@@ -323,7 +340,7 @@ def main() -> int:
             rows = []
             for clients in (1, 8):
                 results = {
-                    name: measure(port, context, method, path, body, clients, total, check)
+                    name: measure(port, ca_pem, method, path, body, clients, total, check)
                     for name, method, path, body, check in cells
                 }
                 anchor = results["healthz (anchor)"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -98,7 +99,7 @@ def run(config: DemoConfig) -> int:
             missing = [t.name for t in binaries.ALL_TOOLS if not t.is_built()]
             demo.say(f"building {', '.join(missing)} (cold: ~10 min)" if missing else "all binaries cached")
             binaries.ensure()
-        with demo.phase(f"cluster start ({config.nodes} nodes)"):
+        with demo.phase(f"cluster start ({config.nodes} node{'s' if config.nodes > 1 else ''})"):
             workdir = Path(config.work_dir).expanduser() / "cluster" if config.work_dir else None
             cluster = Cluster.start(workdir, nodes=config.nodes, progress=lambda m: demo.say(f"cluster: {m}"))
         with demo.phase("build + push busybox image"):
@@ -134,7 +135,7 @@ def run(config: DemoConfig) -> int:
     except KeyboardInterrupt:
         demo.say("interrupted")
         return 130
-    except (ClusterError, binaries.BuildError, RuntimeError) as exc:
+    except (ClusterError, binaries.BuildError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"imagewarm demo failed: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -100,6 +100,11 @@ class Cluster:
             raise ValueError(f"nodes must be between 1 and 200, not {nodes}")
         if os.geteuid() != 0:
             raise ClusterError("the local cluster needs root (bridges, mounts, iptables): run it as root")
+        missing = machine.missing_packages()
+        if missing:
+            raise ClusterError(
+                f"the local cluster needs these Debian packages: apt-get install {' '.join(missing)}"
+            )
         report = progress or _print_progress
         created = workdir is None
         workdir = Path(workdir or tempfile.mkdtemp(prefix="iwk-", dir="/tmp")).resolve()

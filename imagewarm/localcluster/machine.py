@@ -22,6 +22,29 @@ LOCK_PATH = Path(os.environ.get("IMAGEWARM_CLUSTER_LOCK", "/tmp/imagewarm-cluste
 DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
 
 
+# What the cluster needs from the host, and the Debian package providing it.
+REQUIREMENTS = {
+    "/usr/sbin/runc": "runc",
+    "/usr/lib/cni/bridge": "containernetworking-plugins",
+    "/usr/lib/cni/host-local": "containernetworking-plugins",
+    "/usr/lib/cni/loopback": "containernetworking-plugins",
+    "ip": "iproute2",
+    "iptables": "iptables",
+    "docker-registry": "docker-registry",
+    "/bin/busybox": "busybox-static",
+}
+
+
+def missing_packages() -> list[str]:
+    """Debian packages whose programs the cluster needs and this machine lacks (sorted, unique)."""
+    missing = {
+        package
+        for program, package in REQUIREMENTS.items()
+        if not (Path(program).exists() if program.startswith("/") else shutil.which(program))
+    }
+    return sorted(missing)
+
+
 class MachineLock:
     """The exclusive machine lock; :meth:`record` notes what to clean if this run is killed."""
 

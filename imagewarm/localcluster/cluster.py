@@ -12,6 +12,7 @@ cluster runs it holds the machine lock (``machine.py``); a second one waits for 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -133,6 +134,8 @@ class Cluster:
         self = cls(workdir=workdir, registry=registry, kubeconfig=workdir / "admin.kubeconfig",
                    own_registry=own, remove_workdir=created, progress=report,
                    _lock=lock, _ip_forward=ip_forward)  # fmt: skip
+        # A caller that never calls stop() still gets the full teardown when the interpreter exits.
+        atexit.register(self.stop)
         try:
             self._bring_up(nodes, timeout)
         except BaseException:
@@ -322,6 +325,7 @@ class Cluster:
         if self._stopped:
             return
         self._stopped = True
+        atexit.unregister(self.stop)
         self.progress("tearing down")
         if self._starter is not None:
             self._starter.join()

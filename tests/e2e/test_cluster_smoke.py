@@ -169,3 +169,34 @@ def test_a_daemonset_runs_one_pod_per_node(
     status = get(cluster, "daemonset", "smoke-ds")["status"]
     assert status["desiredNumberScheduled"] == len(cluster.nodes)
     cluster.kubectl("delete", "daemonset", "smoke-ds", "--wait=false")
+
+
+def test_a_service_reaches_a_pod_on_the_other_node(
+    cluster: Cluster, registry: Registry, images: ImageBuilder
+) -> None:
+    """kube-proxy's ClusterIP rules and the host routing between node bridges both work."""
+    if len(cluster.nodes) < 2:
+        raise AssertionError("this test needs the 2-node cluster fixture")
+    image = busybox_image(registry, images)
+    server_node, client_node = cluster.nodes[0], cluster.nodes[1]
+    serve = "mkdir -p /www && echo served-by-$(hostname) > /www/index.html && httpd -f -p 8080 -h /www"
+    server = pod("web", image, serve, nodeSelector={"kubernetes.io/hostname": server_node.name})
+    server["metadata"]["labels"] = {"app": "smoke-web"}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "smoke-web", "namespace": "default"},
+        "spec": {"selector": {"app": "smoke-web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+    apply(cluster, server, service)
+    wait_for("the web pod Running", lambda: phase(cluster, "web") == "Running")
+    cluster_ip = get(cluster, "service", "smoke-web")["spec"]["clusterIP"]
+    fetch = (
+        f"for i in $(seq 30); do timeout 2 wget -qO- http://{cluster_ip}/ && exit 0; sleep 1; done; exit 1"
+    )
+    apply(cluster, pod("client", image, fetch, nodeSelector={"kubernetes.io/hostname": client_node.name}))
+    wait_for("the client pod to finish", lambda: phase(cluster, "client") in ("Succeeded", "Failed"))
+    assert phase(cluster, "client") == "Succeeded", cluster.kubectl("logs", "client", check=False).stdout
+    assert cluster.kubectl("logs", "client").stdout.strip() == "served-by-web"
+    cluster.kubectl("delete", "pod", "web", "client", "--wait=false")
+    cluster.kubectl("delete", "service", "smoke-web")

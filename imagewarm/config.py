@@ -36,7 +36,9 @@ def setting(
     the flag or as a comma-separated variable. Without a default the setting is required."""
     meta = {"help": help, "parse": parse, "repeated": repeated, "metavar": metavar}
     if repeated:
-        return dataclasses.field(default=tuple(default) if default is not _MISSING_VALUE else (), metadata=meta)
+        return dataclasses.field(
+            default=tuple(default) if default is not _MISSING_VALUE else (), metadata=meta
+        )
     if default is _MISSING_VALUE:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -63,14 +65,28 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type[Any]) -> N
         default = "required" if _required(field) else f"default: {_show(field.default)}"
         text = f"{meta['help']} ({default}; env {env_name(field)})"
         if meta["parse"] is parse_bool:
-            parser.add_argument(flag_name(field), dest=field.name, nargs="?", const="true", default=None,
-                                metavar="BOOL", help=text)
+            parser.add_argument(
+                flag_name(field),
+                dest=field.name,
+                nargs="?",
+                const="true",
+                default=None,
+                metavar="BOOL",
+                help=text,
+            )
         elif meta["repeated"]:
-            parser.add_argument(flag_name(field), dest=field.name, action="append", default=None,
-                                metavar=meta["metavar"], help=text + "; repeatable")
+            parser.add_argument(
+                flag_name(field),
+                dest=field.name,
+                action="append",
+                default=None,
+                metavar=meta["metavar"],
+                help=text + "; repeatable",
+            )
         else:
-            parser.add_argument(flag_name(field), dest=field.name, default=None, metavar=meta["metavar"],
-                                help=text)
+            parser.add_argument(
+                flag_name(field), dest=field.name, default=None, metavar=meta["metavar"], help=text
+            )
 
 
 def _show(value: Any) -> str:
@@ -79,15 +95,16 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def from_arguments(config_class: type[T], args: argparse.Namespace | None = None,
-                   environ: dict[str, str] | None = None) -> T:
+def from_arguments(
+    config_class: type[T], args: argparse.Namespace | None = None, environ: dict[str, str] | None = None
+) -> T:
     """Build `config_class` from parsed flags, falling back to `IMAGEWARM_*` variables, then defaults.
 
     Raises ConfigError naming the setting when a value does not parse, a required one is missing,
     or the dataclass's own `__post_init__` validation rejects it."""
     environ = dict(os.environ) if environ is None else environ
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(config_class):
+    for field in dataclasses.fields(config_class):  # type: ignore[arg-type]
         meta = field.metadata
         if not meta:
             continue
@@ -102,7 +119,9 @@ def from_arguments(config_class: type[T], args: argparse.Namespace | None = None
                 raise ConfigError(f"{flag_name(field)} (or {env_name(field)}) is required: {meta['help']}")
             continue
         try:
-            values[field.name] = tuple(meta["parse"](g) for g in given) if meta["repeated"] else meta["parse"](given)
+            values[field.name] = (
+                tuple(meta["parse"](g) for g in given) if meta["repeated"] else meta["parse"](given)
+            )
         except ValueError as exc:
             raise ConfigError(f"{source}={given!r} is not valid: {exc}") from None
     try:
@@ -128,9 +147,21 @@ def parse_duration(text: str) -> float:
 
 
 _BYTES = re.compile(r"^(\d+)\s*(|k|m|g|t|ki|mi|gi|ti|kb|mb|gb|tb)?b?$", re.I)
-_BYTE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
-               "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
-               "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_BYTE_UNITS = {
+    "": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+}
 
 
 def parse_bytes(text: str) -> int:

@@ -1,7 +1,7 @@
 """Structured logs: one JSON object per line on stderr, with the fields a call passes in `extra`.
 
-    log = logging.getLogger("imagewarm.proxy")
-    log.info("blob cached", extra={"digest": d, "bytes": n})
+log = logging.getLogger("imagewarm.proxy")
+log.info("blob cached", extra={"digest": d, "bytes": n})
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -36,8 +37,12 @@ class TextFormatter(logging.Formatter):
     """For people at a terminal: `level logger: msg key=value ...`."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_"))
-        line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}" + (f" {fields}" if fields else "")
+        fields = " ".join(
+            f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")
+        )
+        line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}" + (
+            f" {fields}" if fields else ""
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

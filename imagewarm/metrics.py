@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -40,14 +41,26 @@ def counter(name: str, documentation: str, labels: Sequence[str] = ()) -> Counte
     return Counter(_name(name).removesuffix("_total"), documentation, list(labels))
 
 
-def gauge(name: str, documentation: str, labels: Sequence[str] = (), *, unitless_ok: bool = False,
-          multiprocess_mode: str = "livesum") -> Gauge:
-    return Gauge(_name(name, unitless_ok=unitless_ok), documentation, list(labels),
-                 multiprocess_mode=multiprocess_mode)  # type: ignore[arg-type]
+def gauge(
+    name: str,
+    documentation: str,
+    labels: Sequence[str] = (),
+    *,
+    unitless_ok: bool = False,
+    multiprocess_mode: Any = "livesum",
+) -> Gauge:
+    """A gauge; under gunicorn `multiprocess_mode` says how workers' values combine (default: summed
+    over live workers)."""
+    name = _name(name, unitless_ok=unitless_ok)
+    return Gauge(name, documentation, list(labels), multiprocess_mode=multiprocess_mode)
 
 
-def histogram(name: str, documentation: str, labels: Sequence[str] = (),
-              buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS) -> Histogram:
+def histogram(
+    name: str,
+    documentation: str,
+    labels: Sequence[str] = (),
+    buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS,
+) -> Histogram:
     return Histogram(_name(name), documentation, list(labels), buckets=list(buckets))
 
 

@@ -8,6 +8,7 @@ whatever is missing, with progress on stderr.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 # The one place versions are pinned.
 KUBERNETES_VERSION = "v1.35.4"
@@ -134,9 +136,12 @@ def _build_etcd(workdir: Path) -> None:
     requires = [f"go.etcd.io/etcd/server/v3 {ETCD_VERSION}", f"go.etcd.io/etcd/etcdctl/v3 {ETCD_VERSION}"]
     _module(workdir, requires, [], packages)
     staging = Path(tempfile.mkdtemp(dir=ETCD.directory.parent, prefix=".etcd-"))
-    for package, binary in zip(packages, ETCD.binaries):
-        _go(["build", "-trimpath", "-ldflags", "-s -w", "-o", str(staging / binary), package], workdir,
-            env={"CGO_ENABLED": "0"})
+    for package, binary in zip(packages, ETCD.binaries, strict=True):
+        _go(
+            ["build", "-trimpath", "-ldflags", "-s -w", "-o", str(staging / binary), package],
+            workdir,
+            env={"CGO_ENABLED": "0"},
+        )
     if ETCD.directory.exists():
         shutil.rmtree(ETCD.directory)
     staging.rename(ETCD.directory)
@@ -156,23 +161,45 @@ def _build_helm(workdir: Path) -> None:
     _build(HELM, workdir, packages, ldflags=ldflags)
 
 
-_BUILDERS = {"kubernetes": _build_kubernetes, "etcd": _build_etcd, "containerd": _build_containerd,
-             "helm": _build_helm}
+_BUILDERS = {
+    "kubernetes": _build_kubernetes,
+    "etcd": _build_etcd,
+    "containerd": _build_containerd,
+    "helm": _build_helm,
+}
 
 
 def ensure(tools: tuple[Tool, ...] = ALL_TOOLS) -> None:
-    """Build every tool of ``tools`` that is not cached yet. Raises BuildError naming the failed build."""
+    """Build every tool of ``tools`` that is not cached yet. Raises BuildError naming the failed build.
+
+    Several processes may call this at once (a test run, the demo): a file lock lets one build while
+    the others wait and then find the binaries cached."""
+    if all(tool.is_built() for tool in tools):
+        return
     if shutil.which("go") is None:
         raise BuildError("`go` is not on PATH: install Go 1.25 or newer to build the cluster binaries")
-    for tool in tools:
-        if tool.is_built():
-            continue
-        tool.directory.parent.mkdir(parents=True, exist_ok=True)
-        _log(f"building {tool.name} {tool.version} from Go modules (cold: minutes; cached afterwards)")
-        started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=f"imagewarm-build-{tool.name}-") as workdir:
-            _BUILDERS[tool.name](Path(workdir))
-        _log(f"built {tool.name} in {time.monotonic() - started:.0f}s -> {tool.directory}")
+    lock_path = cache_root() / "bin" / ".build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        if not _try_lock(lock):
+            _log("another process is building the binaries; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for tool in tools:
+            if tool.is_built():
+                continue
+            _log(f"building {tool.name} {tool.version} from Go modules (cold: minutes; cached afterwards)")
+            started = time.monotonic()
+            with tempfile.TemporaryDirectory(prefix=f"imagewarm-build-{tool.name}-") as workdir:
+                _BUILDERS[tool.name](Path(workdir))
+            _log(f"built {tool.name} in {time.monotonic() - started:.0f}s -> {tool.directory}")
+
+
+def _try_lock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def path_entries() -> list[str]:

@@ -285,7 +285,7 @@ class ImageBuilder:
         }
         manifest = _canonical_json(document)
         self._store_bytes(manifest)
-        return Index(manifest, document["mediaType"], _sha256(manifest), dict(images))
+        return Index(manifest, str(document["mediaType"]), _sha256(manifest), dict(images))
 
     # --- caching ---------------------------------------------------------------------------------
 
@@ -386,7 +386,7 @@ class ImageBuilder:
         def write_tree(tar: tarfile.TarFile) -> None:
             tar.addfile(_tar_info("imagewarm", tarfile.DIRTYPE, 0o755))
             stream = _SeededBytes(f"imagewarm/{seed}/{index}/{size}", size)
-            tar.addfile(_tar_info(name, tarfile.REGTYPE, 0o644, size), stream)  # type: ignore[arg-type]
+            tar.addfile(_tar_info(name, tarfile.REGTYPE, 0o644, size), stream)
 
         level = _SYNTHETIC_GZIP_LEVEL
         return self._layer(f"synthetic-s{seed}-i{index}-b{size}", write_tree, compressed, level)

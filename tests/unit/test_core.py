@@ -44,14 +44,26 @@ def _parse(argv: list[str], environ: dict[str, str]) -> ExampleConfig:
 
 
 def test_flags_win_over_environment_and_defaults_fill_the_rest() -> None:
-    config = _parse(["--cache-dir", "/a", "--upstream", "x.io", "--upstream", "y.io", "--verbose"],
-                    {"IMAGEWARM_CACHE_DIR": "/b", "IMAGEWARM_TAG_TTL": "5m"})
-    assert config == ExampleConfig(cache_dir=Path("/a"), tag_ttl=300.0, upstream=("x.io", "y.io"), verbose=True)
+    config = _parse(
+        ["--cache-dir", "/a", "--upstream", "x.io", "--upstream", "y.io", "--verbose"],
+        {"IMAGEWARM_CACHE_DIR": "/b", "IMAGEWARM_TAG_TTL": "5m"},
+    )
+    assert config == ExampleConfig(
+        cache_dir=Path("/a"), tag_ttl=300.0, upstream=("x.io", "y.io"), verbose=True
+    )
 
 
 def test_environment_variables_fill_every_setting() -> None:
-    config = _parse([], {"IMAGEWARM_CACHE_DIR": "/b", "IMAGEWARM_LISTEN": "0.0.0.0:80",
-                         "IMAGEWARM_UPSTREAM": "a.io, b.io", "IMAGEWARM_VERBOSE": "no", "IMAGEWARM_TAG_TTL": "2h"})
+    config = _parse(
+        [],
+        {
+            "IMAGEWARM_CACHE_DIR": "/b",
+            "IMAGEWARM_LISTEN": "0.0.0.0:80",
+            "IMAGEWARM_UPSTREAM": "a.io, b.io",
+            "IMAGEWARM_VERBOSE": "no",
+            "IMAGEWARM_TAG_TTL": "2h",
+        },
+    )
     assert config.listen == ("0.0.0.0", 80)
     assert config.upstream == ("a.io", "b.io")
     assert config.tag_ttl == 7200.0
@@ -67,19 +79,24 @@ def test_environment_variables_fill_every_setting() -> None:
         (["--cache-dir", "/a", "--tag-ttl", "2d"], {}, "--tag-ttl must be at most 1d"),
     ],
 )
-def test_bad_settings_name_the_flag_and_the_reason(argv: list[str], environ: dict[str, str], message: str) -> None:
+def test_bad_settings_name_the_flag_and_the_reason(
+    argv: list[str], environ: dict[str, str], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _parse(argv, environ)
 
 
-@pytest.mark.parametrize(("text", "value"), [("1048576", 1 << 20), ("512Mi", 512 << 20), ("20Gi", 20 << 30),
-                                             ("10G", 10 * 10**9), ("3kb", 3000)])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1048576", 1 << 20), ("512Mi", 512 << 20), ("20Gi", 20 << 30), ("10G", 10 * 10**9), ("3kb", 3000)],
+)
 def test_parse_bytes(text: str, value: int) -> None:
     assert parse_bytes(text) == value
 
 
-@pytest.mark.parametrize(("text", "value"), [("500ms", 0.5), ("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400),
-                                             ("12", 12)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("500ms", 0.5), ("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400), ("12", 12)]
+)
 def test_parse_duration(text: str, value: float) -> None:
     assert parse_duration(text) == value
 
@@ -114,8 +131,14 @@ def test_metric_names_get_the_prefix_and_need_a_unit() -> None:
 
 def test_issued_certificate_chains_to_its_ca_with_the_sans() -> None:
     ca = certs.new_ca("test-ca")
-    leaf = certs.issue(ca, "webhook.ns.svc", dns_names=["webhook.ns.svc"], ip_addresses=["10.0.0.1"],
-                       organizations=["system:nodes"], client=True)
+    leaf = certs.issue(
+        ca,
+        "webhook.ns.svc",
+        dns_names=["webhook.ns.svc"],
+        ip_addresses=["10.0.0.1"],
+        organizations=["system:nodes"],
+        client=True,
+    )
     cert = leaf.certificate
     cert.verify_directly_issued_by(ca.certificate)
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -239,11 +239,13 @@ class ImageBuilder:
         cmd: Sequence[str] | None = None,
         *,
         platform: str | None = None,
+        data_size: int = 0,
     ) -> Image:
         """A runnable Docker schema2 image: static busybox with every applet linked in ``/bin``.
 
         Without ``entrypoint``/``cmd`` it runs ``sh``. Built for the host's architecture (it is
-        the host's ``/bin/busybox``); ``platform`` only relabels it, for index tests.
+        the host's ``/bin/busybox``); ``platform`` only relabels it, for index tests. ``data_size``
+        adds a second layer of that many seeded random bytes (a realistically heavy image).
         """
         if not BUSYBOX.is_file():
             raise RuntimeError(f"{BUSYBOX} not found: install the Debian package busybox-static")
@@ -254,11 +256,14 @@ class ImageBuilder:
         config["Entrypoint"] = list(entrypoint) if entrypoint is not None else None
         config["Cmd"] = list(cmd) if cmd is not None else (["sh"] if entrypoint is None else None)
         config = {k: v for k, v in config.items() if v is not None}
-        key = "busybox-" + _sha256(_canonical_json({"s": source, "c": config, "p": platform}))[7:23]
+        identity = {"s": source, "c": config, "p": platform, "d": data_size}
+        key = "busybox-" + _sha256(_canonical_json(identity))[7:23]
 
         def build() -> Image:
-            layer = self._layer(f"busybox-{source}", self._write_busybox_tree, True, _BUSYBOX_GZIP_LEVEL)
-            return self._image([layer], True, False, platform, config)
+            layers = [self._layer(f"busybox-{source}", self._write_busybox_tree, True, _BUSYBOX_GZIP_LEVEL)]
+            if data_size:
+                layers.append(self._synthetic_layer(0, 0, data_size, True))
+            return self._image(layers, True, False, platform, config)
 
         return self._cached(key, build)
 

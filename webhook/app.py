@@ -12,6 +12,7 @@ saying so.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -110,7 +111,7 @@ def create_app(
             )
             answer = _answer(req, rule, parsed_sidecarsets, namespaces, config.sync_wait)
             metrics.REQUESTS.labels(operation, "200").inc()
-            return jsonify(answer), 200
+            return Response(json.dumps(answer, separators=(",", ":")), mimetype="application/json"), 200
         finally:
             metrics.DURATION.observe(time.perf_counter() - started)
 

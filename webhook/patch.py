@@ -2,8 +2,8 @@
 
 The webhook never builds pointers by hand elsewhere: it edits a copy of the pod and asks this module
 for the operations that turn the original into the copy. Lists whose items keep their names get
-per-field operations (small patches, reviewable in audit logs); lists that gained or lost items are
-replaced whole.
+per-field operations (small patches, reviewable in audit logs), items added at a list's start or
+end are inserted, and any other change replaces the list whole.
 """
 
 from __future__ import annotations
@@ -33,15 +33,31 @@ def _dict_ops(path: tuple[str | int, ...], old: dict[str, Any], new: dict[str, A
     return ops
 
 
+def _inserted_around(old: list[Any], new: list[Any]) -> int | None:
+    """How many items `new` has before `old`'s (same names, in order, then only appended ones), or
+    None when `new` is not `old` with items added at its start and/or end."""
+    old_names, new_names = _names(old), _names(new)
+    for start in range(len(new_names) - len(old_names) + 1):
+        if new_names[start : start + len(old_names)] == old_names:
+            return start
+    return None
+
+
 def _list_ops(path: tuple[str | int, ...], old: list[Any], new: list[Any]) -> list[Op]:
     if old == new:
         return []
-    if _names(old) != _names(new) or not all(isinstance(i, dict) for i in (*old, *new)):
+    start = _inserted_around(old, new) if all(isinstance(i, dict) for i in (*old, *new)) else None
+    if start is None:
         return [{"op": "replace", "path": pointer(*path), "value": new}]
+    # Edits of the existing items first (at their old indices), then insertions: small patches
+    # that say exactly what changed.
     ops: list[Op] = []
-    for index, (before, after) in enumerate(zip(old, new, strict=True)):
+    for index, before in enumerate(old):
+        after = new[start + index]
         if before != after:
             ops.extend(_dict_ops((*path, index), before, after))
+    ops.extend({"op": "add", "path": pointer(*path, index), "value": new[index]} for index in range(start))
+    ops.extend({"op": "add", "path": pointer(*path, "-"), "value": item} for item in new[start + len(old) :])
     return ops
 
 

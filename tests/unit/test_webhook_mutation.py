@@ -202,3 +202,30 @@ def test_non_string_image_is_left_with_a_warning() -> None:
     original = {"spec": {"containers": [{"name": "a", "image": 5}, {"name": "b"}]}}
     decision = on_create(original, RULE)
     assert decision.patch == [] and len(decision.warnings) == 2
+
+
+def test_list_insertions_are_add_operations_after_the_edits() -> None:
+    from webhook.patch import diff_pod
+
+    old = {"spec": {"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]}}
+    new = {
+        "spec": {
+            "containers": [
+                {"name": "s", "image": "s"},
+                {"name": "a", "image": "X"},
+                {"name": "b", "image": "y"},
+                {"name": "t", "image": "t"},
+            ]
+        }
+    }
+    ops = diff_pod(old, new)
+    assert ops == [
+        {"op": "replace", "path": "/spec/containers/0/image", "value": "X"},
+        {"op": "add", "path": "/spec/containers/0", "value": {"name": "s", "image": "s"}},
+        {"op": "add", "path": "/spec/containers/-", "value": {"name": "t", "image": "t"}},
+    ]
+    assert jsonpatch.apply_patch(old, ops) == new
+    reordered = {"spec": {"containers": [{"name": "b", "image": "y"}, {"name": "a", "image": "x"}]}}
+    assert diff_pod(old, reordered) == [
+        {"op": "replace", "path": "/spec/containers", "value": reordered["spec"]["containers"]}
+    ]

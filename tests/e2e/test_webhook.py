@@ -8,9 +8,11 @@ stored pod, and nothing needs to be pulled.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from imagewarm import certs
 from imagewarm.informer import Informer
 from imagewarm.kube import Kube
 from imagewarm.localcluster.cluster import Cluster
@@ -301,7 +306,7 @@ def test_sidecarset_is_injected(webhook: Webhook, cluster: Cluster, namespace: s
         "metadata": {"name": name},
         "spec": {
             "selector": {"matchLabels": {"sidecar": name}},
-            "namespace": namespace,
+            "namespaceSelector": {"matchLabels": {"team": name}},  # read from the namespace informer
             "containers": [
                 {
                     "name": "log-agent",
@@ -315,6 +320,7 @@ def test_sidecarset_is_injected(webhook: Webhook, cluster: Cluster, namespace: s
             "volumes": [{"name": "logs", "emptyDir": {}}],
         },
     }
+    cluster.kubectl("label", "namespace", namespace, f"team={name}")
     cluster.kubectl("apply", "-f", "-", input=json.dumps(sidecarset))
     try:
         app = pod("web", "nginx:1.27", labels={"sidecar": name})
@@ -409,6 +415,45 @@ def test_informer_follows_the_real_api_server(webhook: Webhook, kube: Kube, clus
         assert informer.lists == 1  # resumed, never needed to relist
     finally:
         informer.stop(1)
+
+
+def test_self_managed_certificate_is_renewed_before_expiry(webhook: Webhook, kube: Kube) -> None:
+    """A certificate about to expire (put in the Secret by hand) is replaced by the webhook's
+    certificate keeper, and the new one is served without a restart; the CA stays."""
+    path = f"/api/v1/namespaces/{NAMESPACE}/secrets/imagewarm-webhook-tls"
+    secret = kube.get(path)
+    material = Material.from_secret(secret)
+    assert material is not None
+    dns = f"{SERVICE}.{NAMESPACE}.svc"
+    expiring = certs.issue(material.ca, dns, dns_names=[dns], days=2)
+    secret["data"]["tls.crt"] = base64.b64encode(expiring.cert_pem).decode()
+    secret["data"]["tls.key"] = base64.b64encode(expiring.key_pem).decode()
+    kube.replace(path, secret)
+
+    def renewed() -> Material | None:
+        current = Material.from_secret(kube.get(path))
+        return (
+            current
+            if current is not None and current.cert not in (expiring.cert_pem, material.cert)
+            else None
+        )
+
+    new = eventually(renewed, 30, "the keeper to renew the certificate in the Secret")
+    assert new.ca_bundle == material.ca_bundle
+    assert x509.load_pem_x509_certificate(new.cert).not_valid_after_utc > datetime.datetime.now(
+        datetime.UTC
+    ) + datetime.timedelta(days=300)
+
+    def served() -> bytes:
+        context = ssl.create_default_context(cadata=material.ca_bundle.decode())
+        with (
+            socket.create_connection((webhook.ip, webhook.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=dns) as tls,
+        ):
+            return tls.getpeercert(binary_form=True) or b""
+
+    wanted = x509.load_pem_x509_certificate(new.cert).public_bytes(Encoding.DER)
+    eventually(lambda: served() == wanted, 30, "the renewed certificate to be served")
 
 
 def test_z_webhook_stopped_pods_are_still_created_unrewritten(

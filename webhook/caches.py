@@ -33,11 +33,16 @@ class SidecarSets:
         self.store = store
         self._parsed: dict[tuple[str, str], SidecarSet | None] = {}
         self._lock = threading.Lock()
+        self._waited = False
 
     def current(self, wait: float) -> tuple[list[SidecarSet], bool]:
-        """(SidecarSets, synced). Waits up to `wait` seconds for the first sync; when the cache has
-        not synced by then the list is whatever has been seen (possibly empty) and synced is False."""
-        synced = self.store.synced or self.store.wait_synced(wait)
+        """(SidecarSets, synced). The first request waits up to `wait` seconds for the first sync;
+        when the cache has not synced by then (API server unreachable, CRD not installed) no later
+        request waits again: the list is whatever has been seen (possibly empty), synced is False."""
+        synced = self.store.synced
+        if not synced and not self._waited:
+            synced = self.store.wait_synced(wait)
+            self._waited = True
         result: list[SidecarSet] = []
         seen: set[tuple[str, str]] = set()
         for obj in self.store.items():

@@ -24,6 +24,7 @@ class FakeStore:
     def __init__(self, objects: list[dict[str, Any]], synced: bool = True) -> None:
         self.objects = objects
         self._synced = synced
+        self.waits = 0
 
     @property
     def synced(self) -> bool:
@@ -36,6 +37,7 @@ class FakeStore:
         return next((o for o in self.objects if o["metadata"]["name"] == key), None)
 
     def wait_synced(self, timeout: float) -> bool:
+        self.waits += 1
         threading.Event().wait(timeout)
         return self._synced
 
@@ -145,12 +147,18 @@ def test_ephemeral_container_update(client: Any) -> None:
     )
 
 
-def test_cache_not_synced_rewrites_without_injection_and_warns() -> None:
-    app = create_app(CONFIG, sidecarsets=FakeStore([], synced=False))
-    body = app.test_client().post("/mutate", json=review(web_pod())).get_json()
-    result = patched(body, web_pod())
-    assert [c["name"] for c in result["spec"]["containers"]] == ["main"]
-    assert any("not synced" in w for w in body["response"]["warnings"])
+def test_cache_not_synced_rewrites_without_injection_and_warns_waiting_only_once() -> None:
+    store = FakeStore([], synced=False)
+    client = create_app(CONFIG, sidecarsets=store).test_client()
+    for _ in range(2):
+        body = client.post("/mutate", json=review(web_pod())).get_json()
+        result = patched(body, web_pod())
+        assert [c["name"] for c in result["spec"]["containers"]] == ["main"]
+        assert any("not synced" in w for w in body["response"]["warnings"])
+    assert store.waits == 1
+    store.objects, store._synced = [SIDECARSET], True
+    body = client.post("/mutate", json=review(web_pod())).get_json()
+    assert "warnings" not in body["response"] and len(patched(body, web_pod())["spec"]["containers"]) == 2
 
 
 @pytest.mark.parametrize(

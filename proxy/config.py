@@ -28,7 +28,7 @@ def _optional_bytes(text: str) -> int:
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    cache_dir: Path = setting(help="directory of the content-addressed cache", parse=Path, metavar="DIR")  # noqa: RUF009
+    cache_dir: Path = setting(help="directory of the content-addressed cache", parse=Path, metavar="DIR")
     listen: tuple[str, int] = setting(
         ("127.0.0.1", 7439), help="address to serve on", parse=parse_host_port, metavar="HOST:PORT"
     )

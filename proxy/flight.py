@@ -20,7 +20,8 @@ from types import TracebackType
 from typing import Self
 
 from proxy import durable
-from proxy.paths import Layout, hasher, split_digest
+from proxy.hashing import PipelinedHash
+from proxy.paths import Layout, split_digest
 from proxy.store_errors import DigestMismatch, DiskFull, FetchAborted, SizeMismatch
 
 FOLLOW_CHUNK = 1 << 20
@@ -49,10 +50,11 @@ class Writer:
         self._layout = layout
         self._lock_fd: int | None = lock_fd
         self._counter = counter
-        self._hash = hasher(digest)
+        self._hash = PipelinedHash(split_digest(digest)[0])  # hashing overlaps the next write
         self._hex = split_digest(digest)[1]
         self._partial = layout.partial(digest)
         self._fd: int | None = None
+        self._verified = False
         try:
             self._fd = self._publish_partial()
         except BaseException:
@@ -87,8 +89,8 @@ class Writer:
         return self._hash.copy()
 
     def write(self, chunk: bytes | memoryview) -> None:
-        if self._fd is None:
-            raise FetchAborted(f"writer for {self.digest} is closed; claim again")
+        if self._fd is None or self._verified:
+            raise FetchAborted(f"writer for {self.digest} is closed or verified; claim again")
         if self.expected_size is not None and self.bytes_written + len(chunk) > self.expected_size:
             self.abort()
             raise SizeMismatch(f"{self.digest}: more than the expected {self.expected_size} bytes arrived")
@@ -102,10 +104,14 @@ class Writer:
         self._hash.update(chunk)
         self.bytes_written += len(chunk)
 
-    def commit(self) -> None:
-        """Verify, fsync, rename into place, fsync the directory. Only then is the digest visible."""
+    def verify(self) -> None:
+        """Check every byte is here with the right digest (no more writes may follow). Raises
+        SizeMismatch or DigestMismatch after aborting. Lets a caller release bytes it held back from a
+        client before the slower `commit` (fsync) finishes."""
         if self._fd is None:
             raise FetchAborted(f"writer for {self.digest} is closed; claim again")
+        if self._verified:
+            return
         if self.expected_size is not None and self.bytes_written != self.expected_size:
             self.abort()
             raise SizeMismatch(
@@ -117,6 +123,12 @@ class Writer:
             raise DigestMismatch(
                 f"bytes for {self.digest} hash to {self._hash.name}:{actual}; nothing was kept"
             )
+        self._verified = True
+
+    def commit(self) -> None:
+        """Verify, fsync, rename into place, fsync the directory. Only then is the digest visible."""
+        self.verify()
+        assert self._fd is not None  # verify raised otherwise
         target = self._layout.blob(self.digest)
         try:
             os.fsync(self._fd)
@@ -147,6 +159,7 @@ class Writer:
         self._release_claim()
 
     def _close_partial(self) -> None:
+        self._hash.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

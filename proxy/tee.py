@@ -1,16 +1,14 @@
-"""Blob misses: the client gets bytes while the cache fills (tee), and concurrent misses in any worker
-follow the one fetch instead of starting their own.
+"""Blob misses: the client gets bytes while the cache fills (tee, see `proxy.fetch`), and concurrent
+misses in any worker follow the one fetch instead of starting their own.
 
-Whatever streams, the last chunk is held back until the blob's digest is verified: on a mismatch (or
-a truncated, stalled or aborted fetch) the generator raises before it, so gunicorn drops the
-connection and the client sees a failed transfer, never a clean success with wrong bytes.
+Whatever streams, the end is held back until the blob's digest is verified: on a mismatch (or a
+truncated, stalled or aborted fetch) the body raises before it, so gunicorn drops the connection and
+the client sees a failed transfer, never a clean success with wrong bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import time
 from collections.abc import Iterable, Iterator
 
 import requests
@@ -19,17 +17,14 @@ from flask import Response
 from proxy import metrics
 from proxy.access import AccessControl
 from proxy.auth import Credentials
+from proxy.fetch import Fetch, TransferFailed
 from proxy.routes import Target
-from proxy.store import DigestMismatch, DiskFull, FetchAborted, Follower, Writer
+from proxy.store import FetchAborted, Follower, Writer
 from proxy.upstream import Upstream
 
 log = logging.getLogger("imagewarm.proxy.tee")
 
 CHUNK = 1 << 20
-
-
-class TransferFailed(Exception):
-    """Raised inside a response body to make the server drop the connection."""
 
 
 def held_back(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -62,12 +57,6 @@ def _content_length(response: requests.Response) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _hash_so_far(writer: Writer) -> hashlib._Hash:
-    # The writer hashed every chunk it wrote before the disk filled; carry on from that state so the
-    # streamed-through transfer is still verified end to end.
-    return writer._hash.copy()
-
-
 class Tee:
     def __init__(self, upstream: Upstream, access: AccessControl) -> None:
         self.upstream = upstream
@@ -95,7 +84,8 @@ class Tee:
         return Response(body(), status=upstream.status_code, headers=headers, direct_passthrough=True)
 
     def write(self, target: Target, credentials: Credentials | None, writer: Writer) -> Response:
-        """This request holds the claim: fetch upstream, stream to the client and into the cache."""
+        """This request holds the claim: fetch upstream on a thread of its own (see `proxy.fetch`)
+        that fills the cache while this response streams what it wrote."""
         try:
             upstream = self.upstream.blob(target.registry, target.repository, target.reference, credentials)
         except BaseException:
@@ -104,56 +94,12 @@ class Tee:
         self.access.granted(target.registry, target.repository, credentials)
         size = _content_length(upstream)
         writer.expected_size = size
-        body = held_back(self._fill(target, writer, upstream))
-        return Response(body, status=200, headers=_headers(target.reference, size), direct_passthrough=True)
-
-    def _fill(self, target: Target, writer: Writer, upstream: requests.Response) -> Iterator[bytes]:
-        metrics.IN_FLIGHT.inc()
-        started = time.monotonic()
-        check: hashlib._Hash | None = None  # set when the disk filled and we stream through
-        finished = False
-        try:
-            for chunk in upstream.iter_content(CHUNK):
-                if check is None:
-                    try:
-                        writer.write(chunk)
-                    except DiskFull as exc:
-                        check = _hash_so_far(writer)
-                        check.update(chunk)
-                        metrics.UNCACHED_STREAMS.labels(reason="disk_full").inc()
-                        log.warning(
-                            "cache disk full: streaming without caching",
-                            extra={"digest": target.reference, "error": str(exc)},
-                        )
-                else:
-                    check.update(chunk)
-                metrics.UPSTREAM_BYTES.labels(registry=target.registry).inc(len(chunk))
-                metrics.MISS_BYTES.labels(kind="blob").inc(len(chunk))
-                yield chunk
-            if check is None:
-                writer.commit()
-            elif f"{check.name}:{check.hexdigest()}" != target.reference:
-                raise DigestMismatch(f"bytes for {target.reference} hash to {check.name}:{check.hexdigest()}")
-            finished = True
-            metrics.FETCH_SECONDS.labels(registry=target.registry).observe(time.monotonic() - started)
-        except DigestMismatch as exc:  # also SizeMismatch: a truncated or oversize body
-            metrics.DIGEST_MISMATCHES.inc()
-            log.error(
-                "upstream sent bytes that do not match the digest; transfer dropped, nothing cached",
-                extra={"image": target.name, "digest": target.reference, "error": str(exc)},
-            )
-            raise TransferFailed(str(exc)) from None
-        except requests.RequestException as exc:
-            log.error(
-                "upstream blob transfer failed; transfer dropped, nothing cached",
-                extra={"image": target.name, "digest": target.reference, "error": str(exc)},
-            )
-            raise TransferFailed(str(exc)) from None
-        finally:
-            metrics.IN_FLIGHT.dec()
-            upstream.close()
-            if not finished:
-                writer.abort()
+        fetch = Fetch(writer, upstream, target.registry, target.name).start()
+        response = Response(
+            fetch.body(), status=200, headers=_headers(target.reference, size), direct_passthrough=True
+        )
+        response.call_on_close(fetch.close)
+        return response
 
     def follow(self, target: Target, credentials: Credentials | None, follower: Follower) -> Response:
         """Another request (any worker) is fetching this blob: stream its partial file as it grows."""

@@ -11,7 +11,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="imagewarm webhook", description=command.help)
     add_arguments(parser, command.config)  # type: ignore[arg-type]
     try:
-        config = from_arguments(command.config, parser.parse_args())  # type: ignore[type-var]
+        config = from_arguments(command.config, parser.parse_args())  # type: ignore[arg-type]
     except ConfigError as exc:
         print(f"imagewarm webhook: {exc}", file=sys.stderr)
         return 2

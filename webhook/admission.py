@@ -71,8 +71,8 @@ def parse_review(body: bytes) -> AdmissionRequest:
     request = review.get("request")
     if not isinstance(request, dict):
         raise BadReview("AdmissionReview has no request object")
-    kind = request.get("kind") if isinstance(request.get("kind"), dict) else {}
-    resource = request.get("resource") if isinstance(request.get("resource"), dict) else {}
+    kind: dict[str, Any] = request["kind"] if isinstance(request.get("kind"), dict) else {}
+    resource: dict[str, Any] = request["resource"] if isinstance(request.get("resource"), dict) else {}
     dry_run = request.get("dryRun", False)
     if dry_run is not None and not isinstance(dry_run, bool):
         raise BadReview("request.dryRun must be a boolean")

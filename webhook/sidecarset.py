@@ -126,7 +126,7 @@ class Injection:
     warnings: list[str] = field(default_factory=list)
 
 
-def _env_names(container: dict[str, Any]) -> set[str]:
+def _env_names(container: dict[str, Any]) -> set[Any]:
     return {e.get("name") for e in container.get("env") or [] if isinstance(e, dict)}
 
 
@@ -149,7 +149,7 @@ def _transfer_env(
         source = item.get("sourceContainerName")
         names = [item["envName"]] if item.get("envName") else list(item.get("envNames") or [])
         for name in names:
-            var = _app_env(app_containers, source, name)
+            var = _app_env(app_containers, str(source), str(name))
             if var is None:
                 warnings.append(f"sidecar {sidecar.get('name')!r}: transferEnv {source}/{name} not found")
             else:
@@ -229,7 +229,7 @@ def inject(
     """Inject, in place, every matching SidecarSet into `pod` (see the module docstring)."""
     result = Injection()
     metadata = pod.get("metadata") or {}
-    labels = metadata.get("labels") if isinstance(metadata.get("labels"), dict) else {}
+    labels: dict[str, str] = metadata["labels"] if isinstance(metadata.get("labels"), dict) else {}
     namespace = namespace or str(metadata.get("namespace") or "")
     spec = pod.setdefault("spec", {})
     app_containers = [c for c in spec.get("containers") or [] if _is_app(c)]

@@ -3,7 +3,9 @@
     python bench/proxy_bench.py            # 256 MiB and 1 GiB layers
     python bench/proxy_bench.py --quick    # 32 MiB and 64 MiB, to try it out
 
-Rows (MiB/s, measured by curl discarding the body): the upstream docker-registry directly; the proxy
+Rows (MiB/s, the median of --runs runs, every column measured by the same client: curl discarding
+the body; each run uses a fresh layer, read from the upstream directly just before the proxy's cold
+fetch of the same file): the upstream docker-registry directly; the proxy
 cold (first fetch, teed into its cache) and warm (from its cache, sendfile); docker-registry as a
 pull-through cache cold and warm; nginx (Debian's nginx, its own config on loopback, sendfile on)
 serving the same blob files. Ratios: proxy warm / nginx (goal >= 0.9), proxy cold / upstream direct
@@ -18,6 +20,7 @@ import concurrent.futures
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import requests
 
-from imagewarm.localcluster.images import ImageBuilder, push
+from imagewarm.localcluster.images import Blob, ImageBuilder, push
 from imagewarm.localcluster.processes import free_ports
 from imagewarm.localcluster.registry import Registry, start_registry
 
@@ -157,6 +160,7 @@ def main() -> int:
         "--quick", action="store_true", help="32 MiB and 64 MiB layers instead of 256 MiB and 1 GiB"
     )
     parser.add_argument("--sizes", help="comma-separated layer sizes in MiB (overrides --quick)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per size (the table shows medians)")
     args = parser.parse_args()
     sizes = (
         [int(s) for s in args.sizes.split(",")] if args.sizes else ([32, 64] if args.quick else [256, 1024])
@@ -174,33 +178,42 @@ def main() -> int:
         stoppers.append(pull_through.stop)
         files = work / "nginx-files"
         files.mkdir()
-        layers = []
-        for i, size in enumerate(sizes):
-            image = builder.synthetic(layers=1, layer_size=size * MiB, compressed=False, seed=1000 + i)
-            push(upstream, f"bench/l{size}", "v1", image)
-            layer = image.layers[0]
-            os.link(layer.path, files / layer.digest.split(":")[1]) if _same_fs(
-                layer.path, files
-            ) else shutil.copyfile(layer.path, files / layer.digest.split(":")[1])
-            layers.append((size, f"bench/l{size}", layer))
+        # One distinct layer per size and run: every cold column meets a blob it has never seen, and the
+        # upstream-direct and proxy-cold columns of a run read the very same file just before each other.
+        layers: dict[int, list[tuple[str, Blob]]] = {size: [] for size in sizes}
+        for size in sizes:
+            for run in range(args.runs):
+                image = builder.synthetic(
+                    layers=1, layer_size=size * MiB, compressed=False, seed=1000 + 100 * run + size
+                )
+                repository = f"bench/l{size}-{run}"
+                push(upstream, repository, "v1", image)
+                layer = image.layers[0]
+                _link_or_copy(layer.path, files / layer.digest.split(":")[1])
+                layers[size].append((repository, layer))
         proxy = Proxy(work / "proxy", upstream)
         stoppers.append(proxy.stop)
         nginx = Nginx(work / "nginx", files)
         stoppers.append(nginx.stop)
 
         rows = []
-        for size, repository, layer in layers:
-            d = layer.digest
-            direct = curl_speed(f"{upstream.url}/v2/{repository}/blobs/{d}")
-            cold = curl_speed(proxy.url(upstream, repository, d))
-            warm = curl_speed(proxy.url(upstream, repository, d))
-            ptc_cold = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
-            ptc_warm = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
-            ngx = curl_speed(f"http://127.0.0.1:{nginx.port}/{d.split(':')[1]}")
-            rows.append((size, direct, cold, warm, ptc_cold, ptc_warm, ngx))
+        for size in sizes:
+            samples: list[tuple[float, ...]] = []
+            for repository, layer in layers[size]:
+                d = layer.digest
+                direct = curl_speed(f"{upstream.url}/v2/{repository}/blobs/{d}")
+                cold = curl_speed(proxy.url(upstream, repository, d))
+                warm = curl_speed(proxy.url(upstream, repository, d))
+                ptc_cold = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
+                ptc_warm = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
+                ngx = curl_speed(f"http://127.0.0.1:{nginx.port}/{d.split(':')[1]}")
+                samples.append((direct, cold, warm, ptc_cold, ptc_warm, ngx))
+            medians = tuple(statistics.median(column) for column in zip(*samples, strict=True))
+            rows.append((size, *medians))
 
         # Fan-in: a fresh proxy, 16 concurrent cold fetches of the largest blob.
-        size, repository, layer = layers[-1]
+        size = sizes[-1]
+        repository, layer = layers[size][0]
         fresh = Proxy(work / "proxy-fanin", upstream)
         stoppers.append(fresh.stop)
         since = len(upstream.requests())
@@ -224,7 +237,10 @@ def main() -> int:
         done.set()
         sampler.join()
 
-        print(f"\nimagewarm proxy benchmark (MiB/s; curl, loopback, {os.cpu_count()} CPUs)\n")
+        print(
+            f"\nimagewarm proxy benchmark (MiB/s, median of {args.runs} runs; curl, loopback, "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})\n"
+        )
         header = (
             f"{'layer':>8} {'upstream':>9} {'proxy cold':>11} {'proxy warm':>11} {'ptc cold':>9} "
             f"{'ptc warm':>9} {'nginx':>8} {'warm/nginx':>11} {'cold/upstr':>11} {'ptc cold/upstr':>15}"
@@ -254,8 +270,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _same_fs(a: Path, b: Path) -> bool:
-    return os.stat(a).st_dev == os.stat(b).st_dev
+def _link_or_copy(source: Path, target: Path) -> None:
+    if os.stat(source).st_dev == os.stat(target.parent).st_dev:
+        os.link(source, target)
+    else:
+        shutil.copyfile(source, target)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,10 @@ def on_create(
 
 def on_ephemeral_update(pod: object, old_pod: object, rule: Rule) -> Decision:
     """The patch for an UPDATE of `pods/ephemeralcontainers`: only the ephemeral containers that
-    `old_pod` did not have are rewritten (existing ones may not change)."""
+    `old_pod` did not have are rewritten (existing ones may not change). The patch also merges them
+    into the original-images annotation, but the API server keeps only `spec.ephemeralContainers`
+    from an update of this subresource (checked in tests/e2e), so for ephemeral containers the
+    original image is not recorded on the stored pod."""
     original = _check(pod)
     if skipped(original):
         return Decision(reason="skipped")

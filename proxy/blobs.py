@@ -15,7 +15,7 @@ from proxy.access import AccessControl
 from proxy.auth import Credentials
 from proxy.ranges import parse_range
 from proxy.routes import Target
-from proxy.store import BlobStore, CachedBlob, Follower, Writer
+from proxy.store import BlobStore, CachedBlob, DiskFull, Follower, Writer
 from proxy.tee import Tee
 from proxy.upstream import Upstream
 
@@ -62,7 +62,10 @@ class Blobs:
                 return self.tee.head(target, credentials)
             if range_header:
                 return self.tee.passthrough(target, credentials, range_header)
-        claim = self.store.claim(digest)
+        try:
+            claim = self.store.claim(digest)
+        except DiskFull as exc:  # not even room for the partial file: stream through, verified
+            return self.tee.uncached(target, credentials, str(exc))
         if isinstance(claim, Writer):
             return self.tee.write(target, credentials, claim)
         if isinstance(claim, Follower):

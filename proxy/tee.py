@@ -18,6 +18,7 @@ from proxy import metrics
 from proxy.access import AccessControl
 from proxy.auth import Credentials
 from proxy.fetch import Fetch, TransferFailed
+from proxy.paths import hasher
 from proxy.routes import Target
 from proxy.store import FetchAborted, Follower, Writer
 from proxy.upstream import Upstream
@@ -82,6 +83,33 @@ class Tee:
                 yield from upstream.iter_content(CHUNK)
 
         return Response(body(), status=upstream.status_code, headers=headers, direct_passthrough=True)
+
+    def uncached(self, target: Target, credentials: Credentials | None, reason: str) -> Response:
+        """The whole blob relayed without caching (the cache disk is full), still verified: the last
+        chunk goes out only if the digest matches."""
+        upstream = self.upstream.blob(target.registry, target.repository, target.reference, credentials)
+        self.access.granted(target.registry, target.repository, credentials)
+        metrics.UNCACHED_STREAMS.labels(reason="disk_full").inc()
+        log.warning(
+            "cache disk full: streaming without caching", extra={"digest": target.reference, "error": reason}
+        )
+
+        def body() -> Iterator[bytes]:
+            check = hasher(target.reference)
+            with upstream:
+                try:
+                    for chunk in upstream.iter_content(CHUNK):
+                        check.update(chunk)
+                        metrics.UPSTREAM_BYTES.labels(registry=target.registry).inc(len(chunk))
+                        yield chunk
+                except requests.RequestException as exc:
+                    raise TransferFailed(f"upstream transfer of {target.reference} failed: {exc}") from None
+            if f"{check.name}:{check.hexdigest()}" != target.reference:
+                metrics.DIGEST_MISMATCHES.inc()
+                raise TransferFailed(f"upstream bytes do not match {target.reference}")
+
+        headers = _headers(target.reference, _content_length(upstream))
+        return Response(held_back(body()), status=200, headers=headers, direct_passthrough=True)
 
     def write(self, target: Target, credentials: Credentials | None, writer: Writer) -> Response:
         """This request holds the claim: fetch upstream on a thread of its own (see `proxy.fetch`)

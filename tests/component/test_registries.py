@@ -107,19 +107,22 @@ def test_builds_are_deterministic_across_builders_and_cached(tmp_path, images):
 
 
 def test_large_layers_are_streamed_not_held_in_memory(tmp_path):
-    """A 96 MiB layer builds in a child process whose peak memory stays far below the layer size."""
+    """A 96 MiB layer builds in a child process whose memory grows far less than the layer's size."""
     script = (
         "import resource, sys\n"
         "from imagewarm.localcluster.images import ImageBuilder\n"
-        "image = ImageBuilder(sys.argv[1]).synthetic(layers=1, layer_size=96 << 20, seed=99)\n"
-        "print(image.layers[0].size, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "builder = ImageBuilder(sys.argv[1])\n"
+        "baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "image = builder.synthetic(layers=1, layer_size=96 << 20, seed=99)\n"
+        "print(image.layers[0].size, baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120, check=True
     )
-    size, peak_kib = map(int, result.stdout.split())
+    size, baseline_kib, peak_kib = map(int, result.stdout.split())
     assert size > 96 << 20
-    assert peak_kib < 80 << 10, f"peak RSS {peak_kib} KiB: the layer was held in memory"
+    growth = peak_kib - baseline_kib
+    assert growth < 32 << 10, f"memory grew {growth} KiB while building a 96 MiB layer: it was held in memory"
 
 
 def test_abandoned_temporary_files_are_removed(tmp_path):

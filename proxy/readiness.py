@@ -7,43 +7,32 @@ import logging
 import threading
 import time
 
+from imagewarm.kube import Conflict, Kube
+
 log = logging.getLogger("imagewarm.proxy.readiness")
 
 TAINT_KEY = "imagewarm.io/proxy-not-ready"
 
 
-def _core_api(kubeconfig: str):  # type: ignore[no-untyped-def]
-    from kubernetes import client, config
-
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig)
-    else:
-        config.load_incluster_config()
-    return client.CoreV1Api()
-
-
-def remove_taint(node_name: str, kubeconfig: str = "") -> bool:
+def remove_taint(kube: Kube, node_name: str) -> bool:
     """Remove the startup taint from `node_name`; True when it is gone (or was never there). The patch
-    carries the resourceVersion read, so a concurrent taint change makes it retry instead of losing it."""
-    from kubernetes.client.exceptions import ApiException
-
-    api = _core_api(kubeconfig)
+    carries the resourceVersion read, so a concurrent taint change makes it retry instead of losing it.
+    Raises KubeError when the API server refuses (e.g. RBAC: the proxy needs `patch` on its node)."""
+    path = f"/api/v1/nodes/{node_name}"
     for _ in range(5):
-        node = api.read_node(node_name)
-        taints = node.spec.taints or []
-        kept = [t for t in taints if t.key != TAINT_KEY]
+        node = kube.get(path)
+        taints = node.get("spec", {}).get("taints") or []
+        kept = [taint for taint in taints if taint.get("key") != TAINT_KEY]
         if len(kept) == len(taints):
             return True
         body = {
-            "metadata": {"resourceVersion": node.metadata.resource_version},
-            "spec": {"taints": [api.api_client.sanitize_for_serialization(t) for t in kept] or None},
+            "metadata": {"resourceVersion": node["metadata"]["resourceVersion"]},
+            "spec": {"taints": kept or None},
         }
         try:
-            api.patch_node(node_name, body)
-        except ApiException as exc:
-            if exc.status == 409:
-                continue
-            raise
+            kube.patch(path, body, kind="merge")
+        except Conflict:
+            continue
         log.info("removed the startup taint", extra={"node": node_name, "taint": TAINT_KEY})
         return True
     return False
@@ -56,7 +45,7 @@ def start_taint_removal(node_name: str, kubeconfig: str = "") -> threading.Threa
         delay = 1.0
         while True:
             try:
-                if remove_taint(node_name, kubeconfig):
+                if remove_taint(Kube.load(kubeconfig or None), node_name):
                     return
             except Exception as exc:
                 log.warning(

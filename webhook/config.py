@@ -51,6 +51,14 @@ class WebhookConfig:
     cert_check_interval: float = setting(
         600.0, help="how often self-managed certificates are checked", parse=parse_duration
     )
+    opt_in: bool = setting(
+        False, help='rewrite only namespaces labelled imagewarm.io/enabled="true"', parse=parse_bool
+    )
+    print_configuration: bool = setting(
+        False,
+        help="print the MutatingWebhookConfiguration these flags call for (JSON) and exit",
+        parse=parse_bool,
+    )
     log_level: str = setting("info", help="debug, info, warning or error")
     log_format: str = setting("json", help="json or text")
 

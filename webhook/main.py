@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,7 +25,23 @@ def _multiprocess_metrics() -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imagewarm-webhook-metrics-")
 
 
+def print_configuration(config: WebhookConfig) -> None:
+    """The MutatingWebhookConfiguration for these settings, for installs without the chart."""
+    from webhook.registration import mutating_webhook_configuration
+
+    configuration = mutating_webhook_configuration(
+        name=config.webhook_config_name,
+        service_name=config.service_name,
+        namespace=config.namespace,
+        opt_in=config.opt_in,
+    )
+    print(json.dumps(configuration, indent=2))
+
+
 def run(config: WebhookConfig) -> int:
+    if config.print_configuration:
+        print_configuration(config)
+        return 0
     logs.setup(config.log_level, config.log_format)
     _multiprocess_metrics()
     from webhook import server  # gunicorn and the app load only when serving

@@ -91,7 +91,8 @@ class Tee:
         self.access.granted(target.registry, target.repository, credentials)
         metrics.UNCACHED_STREAMS.labels(reason="disk_full").inc()
         log.warning(
-            "cache disk full: streaming without caching", extra={"digest": target.reference, "error": reason}
+            "cache disk full before the fetch began: streaming without caching",
+            extra={"digest": target.reference, "error": reason},
         )
 
         def body() -> Iterator[bytes]:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from proxy.eviction import Evictor
 from proxy.flight import Follower, Writer
+from proxy.hashing import PipelinedHash
 from proxy.manifest_store import ManifestStore
 from proxy.paths import InvalidDigest
 from proxy.store import (
@@ -536,3 +537,40 @@ def test_any_corruption_is_rejected(
     with pytest.raises(DigestMismatch):
         writer.commit()
     assert not store.has(digest) and leftovers(store) == []
+
+
+# -- hashing on a thread of its own ---------------------------------------------------------------
+
+
+@given(st.lists(st.binary(max_size=5000), max_size=40), st.integers(min_value=0, max_value=40))
+def test_pipelined_hash_equals_hashlib_with_copies_midway(chunks: list[bytes], cut: int) -> None:
+    pipelined = PipelinedHash("sha256")
+    reference = hashlib.sha256()
+    buffer = bytearray(5000)
+    for index, chunk in enumerate(chunks):
+        # Callers reuse mutable buffers: the hash must have kept its own bytes.
+        view = memoryview(buffer)[: len(chunk)]
+        view[:] = chunk
+        pipelined.update(view if index % 2 else chunk)
+        buffer[: len(chunk)] = bytes(len(chunk))
+        reference.update(chunk)
+        if index == cut:
+            assert pipelined.copy().hexdigest() == reference.hexdigest()
+    assert pipelined.hexdigest() == reference.hexdigest()
+    assert pipelined.name == "sha256"
+    with pytest.raises(ValueError, match="closed"):
+        pipelined.update(b"late")
+
+
+def test_writer_verify_releases_before_commit_and_refuses_later_writes(make_store: MakeStore) -> None:
+    store = make_store()
+    data = os.urandom(300_000)
+    writer = store.claim(sha256(data))
+    assert isinstance(writer, Writer)
+    writer.write(data)
+    writer.verify()
+    assert not store.has(writer.digest)  # verified is not yet visible: commit makes it so
+    with pytest.raises(FetchAborted):
+        writer.write(b"x")
+    writer.commit()
+    assert store.open(writer.digest).read() == data

@@ -123,7 +123,12 @@ class Tee:
         self.access.granted(target.registry, target.repository, credentials)
         size = _content_length(upstream)
         writer.expected_size = size
-        fetch = Fetch(writer, upstream, target.registry, target.name).start()
+        try:
+            fetch = Fetch(writer, upstream, target.registry, target.name).start()
+        except BaseException:
+            upstream.close()
+            writer.abort()
+            raise
         response = Response(
             fetch.body(), status=200, headers=_headers(target.reference, size), direct_passthrough=True
         )

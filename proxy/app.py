@@ -38,11 +38,13 @@ class Proxy:
             self.upstream, ManifestStore(config.cache_dir), tags, self.access, config.tag_ttl
         )
         self.blobs = Blobs(self.store, self.upstream, self.access, Tee(self.upstream, self.access))
+        host, port = config.listen
+        self.own_hosts = frozenset({f"localhost:{port}", f"127.0.0.1:{port}", f"{host}:{port}".lower()})
 
     def handle(self, path: str) -> Response:
         head = request.method == "HEAD"
         try:
-            target = routes.parse(path, request.args.get("ns"))
+            target = routes.parse(path, request.args.get("ns"), self.own_hosts)
             g.route = target.kind.value
             credentials = credentials_from_header(request.headers.get("Authorization"))
             if target.kind is Kind.BASE:

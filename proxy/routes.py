@@ -80,8 +80,11 @@ def _repository(registry: str, parts: list[str]) -> str:
     return repository
 
 
-def parse(path: str, ns: str | None = None) -> Target:
+def parse(path: str, ns: str | None = None, own_hosts: frozenset[str] = frozenset()) -> Target:
     """Parse a `/v2/...` request path (and mirror mode's `ns` query value) into a Target.
+
+    `own_hosts` are the names of this proxy (`localhost:7439`): containerd sends `ns=<host>` for every
+    host that has a `hosts.toml`, the proxy's own included, and such a request is in rewrite mode.
 
     Raises RegistryError: NAME_INVALID / DIGEST_INVALID (400) for malformed names, tags or digests,
     NAME_UNKNOWN (404) for paths outside the pull API."""
@@ -99,7 +102,7 @@ def parse(path: str, ns: str | None = None) -> Target:
     kind = Kind.MANIFEST if parts[-2] == "manifests" else Kind.BLOB
     ref = parts[-1]
     names = parts[:-2]
-    if ns:
+    if ns and ns.lower() not in own_hosts:
         registry = _registry(ns)
     else:
         registry = _registry(names[0])

@@ -16,6 +16,17 @@ from proxy.ranges import parse_range
 DIGEST = "sha256:" + "a" * 64
 
 
+def test_ns_naming_the_proxy_itself_is_rewrite_mode():
+    """containerd adds `ns=<host>` for the proxy's own hosts.toml too: the path then carries the registry."""
+    own = frozenset({"localhost:7439"})
+    path = "/v2/registry.corp_5000/team/app/manifests/1"
+    expected = routes.Target(routes.Kind.MANIFEST, "registry.corp:5000", "team/app", "1")
+    assert routes.parse(path, "localhost:7439", own) == expected
+    assert routes.parse(path, "LOCALHOST:7439", own) == expected
+    mirror = routes.parse("/v2/team/app/manifests/1", "registry.corp:5000", own)
+    assert mirror == expected
+
+
 @pytest.mark.parametrize(
     "path, ns, expected",
     [

@@ -1,29 +1,40 @@
-"""`imagewarm demo`: the main job, end to end on a real local cluster (stage 1: the cluster itself).
+"""`imagewarm demo`: the main job, end to end on a real local cluster.
 
-Builds what is missing, starts a local registry and a Kubernetes cluster on this machine, builds a
-busybox image, pushes it to the local registry, runs a pod from it and reads its log back, then
-prints a table of how long each phase took and tears everything down (also on Ctrl-C).
+1. builds what is missing (Go binaries, cached), starts an upstream registry and a 2-node cluster;
+2. starts imagewarm on it: the node proxy and the admission webhook;
+3. pushes a runnable image (busybox plus a data layer) to the upstream and warms it into the cache;
+4. creates a pod on each node with the image as users write it: the webhook rewrites it to the
+   proxy, each kubelet pulls it from the cache, the upstream serves each blob once in all;
+5. stops the upstream, removes the image from node 1 and starts a pod there again: still served;
+6. prints a summary (phases, pulls, bytes) and tears everything down (also on Ctrl-C).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imagewarm.cli import Command
-from imagewarm.config import parse_bool, parse_positive_int, setting
+from imagewarm.config import parse_bool, parse_bytes, parse_positive_int, setting
+
+ORIGINAL_IMAGES = "imagewarm.io/original-images"
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     nodes: int = setting(2, help="nodes of the local cluster", parse=parse_positive_int, metavar="N")
+    image_size: int = setting(
+        64 << 20, help="size of the demo image's data layer, e.g. 64Mi", parse=parse_bytes, metavar="BYTES"
+    )
     keep: bool = setting(
         False, help="keep the cluster running after the demo, until Ctrl-C", parse=parse_bool
     )
@@ -54,27 +65,34 @@ class Demo:
         yield
         self.phases.append((name, time.monotonic() - began))
 
-    def table(self, facts: list[tuple[str, str]]) -> str:
-        width = max(len(n) for n, _ in [*self.phases, *facts, ("total", "")])
-        lines = [f"{'phase'.ljust(width)}  seconds", f"{'-' * width}  -------"]
-        lines += [f"{name.ljust(width)}  {seconds:7.2f}" for name, seconds in self.phases]
-        lines.append(f"{'total'.ljust(width)}  {sum(s for _, s in self.phases):7.2f}")
-        lines += [""] + [f"{name.ljust(width)}  {value}" for name, value in facts]
-        return "\n".join(lines)
+
+def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+
+    def render(row: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+
+    return "\n".join([title, render(header), line, *(render(r) for r in rows)])
 
 
-def _pod(name: str, image: str) -> dict[str, object]:
+def _pod(name: str, image: str, node: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {
+            "nodeName": node,
             "terminationGracePeriodSeconds": 1,
             "containers": [
                 {
-                    "name": "hello",
+                    "name": "app",
                     "image": image,
-                    "command": ["sh", "-c", "echo hello from $(hostname) on $NODE; sleep 3600"],
+                    "command": [
+                        "sh",
+                        "-c",
+                        "echo hello from $NODE: $(du -sh /imagewarm | cut -f1) of data; sleep 3600",
+                    ],
                     "env": [{"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
                 }
             ],
@@ -82,70 +100,173 @@ def _pod(name: str, image: str) -> dict[str, object]:
     }
 
 
+_PULLED = re.compile(r"Successfully pulled image \"[^\"]+\" in ([0-9.]+)(ms|s)")
+
+
+def _pull_seconds(cluster: Any, pod: str) -> str:
+    """The kubelet's own measure of the pull, from its `Pulled` event."""
+    out = cluster.kubectl(
+        "get", "events", "--field-selector", f"involvedObject.name={pod},reason=Pulled", "-o", "json"
+    ).stdout
+    for event in json.loads(out)["items"]:
+        m = _PULLED.search(event.get("message", ""))
+        if m:
+            return f"{float(m.group(1)) / (1000 if m.group(2) == 'ms' else 1):.2f}s"
+        if "already present" in event.get("message", ""):
+            return "already on node"
+    return "?"
+
+
+def _run_pod(cluster: Any, demo: Demo, name: str, image: str, node: str) -> dict[str, Any]:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(_pod(name, image, node)))
+    cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=120s")
+    pod: dict[str, Any] = json.loads(cluster.kubectl("get", "pod", name, "-o", "json").stdout)
+    log = ""
+    deadline = time.monotonic() + 30
+    while not log and time.monotonic() < deadline:
+        log = cluster.kubectl("logs", name, check=False).stdout.strip()
+        time.sleep(0 if log else 0.2)
+    pod["log"] = log
+    demo.say(f"pod {name} on {node}: image {pod['spec']['containers'][0]['image']}")
+    demo.say(f"pod {name} says: {log}")
+    return pod
+
+
 def run(config: DemoConfig) -> int:
     # Imported here: `imagewarm --help` must not pay for the cluster modules.
     from imagewarm.localcluster import binaries
     from imagewarm.localcluster.cluster import Cluster, ClusterError
     from imagewarm.localcluster.images import ImageBuilder, push
+    from imagewarm.localcluster.registry import start_registry
+    from imagewarm.localcluster.stack import Stack, StackError, warm
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
 
     signal.signal(signal.SIGTERM, interrupted)
     demo = Demo()
-    cluster: Cluster | None = None
-    try:
-        with demo.phase("binaries (Go builds, cached)"):
-            missing = [t.name for t in binaries.ALL_TOOLS if not t.is_built()]
-            demo.say(f"building {', '.join(missing)} (cold: ~10 min)" if missing else "all binaries cached")
-            binaries.ensure()
-        with demo.phase(f"cluster start ({config.nodes} node{'s' if config.nodes > 1 else ''})"):
-            workdir = Path(config.work_dir).expanduser() / "cluster" if config.work_dir else None
-            cluster = Cluster.start(workdir, nodes=config.nodes, progress=lambda m: demo.say(f"cluster: {m}"))
-        with demo.phase("build + push busybox image"):
-            image = f"{cluster.registry.host}/demo/busybox:1"
-            push(
-                cluster.registry,
-                "demo/busybox",
-                "1",
-                ImageBuilder(binaries.cache_root() / "images").busybox(),
-            )
-            demo.say(f"pushed {image}")
-        name = f"hello-{int(time.time()) % 100000}"
-        with demo.phase("pod scheduled, pulled, running"):
-            cluster.kubectl("apply", "-f", "-", input=json.dumps(_pod(name, image)))
-            cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=120s")
-            pod = json.loads(cluster.kubectl("get", "pod", name, "-o", "json").stdout)
-            demo.say(f"pod {name} running on {pod['spec']['nodeName']}")
-        with demo.phase("log read back"):
-            log = ""
-            deadline = time.monotonic() + 30
-            while not log and time.monotonic() < deadline:
-                log = cluster.kubectl("logs", name, check=False).stdout.strip()
-                time.sleep(0.2 if not log else 0)
+    pulls: list[tuple[str, ...]] = []
+    with ExitStack() as teardown:
+        try:
+            with demo.phase("binaries (Go builds, cached)"):
+                missing = [t.name for t in binaries.ALL_TOOLS if not t.is_built()]
+                demo.say(
+                    f"building {', '.join(missing)} (cold: ~10 min)" if missing else "all binaries cached"
+                )
+                binaries.ensure()
+            with demo.phase(f"cluster start ({config.nodes} nodes) and upstream registry"):
+                workdir = Path(config.work_dir).expanduser() / "cluster" if config.work_dir else None
+                cluster = Cluster.start(
+                    workdir, nodes=config.nodes, progress=lambda m: demo.say(f"cluster: {m}")
+                )
+                teardown.callback(cluster.stop)
+                teardown.callback(demo.say, "tearing down")
+                upstream = start_registry(cluster.workdir / "upstream")
+                teardown.callback(upstream.stop)
+                demo.say(f"upstream registry at {upstream.host}")
+            with demo.phase("imagewarm start: node proxy and webhook"):
+                stack = Stack.start(
+                    cluster,
+                    [upstream],
+                    workdir=cluster.workdir / "imagewarm",
+                    progress=demo.say,
+                    proxy_args=["--tag-ttl", "1s"],  # so the outage below really tests the fallback
+                )
+                teardown.callback(stack.stop)
+            with demo.phase("image build and push to the upstream"):
+                built = ImageBuilder(binaries.cache_root() / "images").busybox(data_size=config.image_size)
+                push(upstream, "demo/app", "1", built)
+                image = f"{upstream.host}/demo/app:1"
+                demo.say(f"pushed {image}: {built.size / 2**20:.1f} MiB in {len(built.layers)} layers")
+            with demo.phase("warm the image into the node cache"):
+                path = f"{upstream.host.replace(':', '_')}/demo/app"
+                warmed, seconds = warm(stack.proxy_url, path, "1", progress=demo.say)
+                mib = warmed / 2**20
+                demo.say(f"warmed {mib:.1f} MiB in {seconds:.2f}s ({mib / seconds:.0f} MiB/s)")
+                upstream_gets = _blob_gets(upstream)
+            pods: list[dict[str, Any]] = []
+            for i, node in enumerate(cluster.nodes):
+                with demo.phase(f"pod on {node.name}: rewritten by the webhook, pulled from the cache"):
+                    pods.append(_run_pod(cluster, demo, f"demo-{i + 1}", image, node.name))
+                    pulls.append(
+                        (
+                            pods[-1]["metadata"]["name"],
+                            node.name,
+                            "cache",
+                            _pull_seconds(cluster, f"demo-{i + 1}"),
+                        )
+                    )
+            fetched_after_pods = _blob_gets(upstream) - upstream_gets
+            with demo.phase("upstream down: a pod on node 1 again, its image removed from the node"):
+                upstream.stop()
+                demo.say("upstream registry stopped")
+                cluster.kubectl("delete", "pod", "demo-1", "--wait=true", "--grace-period=1")
+                proxied = pods[0]["spec"]["containers"][0]["image"]
+                cluster.nodes[0].containerd.ctr("images", "rm", "--sync", proxied, namespace="k8s.io")
+                offline = _run_pod(cluster, demo, "demo-offline", image, cluster.nodes[0].name)
+                pulls.append(
+                    (
+                        "demo-offline",
+                        cluster.nodes[0].name,
+                        "cache, upstream down",
+                        _pull_seconds(cluster, "demo-offline"),
+                    )
+                )
+            hit_bytes = stack.proxy_metric("imagewarm_proxy_cache_hit_bytes_total")
+            miss_bytes = stack.proxy_metric("imagewarm_proxy_cache_miss_bytes_total")
+        except KeyboardInterrupt:
+            demo.say("interrupted")
+            return 130
+        except (
+            ClusterError,
+            StackError,
+            binaries.BuildError,
+            RuntimeError,
+            subprocess.CalledProcessError,
+        ) as exc:
+            print(f"imagewarm demo failed: {exc}", file=sys.stderr)
+            return 1
         print()
-        print(demo.table([("pod", name), ("node", pod["spec"]["nodeName"]), ("image", image), ("log", log)]))
-        print(flush=True)
+        print(_table("phases", ("phase", "seconds"), [(n, f"{s:.2f}") for n, s in demo.phases]))
+        print()
+        print(_table("pulls", ("pod", "node", "served from", "kubelet pull time"), pulls))
+        print()
+        facts = [
+            ("image as written", image),
+            ("image as stored", pods[0]["spec"]["containers"][0]["image"]),
+            (ORIGINAL_IMAGES, pods[0]["metadata"].get("annotations", {}).get(ORIGINAL_IMAGES, "")),
+            ("image size", f"{built.size / 2**20:.1f} MiB"),
+            ("upstream blob GETs during warm-up", str(upstream_gets)),
+            (f"upstream blob GETs for {len(pods)} pods", str(fetched_after_pods)),
+            ("proxy bytes from cache (hits)", f"{hit_bytes / 2**20:.1f} MiB"),
+            ("proxy bytes from upstream (misses)", f"{miss_bytes / 2**20:.1f} MiB"),
+            ("pod with the upstream down", f"{offline['status']['phase']}: {offline['log']}"),
+        ]
+        print(_table("summary", ("what", "value"), facts), flush=True)
         if config.keep:
-            print(f"The cluster keeps running. export KUBECONFIG={cluster.kubeconfig}")
+            print(f"\nThe cluster keeps running. export KUBECONFIG={cluster.kubeconfig}")
             print("Press Ctrl-C to tear it down.", flush=True)
-            while True:
-                time.sleep(3600)
-        return 0 if log else 1
-    except KeyboardInterrupt:
-        demo.say("interrupted")
-        return 130
-    except (ClusterError, binaries.BuildError, RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"imagewarm demo failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if cluster is not None:
-            demo.say("tearing down the cluster")
-            cluster.stop()
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        ok = (
+            all(p["log"] for p in pods)
+            and offline["status"]["phase"] == "Running"
+            and fetched_after_pods == 0
+        )
+        return 0 if ok else 1
+
+
+def _blob_gets(registry: Any) -> int:
+    return sum(
+        1 for method, path, status in registry.requests() if method == "GET" and "/blobs/sha256:" in path
+    )
 
 
 command = Command(
-    help="the main job on a local cluster: registry, 2 nodes, an image pushed and run (stage 1)",
+    help="the main job on a local cluster: an image warmed into the node cache and pulled through it",
     config=DemoConfig,
     run=run,
 )

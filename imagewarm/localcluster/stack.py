@@ -1,0 +1,244 @@
+"""imagewarm running on the local cluster: the node proxy and the webhook, as host processes.
+
+The local nodes share the host's network, so one proxy on 127.0.0.1:<port> is every node's
+`localhost:<port>`; the webhook listens on node 1's bridge address behind a selector-less Service
+(HARNESS.md §7) and registers itself with the configuration `imagewarm webhook
+--print-configuration` gives. Both run through the real `imagewarm` command, as users run them.
+Used by `imagewarm demo` and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from imagewarm.localcluster.cluster import Cluster
+from imagewarm.localcluster.processes import Daemon, free_ports
+from imagewarm.localcluster.registry import Registry
+
+NAMESPACE = "imagewarm-system"
+WEBHOOK_SERVICE = "imagewarm-webhook"
+WEBHOOK_CONFIGURATION = "imagewarm"
+_MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+
+Progress = Callable[[str], None]
+
+
+class StackError(RuntimeError):
+    """A program of the stack did not start; the message carries its log tail."""
+
+
+def _imagewarm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "imagewarm", *args]
+
+
+def _env() -> dict[str, str]:
+    # Flags decide here, not whatever IMAGEWARM_* the caller's shell has.
+    return {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEWARM_", "PROMETHEUS_"))}
+
+
+@dataclass
+class Stack:
+    cluster: Cluster
+    workdir: Path
+    proxy_port: int
+    proxy: Daemon
+    webhook: Daemon | None = None
+    webhook_address: tuple[str, int] | None = None
+    progress: Progress = print
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def proxy_prefix(self) -> str:
+        return f"localhost:{self.proxy_port}"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @classmethod
+    def start(
+        cls,
+        cluster: Cluster,
+        upstreams: list[Registry],
+        *,
+        workdir: Path,
+        proxy_port: int | None = None,
+        webhook: bool = True,
+        proxy_args: list[str] | None = None,
+        progress: Progress = print,
+    ) -> Stack:
+        """Start the proxy (allowed to fetch from `upstreams`, plain HTTP) and, with `webhook`, the
+        webhook registered with the cluster. Returns when both serve and the webhook's caBundle is in
+        place. Raises StackError with the failing program's log tail."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        port = proxy_port or free_ports(1)[0]
+        argv = _imagewarm("proxy", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(workdir / "cache"))
+        for registry in upstreams:
+            argv += ["--insecure-upstream", registry.host]
+        argv += ["--workers", "2", "--log-format", "json", *(proxy_args or [])]
+        env = {**_env(), "PROMETHEUS_MULTIPROC_DIR": str(_fresh_dir(workdir / "proxy-metrics"))}
+        proxy = Daemon("imagewarm-proxy", argv, workdir / "proxy.log", env=env)
+        stack = cls(cluster, workdir, port, proxy, progress=progress)
+        try:
+            progress(f"starting the node proxy on 127.0.0.1:{port}")
+            proxy.start()
+            _wait(proxy, lambda: proxy.wait_http(f"{stack.proxy_url}/readyz", timeout=30))
+            # The runtime reaches the proxy over plain HTTP (containerd re-reads this on every pull).
+            cluster.nodes[0].containerd.set_hosts(stack.proxy_prefix, stack.proxy_url)
+            if webhook:
+                stack._start_webhook()
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
+    def _start_webhook(self) -> None:
+        ip = self.cluster.nodes[0].ip
+        port = _free_port(ip)
+        self.webhook_address = (ip, port)
+        flags = [
+            "--namespace", NAMESPACE, "--service-name", WEBHOOK_SERVICE,
+            "--webhook-config-name", WEBHOOK_CONFIGURATION, "--proxy-prefix", self.proxy_prefix,
+        ]  # fmt: skip
+        configuration = json.loads(
+            _run(_imagewarm("webhook", *flags, "--print-configuration"), self.workdir / "webhook.log")
+        )
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": WEBHOOK_SERVICE, "namespace": NAMESPACE},
+            "spec": {"ports": [{"port": 443, "targetPort": port}]},
+        }
+        endpoints = {
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {"name": WEBHOOK_SERVICE, "namespace": NAMESPACE},
+            "subsets": [{"addresses": [{"ip": ip}], "ports": [{"port": port}]}],
+        }
+        self.cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+        objects = {"apiVersion": "v1", "kind": "List", "items": [service, endpoints, configuration]}
+        self.cluster.kubectl("apply", "-f", "-", input=json.dumps(objects))
+        self.progress(f"starting the webhook on {ip}:{port} (self-managed TLS)")
+        argv = _imagewarm(
+            "webhook", *flags, "--listen", f"{ip}:{port}", "--kubeconfig", str(self.cluster.kubeconfig),
+            "--sidecarsets", "false", "--log-format", "json",
+        )  # fmt: skip
+        env = {**_env(), "PROMETHEUS_MULTIPROC_DIR": str(_fresh_dir(self.workdir / "webhook-metrics"))}
+        self.webhook = Daemon("imagewarm-webhook", argv, self.workdir / "webhook.log", env=env).start()
+        webhook = self.webhook
+        _wait(webhook, lambda: webhook.wait_port(port, host=ip, timeout=60))
+        _wait(webhook, lambda: self._wait_ca_bundle(60))
+
+    def _wait_ca_bundle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.cluster.kubectl(
+                "get", "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION, "-o", "json", check=False
+            ).stdout
+            if out and all(w["clientConfig"].get("caBundle") for w in json.loads(out)["webhooks"]):
+                return
+            time.sleep(0.3)
+        raise TimeoutError("the webhook did not patch its caBundle into the MutatingWebhookConfiguration")
+
+    def proxy_metric(self, name: str, **labels: str) -> float:
+        """The sum of the proxy's samples of metric `name` whose labels include `labels`."""
+        text = requests.get(f"{self.proxy_url}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
+            if not m or m.group(1) != name:
+                continue
+            found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(m.group(3))
+        return total
+
+    def stop(self) -> None:
+        """Stop the programs and unregister the webhook (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.webhook is not None:
+            self.cluster.kubectl(
+                "delete", "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION, "--ignore-not-found",
+                check=False,
+            )  # fmt: skip
+            self.webhook.stop()
+        self.proxy.stop()
+
+
+def warm(proxy_url: str, image_path: str, tag: str, progress: Progress = print) -> tuple[int, float]:
+    """Pull `image_path:tag` (the path behind the proxy, e.g. `127.0.0.1_5000/demo/app`) through the
+    proxy, as a node's warm-up does: manifest (and the platform manifest of an index), config and
+    layers, bytes discarded. Returns (bytes, seconds). Raises requests.HTTPError on a failed fetch."""
+    session = requests.Session()
+    started = time.monotonic()
+    total = 0
+
+    def get(kind: str, reference: str, accept: str | None = None) -> requests.Response:
+        headers = {"Accept": accept} if accept else {}
+        url = f"{proxy_url}/v2/{image_path}/{kind}/{reference}"
+        response = session.get(url, headers=headers, stream=True, timeout=60)
+        response.raise_for_status()
+        return response
+
+    manifest = get("manifests", tag, _MANIFEST_TYPES).json()
+    if "manifests" in manifest:  # an index: warm the platform of this machine
+        chosen = next(m for m in manifest["manifests"] if m.get("platform", {}).get("os") == "linux")
+        manifest = get("manifests", chosen["digest"], _MANIFEST_TYPES).json()
+    blobs = [manifest["config"], *manifest["layers"]]
+    size = sum(b["size"] for b in blobs)
+    for blob in blobs:
+        with get("blobs", blob["digest"]) as response:
+            for chunk in response.iter_content(1 << 20):
+                total += len(chunk)
+        progress(f"warm: {total / 2**20:7.1f} / {size / 2**20:.1f} MiB  {blob['digest'][:19]}")
+    return total, time.monotonic() - started
+
+
+def _wait(daemon: Daemon, wait: Callable[[], object]) -> None:
+    try:
+        wait()
+    except Exception as exc:
+        raise StackError(f"{daemon.name} did not start: {exc}\n{daemon.log_tail(40)}") from exc
+
+
+def _run(argv: list[str], log: Path) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=60)
+    if proc.returncode != 0:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(proc.stdout + proc.stderr)
+        raise StackError(f"`{' '.join(argv[2:])}` failed: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def _free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        for child in path.iterdir():
+            child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path

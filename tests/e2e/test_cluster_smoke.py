@@ -200,3 +200,36 @@ def test_a_service_reaches_a_pod_on_the_other_node(
     assert cluster.kubectl("logs", "client").stdout.strip() == "served-by-web"
     cluster.kubectl("delete", "pod", "web", "client", "--wait=false")
     cluster.kubectl("delete", "service", "smoke-web")
+
+
+def test_helm_installs_upgrades_and_uninstalls_a_chart(cluster: Cluster, tmp_path) -> None:
+    """The Go-built helm drives the real API server: install, upgrade (a rendered value changes),
+    uninstall (the object goes)."""
+    chart = tmp_path / "smoke"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: smoke\nversion: 0.1.0\n")
+    (chart / "values.yaml").write_text("greeting: hello\n")
+    (chart / "templates" / "configmap.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-cm\n"
+        "data:\n  greeting: {{ .Values.greeting | quote }}\n"
+    )
+    release = f"smoke-{uuid.uuid4().hex[:6]}"
+
+    def greeting() -> str:
+        out = cluster.kubectl("get", "configmap", f"{release}-cm", "-o", "json").stdout
+        return str(json.loads(out)["data"]["greeting"])
+
+    assert "v3.19.5" in cluster.helm("version", "--short").stdout
+    cluster.helm("install", release, str(chart), "--namespace", "default", "--wait")
+    assert greeting() == "hello"
+    cluster.helm("upgrade", release, str(chart), "--namespace", "default", "--set", "greeting=again")
+    assert greeting() == "again"
+    assert (
+        json.loads(cluster.helm("list", "-n", "default", "-o", "json", "--filter", release).stdout)[0][
+            "revision"
+        ]
+        == "2"
+    )
+    cluster.helm("uninstall", release, "--namespace", "default", "--wait")
+    gone = cluster.kubectl("get", "configmap", f"{release}-cm", check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr

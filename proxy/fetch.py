@@ -36,7 +36,7 @@ log = logging.getLogger("imagewarm.proxy.fetch")
 
 CHUNK = 1 << 20
 # Recent chunks kept in memory for the client: beyond this it reads them back from the partial file.
-WINDOW_BYTES = 16 << 20
+WINDOW_BYTES = 8 << 20
 # Streaming through a full disk: how long the fetch waits on a client that neither reads nor leaves.
 STALL_TIMEOUT = 60.0
 
@@ -216,21 +216,29 @@ class Fetch:
             self._close_read()
 
     def _next_step(self) -> bytes | tuple[int, int] | _Done | None:
-        """Under the lock: a chunk to send, a (start, end) span to read back from the file, _DONE, or
-        None to wait. Raises TransferFailed when the fetch failed."""
+        """Under the lock: bytes to send, a (start, end) span to read back from the file, _DONE, or None
+        to wait. Raises TransferFailed when the fetch failed."""
         if self._error:
             raise TransferFailed(self._error)
         sent = self._sent
+        # Held back: the last chunk goes only once the digest is verified.
+        last_chunk_start = self._window[-1][0] if self._window else 0
+        limit = self._received if self._verified else last_chunk_start
+        if sent >= limit:
+            return _DONE if self._verified and sent == self._received else None
         oldest = self._window[0][0] if self._window else self._received
         if sent < oldest:  # fell behind the window: those bytes are in the file
             return (sent, min(oldest, sent + CHUNK))
-        for index, (offset, chunk) in enumerate(self._window):
-            if offset == sent:
-                # Held back: the last chunk goes only once the digest is verified.
-                if index + 1 < len(self._window) or self._verified:
+        # Several small chunks ready (or `sent` inside a chunk): one read back and one send beat many.
+        span_end = min(sent + CHUNK, limit, self._cached)
+        for offset, chunk in self._window:
+            if offset <= sent < offset + len(chunk):
+                if offset == sent and (len(chunk) >= span_end - sent or span_end <= sent):
                     return chunk
-                return None
-        return _DONE if self._verified and sent == self._received else None
+                if span_end > sent:
+                    return (sent, span_end)
+                return chunk[sent - offset :]  # streaming through a full disk: not in the file
+        raise AssertionError(f"byte {sent} of {self.digest} is in neither the window nor the file")
 
     def _read_back(self, span: tuple[int, int]) -> bytes:
         start, end = span

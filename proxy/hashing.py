@@ -11,8 +11,10 @@ import hashlib
 import queue
 import threading
 
-# Chunks waiting to be hashed before `update` makes its caller wait.
-PENDING_CHUNKS = 16
+# Batches waiting to be hashed before `update` makes its caller wait, and the bytes per batch: small
+# chunks (a socket read may return a few KiB) are handed over together, one thread switch per batch.
+PENDING_BATCHES = 8
+BATCH_BYTES = 1 << 20
 
 
 class PipelinedHash:
@@ -22,7 +24,9 @@ class PipelinedHash:
     def __init__(self, algorithm: str) -> None:
         self._hash = hashlib.new(algorithm)
         self.name = self._hash.name
-        self._pending: queue.Queue[bytes | None] = queue.Queue(PENDING_CHUNKS)
+        self._pending: queue.Queue[list[bytes] | None] = queue.Queue(PENDING_BATCHES)
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -33,16 +37,26 @@ class PipelinedHash:
             self._thread = threading.Thread(target=self._run, name="hash", daemon=True)
             self._thread.start()
         # The caller may reuse a mutable buffer once we return: keep only immutable bytes.
-        self._pending.put(data if isinstance(data, bytes) else bytes(data))
+        self._batch.append(data if isinstance(data, bytes) else bytes(data))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            self._pending.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
 
     def _run(self) -> None:
-        while (data := self._pending.get()) is not None:
-            self._hash.update(data)
+        while (batch := self._pending.get()) is not None:
+            for data in batch:
+                self._hash.update(data)
             self._pending.task_done()
         self._pending.task_done()
 
     def _drain(self) -> None:
         if self._thread is not None:
+            self._hand_over()
             self._pending.join()
 
     def copy(self) -> hashlib._Hash:
@@ -60,5 +74,6 @@ class PipelinedHash:
             return
         self._closed = True
         if self._thread is not None:
+            self._hand_over()
             self._pending.put(None)
             self._thread.join()

@@ -29,6 +29,8 @@ from urllib.parse import urljoin
 
 import requests
 
+from imagewarm.localcluster.registryauth import RegistryAuth
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -567,13 +569,14 @@ def push(
 
     Blobs the registry already has are skipped; an index's platform manifests are pushed by
     digest before the index. ``chunked`` uploads blobs in PATCH requests of ``chunk_size``
-    bytes, else in one PUT. Uses basic auth when the registry has ``username``/``password``.
+    bytes, else in one PUT. Uses the registry's ``username``/``password`` if set, as Basic credentials
+    or for bearer tokens, as its challenge asks.
     Returns the manifest digest; raises PushError naming the request the registry refused.
     """
     session = requests.Session()
     username, password = getattr(registry, "username", None), getattr(registry, "password", None)
-    if username is not None and password is not None:
-        session.auth = (username, password)
+    # Basic up front as before; a token registry's Bearer challenge is answered with a token.
+    session.auth = RegistryAuth(username, password)
     base = f"{registry.url}/v2/{repository}"
     with session:
         children = list(image.images.values()) if isinstance(image, Index) else [image]

@@ -4,8 +4,9 @@
 log; ``Registry.requests()`` reads its access log so tests can assert what was fetched, and
 ``stop()``/``start()`` restart it on the same port with the same content.
 
-Token auth (``auth.token``) is not offered: distribution only *validates* bearer tokens and needs
-an external token server at ``realm`` to issue them, which Debian does not ship.
+``start_registry(workdir, token=True)`` runs it with ``auth.token``: distribution only *verifies*
+bearer tokens, so our own ``TokenServer`` (imagewarm.localcluster.tokenserver) issues them, started
+and stopped with the registry.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imagewarm.localcluster.processes import Daemon, free_ports
+from imagewarm.localcluster.tokenserver import TokenServer
 
 REGISTRY_BINARY = "docker-registry"
 
@@ -32,8 +34,9 @@ _ACCESS_LINE = re.compile(r'\] "(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (
 class Registry:
     """A ``docker-registry`` process and its storage under ``workdir``.
 
-    ``username``/``password`` are set when it requires htpasswd basic auth; ``proxy_remote_url``
-    when it is a pull-through cache of another registry.
+    ``username``/``password`` are set when it requires htpasswd basic auth or bearer tokens (then
+    ``token_server`` issues them, and runs while the registry does); ``proxy_remote_url`` when it
+    is a pull-through cache of another registry.
     """
 
     workdir: Path
@@ -41,6 +44,7 @@ class Registry:
     username: str | None = None
     password: str | None = None
     proxy_remote_url: str | None = None
+    token_server: TokenServer | None = None
     daemon: Daemon = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,8 @@ class Registry:
 
     def start(self, timeout: float = 30) -> Registry:
         """Start (or restart) on the same port and storage; returns once ``/v2/`` answers."""
+        if self.token_server is not None:
+            self.token_server.start()
         self.daemon.start()
         # The log line first: another process holding the port would answer /v2/ for us.
         self.daemon.wait_log(f"listening on {self.host}", timeout)
@@ -91,8 +97,10 @@ class Registry:
         return self
 
     def stop(self, timeout: float = 10) -> None:
-        """Stop the process; storage and log stay for a later ``start()``."""
+        """Stop the process (and its token server); storage and log stay for a later ``start()``."""
         self.daemon.stop(timeout)
+        if self.token_server is not None:
+            self.token_server.stop()
 
     def requests(self) -> list[tuple[str, str, int]]:
         """Every request served since the registry was first started, oldest first.
@@ -128,6 +136,19 @@ def _htpasswd_line(username: str, password: str) -> str:
     return result.stdout.strip() + "\n"
 
 
+def _token_auth(registry: Registry, server: TokenServer) -> dict[str, Any]:
+    """distribution's ``auth.token`` section trusting ``server``'s signing CA."""
+    bundle = server.write_root_bundle(registry.workdir / "token-root.pem")
+    return {
+        "token": {
+            "realm": server.realm,
+            "service": server.service,
+            "issuer": server.issuer,
+            "rootcertbundle": str(bundle),
+        }
+    }
+
+
 def _config(
     registry: Registry, htpasswd: Path | None, proxy_username: str | None, proxy_password: str | None
 ) -> dict[str, Any]:
@@ -147,6 +168,8 @@ def _config(
     }
     if htpasswd is not None:
         config["auth"] = {"htpasswd": {"realm": "imagewarm-test", "path": str(htpasswd)}}
+    if registry.token_server is not None:
+        config["auth"] = _token_auth(registry, registry.token_server)
     if registry.proxy_remote_url is not None:
         proxy: dict[str, str] = {"remoteurl": registry.proxy_remote_url}
         if proxy_username is not None:
@@ -166,10 +189,14 @@ def start_registry(
     proxy_password: str | None = None,
     port: int | None = None,
     timeout: float = 30,
+    token: bool = False,
 ) -> Registry:
     """Start a registry storing under ``workdir`` (created) and return it once it serves.
 
     ``auth``: require htpasswd basic auth with a generated ``username``/``password``.
+    ``token``: require bearer tokens (``auth.token``) from a ``TokenServer`` started alongside
+    (``registry.token_server``): ``username``/``password`` may push and pull anything, anonymous
+    clients may pull repositories under ``public/`` only.
     ``proxy_remote_url``: run as a pull-through cache of that registry (pushes are then refused),
     with ``proxy_username``/``proxy_password`` as upstream credentials. distribution 2.8 sends
     those only to bearer-token upstreams, not to basic-auth ones (distribution/distribution#3153),
@@ -185,7 +212,15 @@ def start_registry(
         port=port if port is not None else free_ports(1)[0],
         proxy_remote_url=proxy_remote_url,
     )
+    if auth and token:
+        raise ValueError("choose one of auth=True (htpasswd basic auth) and token=True (bearer tokens)")
     htpasswd = None
+    if token:
+        registry.username = "iw-user"
+        registry.password = secrets.token_urlsafe(12)
+        registry.token_server = TokenServer(
+            service=f"imagewarm-test-registry-{registry.port}", users={registry.username: registry.password}
+        ).start()
     if auth:
         registry.username = "iw-user"
         registry.password = secrets.token_urlsafe(12)
@@ -195,4 +230,9 @@ def start_registry(
     config = _config(registry, htpasswd, proxy_username, proxy_password)
     # JSON is YAML: no YAML library needed at run time.
     registry.config_path.write_text(json.dumps(config, indent=2))
-    return registry.start(timeout)
+    try:
+        return registry.start(timeout)
+    except BaseException:
+        if registry.token_server is not None:
+            registry.token_server.stop()
+        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -19,6 +20,7 @@ import pytest
 import requests
 
 from imagewarm.localcluster import images as image_types
+from imagewarm.localcluster import tokenserver
 from imagewarm.localcluster.images import ImageBuilder, push
 from imagewarm.localcluster.processes import Daemon, DaemonError, free_ports, live_daemons
 from imagewarm.localcluster.registry import start_registry
@@ -427,3 +429,157 @@ def test_a_forked_child_leaves_its_parents_daemons_alone(tmp_path):
         assert daemon.running
     finally:
         daemon.stop()
+
+
+# --- bearer-token auth (auth.token with our own token server) --------------------------------------
+
+
+def _bearer_get(registry, path: str, token: str) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}", "Accept": image_types.OCI_MANIFEST}
+    return requests.get(f"{registry.url}{path}", headers=headers, timeout=10)
+
+
+def _with_claims(token: str, claims: dict) -> str:
+    """``token`` with its claims swapped for ``claims`` but its original signature kept."""
+    header, _, signature = token.split(".")
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{payload}.{signature}"
+
+
+def _token(registry, scope: str, auth=None) -> str:
+    params = {"service": registry.token_server.service, "scope": scope}
+    response = requests.get(registry.token_server.realm, params=params, auth=auth, timeout=10)
+    response.raise_for_status()
+    return response.json()["token"]
+
+
+def test_token_registry_serves_credentials_and_refuses_anonymous_and_wrong_passwords(
+    token_registry, images, skopeo, tmp_path
+):
+    image = images.synthetic(layers=2, layer_size=150_000, seed=40)
+    digest = push(token_registry, "private/token-app", "v1", image, chunked=True, chunk_size=64 << 10)
+    assert digest == image.digest
+    challenge = requests.get(f"{token_registry.url}/v2/", timeout=10).headers["WWW-Authenticate"]
+    assert challenge.startswith(f'Bearer realm="{token_registry.token_server.realm}"')
+
+    creds = f"--src-creds={token_registry.username}:{token_registry.password}"
+    source = f"{token_registry.host}/private/token-app:v1"
+    assert_dir_matches(copy_to_dir(skopeo, source, tmp_path / "authorised", creds), image)
+    with pytest.raises(SkopeoError, match=r"(?i)unauthorized|denied"):
+        copy_to_dir(skopeo, source, tmp_path / "anonymous")
+    refused = token_registry.token_server.refused
+    with pytest.raises(SkopeoError):
+        copy_to_dir(skopeo, source, tmp_path / "wrong", f"--src-creds={token_registry.username}:wrong")
+    assert token_registry.token_server.refused > refused
+
+
+def test_token_registry_lets_anonymous_clients_pull_public_repositories_only(
+    token_registry, images, skopeo, tmp_path
+):
+    image = images.synthetic(layers=1, layer_size=100_000, seed=41)
+    push(token_registry, "public/tools", "v1", image)
+
+    copied = copy_to_dir(skopeo, f"{token_registry.host}/public/tools:v1", tmp_path / "anonymous")
+    assert_dir_matches(copied, image)
+    anonymous_pusher = type("Anonymous", (), {"url": token_registry.url})()
+    with pytest.raises(image_types.PushError, match="401"):
+        push(anonymous_pusher, "public/tools", "v2", image)
+
+
+def test_token_server_answers_as_the_token_spec_says(token_registry):
+    server = token_registry.token_server
+    credentials = (token_registry.username, token_registry.password)
+    response = requests.get(
+        server.realm,
+        params=[("service", server.service), ("scope", "repository:a/b:pull,push repository:c:pull")],
+        auth=credentials,
+        timeout=10,
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["token"] == body["access_token"]
+    assert body["expires_in"] >= 60
+    assert body["issued_at"].endswith("Z")
+    claims = tokenserver.token_claims(body["token"])
+    assert claims["iss"] == server.issuer
+    assert claims["aud"] == server.service
+    assert claims["sub"] == token_registry.username
+    assert claims["nbf"] <= time.time() < claims["exp"]
+    assert claims["access"] == [
+        {"type": "repository", "name": "a/b", "actions": ["pull", "push"]},
+        {"type": "repository", "name": "c", "actions": ["pull"]},
+    ]
+    # The x5c leaf is signed by the CA the registry trusts.
+    leaf = tokenserver.leaf_certificate(body["token"])
+    leaf.verify_directly_issued_by(server.signer.ca.certificate)
+
+    def anonymous_actions(scope: str) -> list[str]:
+        return tokenserver.token_claims(_token(token_registry, scope))["access"][0]["actions"]
+
+    assert anonymous_actions("repository:public/x:pull,push") == ["pull"]
+    assert anonymous_actions("repository:private/x:pull") == []
+    wrong_password = (token_registry.username, "nope")
+    wrong = requests.get(server.realm, params={"service": server.service}, auth=wrong_password, timeout=10)
+    assert wrong.status_code == 401
+    other_service = requests.get(server.realm, params={"service": "elsewhere"}, timeout=10)
+    assert other_service.status_code == 400
+
+
+def test_token_registry_checks_signature_issuer_audience_expiry_and_access(token_registry, images):
+    image = images.synthetic(layers=1, layer_size=50_000, seed=42)
+    push(token_registry, "private/verify", "v1", image)
+    server = token_registry.token_server
+    path = "/v2/private/verify/manifests/v1"
+    credentials = (token_registry.username, token_registry.password)
+    issued = _token(token_registry, "repository:private/verify:pull", credentials)
+    assert _bearer_get(token_registry, path, issued).status_code == 200
+
+    now = int(time.time())
+    good = {
+        "iss": server.issuer,
+        "sub": "someone",
+        "aud": server.service,
+        "exp": now + 300,
+        "nbf": now - 1,
+        "iat": now,
+        "jti": "t",
+        "access": [{"type": "repository", "name": "private/verify", "actions": ["pull"]}],
+    }
+    assert _bearer_get(token_registry, path, server.signer.sign(good)).status_code == 200
+    refused = {
+        "untrusted signer": tokenserver.TokenSigner().sign(good),
+        "wrong issuer": server.signer.sign({**good, "iss": "someone-else"}),
+        "wrong audience": server.signer.sign({**good, "aud": "another-registry"}),
+        "expired": server.signer.sign({**good, "exp": now - 120}),
+        "other repository": server.signer.sign(
+            {**good, "access": [{"type": "repository", "name": "private/other", "actions": ["pull"]}]}
+        ),
+        "tampered claims": _with_claims(server.signer.sign(good), {**good, "sub": "admin", "jti": "u"}),
+        "anonymous token": _token(token_registry, "repository:private/verify:pull"),
+    }
+    for what, token in refused.items():
+        assert _bearer_get(token_registry, path, token).status_code == 401, what
+
+
+def test_token_registry_restarts_with_its_token_server(registry_factory, images, skopeo):
+    started = registry_factory(token=True)
+    image = images.synthetic(layers=1, layer_size=50_000, seed=43)
+    push(started, "private/restart", "v1", image)
+    realm = started.token_server.realm
+    started.stop()
+    assert not started.token_server.running
+    started.start()
+    assert started.token_server.realm == realm
+    raw = skopeo(
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        f"--creds={started.username}:{started.password}",
+        f"docker://{started.host}/private/restart:v1",
+    )
+    assert raw.stdout.encode() == image.manifest
+
+
+def test_token_and_basic_auth_are_exclusive(tmp_path):
+    with pytest.raises(ValueError, match="choose one"):
+        start_registry(tmp_path / "both", auth=True, token=True)

@@ -218,7 +218,7 @@ class Fetch:
     def _next_step(self) -> bytes | tuple[int, int] | _Done | None:
         """Under the lock: bytes to send, a (start, end) span to read back from the file, _DONE, or None
         to wait. Raises TransferFailed when the fetch failed."""
-        if self._error:
+        if self._error and not self._verified:  # once verified, a failed commit only loses the cache
             raise TransferFailed(self._error)
         sent = self._sent
         # Held back: the last chunk goes only once the digest is verified.

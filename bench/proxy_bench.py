@@ -276,9 +276,10 @@ def main() -> int:
         disk = statistics.median(write_speed(work / f"write-{i}", sizes[-1]) for i in range(args.runs))
         print(f"\nwriting {sizes[-1]} MiB of new data to a file here (+fsync): {disk:.0f} MiB/s")
         print(
-            f"docker-registry pull-through: upstream GETs per cold blob {sorted(set(ptc_fetches))} "
-            "(distribution 2.8 relays the client's copy and stores a second fetch in the background, so "
-            "its cold column writes nothing to disk on the client's path; the proxy's does, and verifies)"
+            f"docker-registry pull-through: upstream GETs per blob for its cold and warm reads "
+            f"{sorted(set(ptc_fetches))} (the proxy: 1); distribution relays the client's copy straight from "
+            "the upstream and fills its storage with fetches of its own, so its cold column writes nothing "
+            "on the client's path, while the proxy's writes, verifies and caches what it sends"
         )
         print(
             f"fan-in: 16 concurrent cold fetches of the {size} MiB blob -> upstream served it {fetches}x "

@@ -36,8 +36,9 @@ class RegistryAuth(AuthBase):
     """Basic or bearer-token authentication, chosen by the registry's challenge; thread-safe."""
 
     def __init__(self, username: str | None = None, password: str | None = None, timeout: float = 30) -> None:
-        has_credentials = username is not None and password is not None
-        self.basic = HTTPBasicAuth(username, password) if has_credentials else None
+        self.basic = (
+            HTTPBasicAuth(username, password) if username is not None and password is not None else None
+        )
         self.timeout = timeout
         self._token: str | None = None
         self._lock = threading.Lock()
@@ -49,12 +50,14 @@ class RegistryAuth(AuthBase):
             request.headers["Authorization"] = f"Bearer {token}"
         elif self.basic is not None:
             request = self.basic(request)
-        body_start = request.body.tell() if hasattr(request.body, "tell") else None
+        # A file body is read by the first send: remember where it started, to rewind for a retry.
+        body = request.body
+        body_start = body.tell() if body is not None and hasattr(body, "tell") else None
 
         def retry(response: requests.Response, **kwargs: Any) -> requests.Response:
             return self._retry(response, body_start, **kwargs)
 
-        request.register_hook("response", retry)
+        request.register_hook("response", retry)  # type: ignore[no-untyped-call]
         return request
 
     def fetch_token(self, challenge: dict[str, str]) -> str:

@@ -1,0 +1,124 @@
+"""The proxy against a bearer-token upstream: the real docker-registry with ``auth.token`` and our token
+server. Credentials the client gives the proxy are exchanged for tokens, cached per scope; what an
+authorised client cached stays private to clients the upstream accepts."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import requests
+
+from imagewarm.localcluster.images import OCI_MANIFEST, push
+from tests.component import proxy_fixtures
+from tests.fixtures.registries import SkopeoError
+
+pytestmark = pytest.mark.component
+proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def copy(skopeo, source: str, target: Path, *extra: str) -> Path:
+    skopeo(
+        "copy", "--src-tls-verify=false", "--preserve-digests", *extra, f"docker://{source}", f"dir:{target}"
+    )
+    return target
+
+
+def assert_copied(copied: Path, image) -> None:
+    """Manifest byte for byte, every blob of the right size and digest."""
+    assert (copied / "manifest.json").read_bytes() == image.manifest
+    for blob in image.blobs:
+        stored = copied / blob.digest.split(":")[1]
+        assert stored.stat().st_size == blob.size
+        assert sha256_file(stored) == blob.digest
+
+
+def proxied_name(proxy, registry, repository: str) -> str:
+    return f"{proxy.host}/{registry.host.replace(':', '_')}/{repository}"
+
+
+def test_credentials_pull_a_private_image_that_anonymous_clients_then_cannot_read(
+    token_registry, images, skopeo, proxy_factory, tmp_path
+):
+    image = images.synthetic(layers=2, layer_size=200_000, seed=50)
+    push(token_registry, "private/proxied", "v1", image)
+    proxy = proxy_factory(insecure=(token_registry.host,), workers=2)
+    name = proxied_name(proxy, token_registry, "private/proxied")
+    creds = f"--src-creds={token_registry.username}:{token_registry.password}"
+
+    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "authorised", creds), image)
+
+    base = f"{proxy.url}/v2/{token_registry.host}/private/proxied"
+    accept = {"Accept": OCI_MANIFEST}
+    credentials = (token_registry.username, token_registry.password)
+    for url in (
+        f"{base}/manifests/v1",
+        f"{base}/manifests/{image.digest}",
+        f"{base}/blobs/{image.layers[0].digest}",
+    ):
+        anonymous = requests.get(url, headers=accept, timeout=10)
+        assert anonymous.status_code == 401, url
+        assert "WWW-Authenticate" in anonymous.headers
+        wrong = requests.get(url, headers=accept, auth=(token_registry.username, "wrong"), timeout=10)
+        assert wrong.status_code in (401, 403), url
+        right = requests.get(url, headers=accept, auth=credentials, timeout=10)
+        assert right.status_code == 200, url
+    with pytest.raises(SkopeoError, match=r"(?i)401|unauthorized|authentication"):
+        copy(skopeo, f"{name}:v1", tmp_path / "anonymous")
+    assert proxy.metric("imagewarm_proxy_auth_decisions_total", decision="deny") >= 1
+
+
+def test_a_public_image_pulls_anonymously_through_the_proxy(
+    token_registry, images, skopeo, proxy_factory, tmp_path
+):
+    image = images.synthetic(layers=2, layer_size=150_000, seed=51)
+    push(token_registry, "public/base", "v1", image)
+    proxy = proxy_factory(insecure=(token_registry.host,), workers=2)
+    name = proxied_name(proxy, token_registry, "public/base")
+    before = len(token_registry.requests())
+
+    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "cold"), image)
+    served = [
+        path
+        for method, path, status in token_registry.requests()[before:]
+        if method == "GET" and status == 200 and "/v2/public/base/blobs/" in path
+    ]
+    assert sorted(served) == sorted(f"/v2/public/base/blobs/{b.digest}" for b in image.blobs)
+    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "warm"), image)
+
+
+def test_repeated_pulls_reuse_the_cached_token(token_registry, images, skopeo, proxy_factory, tmp_path):
+    workers = 2
+    pushed = [images.synthetic(layers=2, layer_size=60_000, seed=60 + n) for n in range(4)]
+    for n, image in enumerate(pushed):
+        push(token_registry, "private/many", f"v{n}", image)
+    proxy = proxy_factory(insecure=(token_registry.host,), workers=workers, extra=("--tag-ttl", "0s"))
+    name = proxied_name(proxy, token_registry, "private/many")
+    creds = f"--src-creds={token_registry.username}:{token_registry.password}"
+    server = token_registry.token_server
+    issued, by_scope = server.issued, server.issued_by_scope.copy()
+    upstream_before = len(token_registry.requests())
+
+    for round_ in range(2):
+        for n, image in enumerate(pushed):
+            assert_copied(copy(skopeo, f"{name}:v{n}", tmp_path / f"r{round_}-v{n}", creds), image)
+
+    upstream = token_registry.requests()[upstream_before:]
+    tokens = server.issued - issued
+    new_scopes = {key for key, count in (server.issued_by_scope - by_scope).items() if count}
+    # Every upstream request was authorised (at most one unauthenticated first try per worker) ...
+    assert sum(status == 401 for _, _, status in upstream) <= workers
+    assert sum(status == 200 for _, _, status in upstream) >= len(pushed) * 4
+    # ... by at most one token per worker: for these credentials and this scope only.
+    assert 1 <= tokens <= workers, (tokens, len(upstream))
+    assert tokens * 5 <= len(upstream)  # measured: 2 tokens for 22 upstream requests
+    assert new_scopes == {(token_registry.username, "repository:private/many:pull")}

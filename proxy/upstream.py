@@ -317,7 +317,7 @@ class Upstream:
 def _backoff(attempt: int, retry_after: str | None = None) -> float:
     if retry_after and retry_after.strip().isdigit():
         return min(float(retry_after), MAX_RETRY_AFTER)
-    return min(0.1 * (2**attempt), MAX_BACKOFF)
+    return min(0.1 * 2.0**attempt, MAX_BACKOFF)
 
 
 def _raise_for(response: requests.Response, unknown: str, name: str) -> None:

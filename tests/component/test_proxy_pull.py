@@ -3,45 +3,21 @@
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from imagewarm.localcluster.images import push
 from tests.component import proxy_fixtures
+from tests.oci_checks import assert_dir_matches, copy_to_dir
 
 pytestmark = pytest.mark.component
 proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
 def segment(host: str) -> str:
     return host.replace(":", "_")
-
-
-def copy(skopeo, source: str, target: Path, *extra: str) -> Path:
-    skopeo(
-        "copy", "--src-tls-verify=false", "--preserve-digests", *extra, f"docker://{source}", f"dir:{target}"
-    )
-    return target
-
-
-def assert_copied(copied: Path, image) -> None:
-    assert (copied / "manifest.json").read_bytes() == image.manifest
-    for blob in image.blobs:
-        stored = copied / blob.digest.split(":")[1]
-        assert stored.stat().st_size == blob.size
-        assert sha256_file(stored) == blob.digest
 
 
 def blob_gets(registry, repository: str) -> list[str]:
@@ -58,9 +34,9 @@ def test_skopeo_copies_through_the_proxy_by_tag_and_digest(registry, images, sko
     proxy = proxy_factory(insecure=(registry.host,))
     name = f"{proxy.host}/{segment(registry.host)}/pull/basic"
 
-    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "cold"), image)
-    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "warm"), image)
-    assert_copied(copy(skopeo, f"{name}@{image.digest}", tmp_path / "digest"), image)
+    assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "cold"), image)
+    assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "warm"), image)
+    assert_dir_matches(copy_to_dir(skopeo, f"{name}@{image.digest}", tmp_path / "digest"), image)
 
     # Each blob came from the upstream once; the warm copies were served from the cache.
     gets = blob_gets(registry, "pull/basic")
@@ -145,7 +121,7 @@ def test_multi_platform_index(registry, images, skopeo, proxy_factory, tmp_path)
     name = f"{proxy.host}/{segment(registry.host)}/pull/multi:v1"
     raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}")
     assert raw.stdout.encode() == index.manifest
-    copied = copy(skopeo, name, tmp_path / "all", "--all")
+    copied = copy_to_dir(skopeo, name, tmp_path / "all", "--all")
     assert (copied / "manifest.json").read_bytes() == index.manifest
     for image in (amd, arm):
         assert (copied / f"{image.digest.split(':')[1]}.manifest.json").read_bytes() == image.manifest
@@ -172,11 +148,11 @@ def test_offline_upstream_still_serves_tags_and_digests(
     push(upstream, "pull/offline", "v1", image)
     proxy = proxy_factory(insecure=(upstream.host,), extra=("--tag-ttl", "1s", "--retries", "1"))
     name = f"{proxy.host}/{segment(upstream.host)}/pull/offline"
-    copy(skopeo, f"{name}:v1", tmp_path / "online")
+    copy_to_dir(skopeo, f"{name}:v1", tmp_path / "online")
     upstream.stop()
     time.sleep(1.2)  # the tag is due for a re-check, which fails
-    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "tag"), image)
-    assert_copied(copy(skopeo, f"{name}@{image.digest}", tmp_path / "digest"), image)
+    assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "tag"), image)
+    assert_dir_matches(copy_to_dir(skopeo, f"{name}@{image.digest}", tmp_path / "digest"), image)
     assert proxy.metric("imagewarm_proxy_stale_tag_serves_total") >= 1
 
 
@@ -186,9 +162,9 @@ def test_fan_in_sixteen_cold_pulls_fetch_each_blob_once(registry, images, skopeo
     proxy = proxy_factory(insecure=(registry.host,), workers=4)
     name = f"{proxy.host}/{segment(registry.host)}/pull/fanin:v1"
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        copies = list(pool.map(lambda i: copy(skopeo, name, tmp_path / f"c{i}"), range(16)))
+        copies = list(pool.map(lambda i: copy_to_dir(skopeo, name, tmp_path / f"c{i}"), range(16)))
     for copied in copies:
-        assert_copied(copied, image)
+        assert_dir_matches(copied, image)
     gets = blob_gets(registry, "pull/fanin")
     assert sorted(gets) == sorted(f"/v2/pull/fanin/blobs/{b.digest}" for b in image.blobs)
 
@@ -201,7 +177,7 @@ def test_unauthenticated_client_cannot_read_a_private_image_an_authorised_client
     proxy = proxy_factory(insecure=(auth_registry.host,), workers=2)
     name = f"{proxy.host}/{segment(auth_registry.host)}/private/app"
     creds = f"--src-creds={auth_registry.username}:{auth_registry.password}"
-    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "authorised", creds), image)
+    assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "authorised", creds), image)
 
     base = f"{proxy.url}/v2/{auth_registry.host}/private/app"
     layer = image.layers[0].digest
@@ -214,5 +190,5 @@ def test_unauthenticated_client_cannot_read_a_private_image_an_authorised_client
         right = requests.get(url, auth=(auth_registry.username, auth_registry.password), timeout=10)
         assert right.status_code == 200, url
     with pytest.raises(Exception, match=r"401|unauthorized|authentication"):
-        copy(skopeo, f"{name}:v1", tmp_path / "anonymous")
+        copy_to_dir(skopeo, f"{name}:v1", tmp_path / "anonymous")
     assert proxy.metric("imagewarm_proxy_auth_decisions_total", decision="deny") >= 1

@@ -4,42 +4,16 @@ authorised client cached stays private to clients the upstream accepts."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import pytest
 import requests
 
 from imagewarm.localcluster.images import OCI_MANIFEST, push
 from tests.component import proxy_fixtures
 from tests.fixtures.registries import SkopeoError
+from tests.oci_checks import assert_dir_matches, copy_to_dir
 
 pytestmark = pytest.mark.component
 proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
-def copy(skopeo, source: str, target: Path, *extra: str) -> Path:
-    skopeo(
-        "copy", "--src-tls-verify=false", "--preserve-digests", *extra, f"docker://{source}", f"dir:{target}"
-    )
-    return target
-
-
-def assert_copied(copied: Path, image) -> None:
-    """Manifest byte for byte, every blob of the right size and digest."""
-    assert (copied / "manifest.json").read_bytes() == image.manifest
-    for blob in image.blobs:
-        stored = copied / blob.digest.split(":")[1]
-        assert stored.stat().st_size == blob.size
-        assert sha256_file(stored) == blob.digest
 
 
 def proxied_name(proxy, registry, repository: str) -> str:
@@ -55,7 +29,7 @@ def test_credentials_pull_a_private_image_that_anonymous_clients_then_cannot_rea
     name = proxied_name(proxy, token_registry, "private/proxied")
     creds = f"--src-creds={token_registry.username}:{token_registry.password}"
 
-    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "authorised", creds), image)
+    assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "authorised", creds), image)
 
     base = f"{proxy.url}/v2/{token_registry.host}/private/proxied"
     accept = {"Accept": OCI_MANIFEST}
@@ -73,7 +47,7 @@ def test_credentials_pull_a_private_image_that_anonymous_clients_then_cannot_rea
         right = requests.get(url, headers=accept, auth=credentials, timeout=10)
         assert right.status_code == 200, url
     with pytest.raises(SkopeoError, match=r"(?i)401|unauthorized|authentication"):
-        copy(skopeo, f"{name}:v1", tmp_path / "anonymous")
+        copy_to_dir(skopeo, f"{name}:v1", tmp_path / "anonymous")
     assert proxy.metric("imagewarm_proxy_auth_decisions_total", decision="deny") >= 1
 
 
@@ -86,14 +60,14 @@ def test_a_public_image_pulls_anonymously_through_the_proxy(
     name = proxied_name(proxy, token_registry, "public/base")
     before = len(token_registry.requests())
 
-    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "cold"), image)
+    assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "cold"), image)
     served = [
         path
         for method, path, status in token_registry.requests()[before:]
         if method == "GET" and status == 200 and "/v2/public/base/blobs/" in path
     ]
     assert sorted(served) == sorted(f"/v2/public/base/blobs/{b.digest}" for b in image.blobs)
-    assert_copied(copy(skopeo, f"{name}:v1", tmp_path / "warm"), image)
+    assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "warm"), image)
 
 
 def test_repeated_pulls_reuse_the_cached_token(token_registry, images, skopeo, proxy_factory, tmp_path):
@@ -110,7 +84,9 @@ def test_repeated_pulls_reuse_the_cached_token(token_registry, images, skopeo, p
 
     for round_ in range(2):
         for n, image in enumerate(pushed):
-            assert_copied(copy(skopeo, f"{name}:v{n}", tmp_path / f"r{round_}-v{n}", creds), image)
+            assert_dir_matches(
+                copy_to_dir(skopeo, f"{name}:v{n}", tmp_path / f"r{round_}-v{n}", creds), image
+            )
 
     upstream = token_registry.requests()[upstream_before:]
     tokens = server.issued - issued

@@ -41,11 +41,10 @@ def decide(image: object, rule: Rule) -> Outcome:
     or cannot be proxied). Idempotent: an image already on the proxy is never prefixed again."""
     if not isinstance(image, str) or not image:
         return Outcome(warning=f"image {image!r} is not a reference; left unchanged")
-    if image.startswith(rule.proxy_prefix + "/"):
+    # The prefix test is the cheap common case (reinvocation); is_proxied also catches other spellings.
+    if image.startswith(rule.proxy_prefix + "/") or reference.is_proxied(image, rule.proxy_prefix):
         return Outcome()
     try:
-        if reference.from_proxied(image, prefix=rule.proxy_prefix) is not None:
-            return Outcome()
         ref = reference.parse(image)
     except ValueError as exc:
         return Outcome(warning=f"image {image!r} left unchanged: {exc}")

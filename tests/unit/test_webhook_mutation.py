@@ -229,3 +229,13 @@ def test_list_insertions_are_add_operations_after_the_edits() -> None:
     assert diff_pod(old, reordered) == [
         {"op": "replace", "path": "/spec/containers", "value": reordered["spec"]["containers"]}
     ]
+
+
+def test_an_image_already_on_the_proxy_in_another_spelling_is_not_prefixed_again() -> None:
+    from webhook.rewrite import Rule, decide
+
+    rule = Rule(proxy_prefix="proxy.internal:7439", excluded_registries=frozenset())
+    for spelling in ("PROXY.INTERNAL:7439/docker.io/library/nginx:1.27", "proxy.internal:7439/nginx"):
+        outcome = decide(spelling, rule)
+        assert (outcome.image, outcome.warning) == (None, None), spelling
+    assert decide("nginx:1.27", rule).image == "proxy.internal:7439/docker.io/library/nginx:1.27"

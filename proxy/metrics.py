@@ -17,7 +17,9 @@ FETCH_SECONDS = histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )
 IN_FLIGHT = gauge("proxy_inflight_fetches", "Upstream blob fetches in progress", unitless_ok=True)
-CACHE_BYTES = gauge("proxy_cache_bytes", "Bytes held by the blob cache", multiprocess_mode="max")
+# Set from the store's shared counter by whichever worker serves the scrape: the most recent value is
+# the true one (max would keep a stale size from before an eviction).
+CACHE_BYTES = gauge("proxy_cache_bytes", "Bytes held by the blob cache", multiprocess_mode="livemostrecent")
 EVICTIONS = counter("proxy_evictions_total", "Blobs evicted to stay under --max-cache-bytes")
 EVICTED_BYTES = counter("proxy_evicted_bytes_total", "Bytes evicted to stay under --max-cache-bytes")
 AUTH_DECISIONS = counter(

@@ -238,6 +238,9 @@ def test_certificate_files_replaced_are_served_without_restart(tmp_path: Path) -
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        # Each worker re-reads the files at most once a second, on a new connection: past that interval
+        # every worker serves the new certificate.
+        time.sleep(1.2)
         fresh = requests.Session()
         fresh.trust_env = False
         fresh.verify = str(tmp_path / "new-ca.crt")

@@ -226,6 +226,24 @@ def _check_digest(digest: str, text: str) -> None:
         )
 
 
+def split_digest(digest: str) -> tuple[str, str]:
+    """(algorithm, hex) of a digest content can be verified against: `sha256:<64 lower-case hex>` or
+    `sha512:<128 lower-case hex>`. Raises InvalidReference naming what is wrong."""
+    if not isinstance(digest, str):
+        raise InvalidReference(f"a digest must be text, not {type(digest).__name__}")
+    _check_digest(digest, digest)
+    algorithm, _, encoded = digest.partition(":")
+    return algorithm, encoded
+
+
+def check_tag(tag: str) -> str:
+    """`tag` when it is a valid tag; raises InvalidReference saying the grammar otherwise."""
+    if not isinstance(tag, str):
+        raise InvalidReference(f"a tag must be text, not {type(tag).__name__}")
+    _check_tag(tag, tag)
+    return tag
+
+
 # The proxied form: `<prefix>/<registry-segment>/<repository>`, tag and digest kept.
 
 

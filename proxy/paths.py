@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from imagewarm import reference
+
 # Algorithms we can verify, with the length of their hex encoding. Anything else is refused: a digest
 # we cannot verify must never name a file.
-ALGORITHMS = {"sha256": 64, "sha512": 128}
-_DIGEST = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
+ALGORITHMS = reference.DIGEST_HEX_LENGTHS
 PARTIAL_SUFFIX = ".partial"
 NEW_SUFFIX = ".new"
 TMP_SUFFIX = ".tmp"
@@ -40,16 +40,10 @@ class InvalidDigest(ValueError):
 
 def split_digest(digest: str) -> tuple[str, str]:
     """Return (algorithm, hex) of a validated digest; raises InvalidDigest naming what is wrong."""
-    match = _DIGEST.match(digest)
-    if match is None:
-        raise InvalidDigest(
-            f"invalid digest {digest!r}: expected sha256:<64 lowercase hex> or sha512:<128 lowercase hex>"
-        )
-    algorithm, hexpart = match.groups()
-    if len(hexpart) != ALGORITHMS[algorithm]:
-        needs = ALGORITHMS[algorithm]
-        raise InvalidDigest(f"invalid digest {digest!r}: {algorithm} needs {needs} hex digits")
-    return algorithm, hexpart
+    try:
+        return reference.split_digest(digest)
+    except reference.InvalidReference as exc:
+        raise InvalidDigest(str(exc)) from None
 
 
 def hasher(digest: str) -> hashlib._Hash:

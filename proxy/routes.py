@@ -6,18 +6,11 @@ Rewrite mode: `/v2/<registry-segment>/<repository>/(manifests|blobs)/<reference>
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
 
 from imagewarm import reference as references
 from proxy.errors import RegistryError, digest_invalid, name_invalid
-
-# Distribution spec grammar (path components, tags, digests).
-_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGEST = re.compile(r"^(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
-MAX_NAME = 255
 
 
 class Kind(Enum):
@@ -44,13 +37,11 @@ class Target:
         return f"{self.registry}/{self.repository}"
 
 
-def is_digest(text: str) -> bool:
-    return bool(_DIGEST.match(text))
-
-
 def check_digest(text: str) -> str:
-    if not is_digest(text):
-        raise digest_invalid(f"{text!r} is not a digest: expected sha256:<64 hex> or sha512:<128 hex>")
+    try:
+        references.split_digest(text)
+    except references.InvalidReference as exc:
+        raise digest_invalid(str(exc)) from None
     return text
 
 
@@ -64,20 +55,14 @@ def _registry(segment: str) -> str:
 
 
 def _repository(registry: str, parts: list[str]) -> str:
+    """The repository named by `parts` on `registry`, by the one reference parser (which also adds
+    Docker Hub's `library/` and enforces the name length)."""
     if not parts:
         raise name_invalid("the path names no repository: expected /v2/<registry>/<repository>/...")
-    for part in parts:
-        if not _COMPONENT.match(part):
-            raise name_invalid(
-                f"{part!r} is not a valid repository path component "
-                "(lower-case letters, digits and single separators . _ __ -)"
-            )
-    repository = "/".join(parts)
-    if registry == "docker.io" and len(parts) == 1:
-        repository = "library/" + repository  # Docker Hub's official images
-    if len(registry) + 1 + len(repository) > MAX_NAME:
-        raise name_invalid(f"repository name over {MAX_NAME} characters")
-    return repository
+    try:
+        return references.parse(f"{registry}/{'/'.join(parts)}").repository
+    except references.InvalidReference as exc:
+        raise name_invalid(str(exc)) from None
 
 
 def parse(path: str, ns: str | None = None, own_hosts: frozenset[str] = frozenset()) -> Target:
@@ -110,6 +95,9 @@ def parse(path: str, ns: str | None = None, own_hosts: frozenset[str] = frozense
     repository = _repository(registry, names)
     if kind is Kind.BLOB or ":" in ref:
         check_digest(ref)
-    elif not _TAG.match(ref):
-        raise name_invalid(f"{ref!r} is not a valid tag (letters, digits, _ . -; at most 128)")
+    else:
+        try:
+            references.check_tag(ref)
+        except references.InvalidReference as exc:
+            raise name_invalid(str(exc)) from None
     return Target(kind, registry, repository, ref)

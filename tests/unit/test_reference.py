@@ -7,6 +7,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from imagewarm import reference
 from imagewarm.reference import (
     InvalidReference,
     Reference,
@@ -365,3 +366,23 @@ def test_mutated_references_raise_nothing_but_invalid_reference(
 
 def test_parse_is_cached_for_the_webhooks_hot_path() -> None:
     assert parse("nginx:1.27") is parse("nginx:1.27")
+
+
+def test_split_digest_accepts_only_verifiable_digests() -> None:
+    assert reference.split_digest("sha256:" + "a" * 64) == ("sha256", "a" * 64)
+    assert reference.split_digest("sha512:" + "0" * 128) == ("sha512", "0" * 128)
+    for bad, said in [
+        ("sha256:" + "a" * 63, "expected 64"),
+        ("sha256:" + "A" * 64, "upper-case"),
+        ("sha384:" + "a" * 96, "unsupported digest algorithm"),
+        ("latest", "ALGORITHM:HEX"),
+    ]:
+        with pytest.raises(reference.InvalidReference, match=said):
+            reference.split_digest(bad)
+
+
+def test_check_tag() -> None:
+    assert reference.check_tag("v1.2_rc-3") == "v1.2_rc-3"
+    for bad in ("", "-x", "a+b", "t" * 129):
+        with pytest.raises(reference.InvalidReference, match="tags are"):
+            reference.check_tag(bad)

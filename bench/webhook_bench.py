@@ -21,7 +21,6 @@ import http.client
 import json
 import multiprocessing
 import os
-import socket
 import ssl
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from imagewarm import certs  # noqa: E402
+from imagewarm.localcluster.processes import free_ports  # noqa: E402
 
 SIDECARSET = {
     "apiVersion": "imagewarm.io/v1alpha1",
@@ -169,12 +169,6 @@ class StandInAPI(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_webhook(workdir: Path, api_url: str) -> tuple[subprocess.Popen[bytes], int, bytes]:
     ca = certs.new_ca("bench-ca")
     leaf = certs.issue(ca, "localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
@@ -194,7 +188,7 @@ def start_webhook(workdir: Path, api_url: str) -> tuple[subprocess.Popen[bytes],
             }
         )
     )
-    port = free_port()
+    port = free_ports(1)[0]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     process = subprocess.Popen(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -112,7 +111,7 @@ class Stack:
 
     def _start_webhook(self) -> None:
         ip = self.cluster.nodes[0].ip
-        port = _free_port(ip)
+        port = free_ports(1, host=ip)[0]
         self.webhook_address = (ip, port)
         flags = [
             "--namespace", NAMESPACE, "--service-name", WEBHOOK_SERVICE,
@@ -228,12 +227,6 @@ def _run(argv: list[str], log: Path) -> str:
         log.write_text(proc.stdout + proc.stderr)
         raise StackError(f"`{' '.join(argv[2:])}` failed: {proc.stderr.strip()[-2000:]}")
     return proc.stdout
-
-
-def _free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 def _fresh_dir(path: Path) -> Path:

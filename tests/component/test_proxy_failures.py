@@ -5,9 +5,7 @@ small Flask registry written here) puts each failure at a known point of the tra
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -23,6 +21,7 @@ from imagewarm.localcluster.images import push
 from imagewarm.localcluster.processes import free_ports
 from proxy.paths import Layout
 from tests.component import proxy_fixtures
+from tests.small_disk import small_tmpfs
 
 pytestmark = pytest.mark.component
 proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
@@ -165,15 +164,8 @@ def test_kill_9_mid_transfer_then_restart_serves_correct_bytes(gated, proxy_fact
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 16 MiB tmpfs (we run as root), unmounted afterwards."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "16m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-        if os.path.ismount(mount):
-            subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_streams_through_and_caching_resumes_when_space_returns(

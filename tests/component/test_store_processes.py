@@ -10,7 +10,6 @@ import hashlib
 import multiprocessing
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from proxy.eviction import Evictor
 from proxy.flight import Follower, Writer
 from proxy.manifest_store import ManifestStore
 from proxy.store import BlobStore, CachedBlob, DiskFull, FetchAborted, NotCached, StoreError
+from tests.small_disk import small_tmpfs
 
 pytestmark = pytest.mark.component
 
@@ -214,15 +214,8 @@ def test_eviction_spares_a_blob_another_process_is_serving(tmp_path: Path) -> No
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB tmpfs (we run as root), unmounted afterwards."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-        if os.path.ismount(mount):
-            subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _free(path: Path) -> int:

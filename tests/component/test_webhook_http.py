@@ -21,16 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imagewarm import certs
+from imagewarm.localcluster.processes import free_ports
 
 pytestmark = pytest.mark.component
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_pair(directory: Path, ca: certs.CertKey) -> None:
@@ -65,7 +60,7 @@ def serve(tmp: Path, *extra: str) -> Served:
     ca = certs.new_ca("test-ca")
     (tmp / "ca.crt").write_bytes(ca.cert_pem)
     write_pair(tls_dir, ca)
-    port = free_port()
+    port = free_ports(1)[0]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     process = subprocess.Popen(

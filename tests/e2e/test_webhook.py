@@ -30,6 +30,7 @@ from imagewarm import certs
 from imagewarm.informer import Informer
 from imagewarm.kube import Kube
 from imagewarm.localcluster.cluster import Cluster
+from imagewarm.localcluster.processes import free_ports
 from webhook.registration import mutating_webhook_configuration
 from webhook.selfcert import CertManager, Material
 
@@ -58,17 +59,11 @@ def eventually(check: Callable[[], Any], timeout: float = 20, what: str = "") ->
         time.sleep(0.3)
 
 
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
-
-
 class Webhook:
     def __init__(self, cluster: Cluster, tmp: Path) -> None:
         self.cluster = cluster
         self.ip = cluster.nodes[0].ip
-        self.port = free_port(self.ip)
+        self.port = free_ports(1, host=self.ip)[0]
         self.log = tmp / "webhook.log"
         self.process: subprocess.Popen[bytes] | None = None
 

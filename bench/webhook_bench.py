@@ -346,7 +346,7 @@ def main() -> int:
             process.wait(15)
             api.shutdown()
     print(
-        f"\nimagewarm webhook, gunicorn gthread 2 workers x 8 threads, TLS keep-alive, "
+        f"\nimagewarm webhook, gunicorn, 2 workers, a thread per connection, TLS keep-alive, "
         f"{total} requests per cell, {os.cpu_count()} CPUs shared with the clients, "
         f"load average {os.getloadavg()[0]:.1f} at the end\n"
     )

@@ -43,7 +43,9 @@ class WebhookConfig:
         True, help="inject SidecarSets (needs list/watch on sidecarsets, namespaces)", parse=parse_bool
     )
     workers: int = setting(2, help="gunicorn worker processes", parse=int)
-    threads: int = setting(8, help="threads per worker", parse=int)
+    connections: int = setting(
+        1000, help="open client connections per worker (a thread each; the API server keeps a few)", parse=int
+    )
     max_body_bytes: int = setting(3 * 1024 * 1024, help="largest AdmissionReview accepted", parse=parse_bytes)
     sync_wait: float = setting(
         1.0, help="how long a request waits for the SidecarSet cache's first sync", parse=parse_duration
@@ -67,8 +69,8 @@ class WebhookConfig:
             raise ValueError(
                 f"--proxy-prefix {self.proxy_prefix!r}: give HOST:PORT only, e.g. localhost:7439"
             )
-        if self.workers < 1 or self.threads < 1:
-            raise ValueError("--workers and --threads must be at least 1")
+        if self.workers < 1 or self.connections < 1:
+            raise ValueError("--workers and --connections must be at least 1")
         if self.log_format not in ("json", "text"):
             raise ValueError("--log-format must be json or text")
 

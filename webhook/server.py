@@ -66,8 +66,8 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         settings = {
             "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
             "workers": self.webhook_config.workers,
-            "threads": self.webhook_config.threads,
-            "worker_class": "gthread",
+            "worker_connections": self.webhook_config.connections,
+            "worker_class": "imagewarm.worker.ConnectionThreadWorker",
             "keepalive": 75,  # the API server keeps connections to webhooks open
             "timeout": 30,
             "graceful_timeout": 5,

@@ -76,8 +76,8 @@ def serve(tmp: Path, *extra: str) -> Served:
             "false",
             "--workers",
             "2",
-            "--threads",
-            "4",
+            "--connections",
+            "64",
             "--exclude-registry",
             "quay.io",
             "--log-format",
@@ -243,3 +243,38 @@ def test_certificate_files_replaced_are_served_without_restart(tmp_path: Path) -
     finally:
         served.process.terminate()
         served.process.wait(10)
+
+
+def _keep_alive_request(served: Served, context: ssl.SSLContext) -> ssl.SSLSocket:
+    """A TLS connection that has made one request and stays open (HTTP/1.1 keep-alive)."""
+    host, port = served.url.removeprefix("https://").split(":")
+    tls = context.wrap_socket(
+        socket.create_connection((host, int(port)), timeout=5), server_hostname="localhost"
+    )
+    tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+    return tls
+
+
+def test_silent_and_idle_connections_neither_block_requests_nor_a_stop(tmp_path: Path) -> None:
+    """Each connection has its own thread: a client stuck before its TLS handshake and many idle
+    keep-alive connections do not delay other requests, and SIGTERM ends the server promptly."""
+    served = serve(tmp_path)
+    context = ssl.create_default_context(cafile=str(served.ca_file))
+    host, port = served.url.removeprefix("https://").split(":")
+    silent = socket.create_connection((host, int(port)), timeout=5)  # never starts TLS
+    idle = [_keep_alive_request(served, context) for _ in range(40)]
+    try:
+        for _ in range(5):
+            assert served.post(review(POD)).status_code == 200
+        started = time.monotonic()
+        served.process.terminate()
+        served.process.wait(10)
+        # Graceful stop closes idle connections at once instead of waiting out their keep-alive.
+        assert time.monotonic() - started < 4
+        assert served.process.returncode == 0
+    finally:
+        served.process.kill()
+        silent.close()
+        for tls in idle:
+            tls.close()

@@ -1,0 +1,140 @@
+"""A gunicorn worker with one thread per keep-alive connection.
+
+gunicorn's `gthread` worker hands every request from its poller thread to a pool thread and back
+(a future, a wake-up pipe, a re-registration with the poller): on a small request that machinery
+costs more CPU than the request itself, and under load its thread handoffs make the latency tail.
+Our clients hold a few long-lived connections (the API server to the webhook, the container runtime
+to the node proxy), so a thread per connection that reads, answers and reads again is both simpler
+and cheaper. Connections are bounded by `worker_connections`; idle ones close after `keepalive`
+seconds.
+
+Use it with `worker_class="imagewarm.worker.ConnectionThreadWorker"`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import socket
+import sys
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+from gunicorn import sock as gunicorn_sock
+from gunicorn.workers.base_async import AsyncWorker
+
+# How often the main loop wakes to tell the arbiter it is alive and to check its parent.
+HEARTBEAT = 1.0
+# The interpreter's default 5 ms GIL switch interval lets one busy connection delay a ready one by
+# that much; a shorter interval keeps the latency tail near the cost of a request.
+SWITCH_INTERVAL = 0.0005
+
+
+class _IdleTimeout:
+    """Around the wait for the next request: a keep-alive connection idle past its timeout is
+    closed quietly (gunicorn treats StopIteration as "close the connection")."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if kind is not None and issubclass(kind, TimeoutError):
+            raise StopIteration("keep-alive connection idle") from None
+
+
+class _Connection:
+    __slots__ = ("busy", "socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self.busy = False
+
+
+class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        # Open connections by descriptor: the socket (TLS-wrapped once the handshake is done) and
+        # whether it is serving a request now.
+        self._connections: dict[int, _Connection] = {}
+        self._idle = _IdleTimeout()
+
+    def init_process(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        super().init_process()
+
+    def timeout_ctx(self) -> _IdleTimeout:
+        return self._idle
+
+    def run(self) -> None:
+        selector = selectors.DefaultSelector()
+        for listener in self.sockets:
+            listener.setblocking(False)
+            selector.register(listener, selectors.EVENT_READ)
+        while self.alive and self.ppid == os.getppid():
+            self.notify()
+            if len(self._connections) >= self.worker_connections:
+                time.sleep(0.01)
+                continue
+            for key, _ in selector.select(HEARTBEAT):
+                self._accept(key.fileobj)  # type: ignore[arg-type]
+        selector.close()
+        self._drain()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            client, address = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker took it, or the client gave up
+        client.setblocking(True)
+        client.settimeout(self.cfg.keepalive or self.cfg.timeout)
+        with self._lock:
+            self._connections[client.fileno()] = _Connection(client)
+        threading.Thread(target=self._serve, args=(listener, client, address), daemon=True).start()
+
+    def _serve(self, listener: socket.socket, client: socket.socket, address: Any) -> None:
+        fd = client.fileno()
+        connection = client
+        try:
+            if self.cfg.is_ssl:
+                connection = gunicorn_sock.ssl_wrap_socket(client, self.cfg)  # takes over the descriptor
+                with self._lock:
+                    self._connections[fd].socket = connection
+            self.handle(listener, connection, address)  # closes the connection when done
+        except OSError as exc:  # a failed TLS handshake: the client's problem, logged quietly
+            self.log.debug("connection from %s failed: %s", address, exc)
+            connection.close()
+        finally:
+            with self._lock:
+                self._connections.pop(fd, None)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
+        connection = self._connections.get(sock.fileno())
+        if connection is not None:
+            connection.busy = True
+        try:
+            return bool(super().handle_request(listener_name, req, sock, addr))
+        finally:
+            if connection is not None:
+                connection.busy = False
+
+    def _drain(self) -> None:
+        """Graceful stop: let requests in progress finish (up to `graceful_timeout`), then close the
+        idle keep-alive connections so their threads end."""
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = any(connection.busy for connection in self._connections.values())
+            if not busy:
+                break
+            time.sleep(0.02)
+        with self._lock:
+            connections = [connection.socket for connection in self._connections.values()]
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)

@@ -39,11 +39,11 @@ def not_landed(what: str, issue: str) -> Command:
 
 def _builtin_commands() -> dict[str, Command]:
     # Imported here so `imagewarm --help` stays fast and the demo's dependencies load only for it.
-    from imagewarm import demo
+    from imagewarm import demo, warmcommand
 
     return {
         "demo": demo.command,
-        "warm": not_landed("imagewarm warm", "the controller issue"),
+        "warm": warmcommand.command,
         "status": not_landed("imagewarm status", "the controller issue"),
     }
 

@@ -30,11 +30,15 @@ def setting(
     parse: Callable[[str], Any] = str,
     repeated: bool = False,
     metavar: str | None = None,
+    positional: bool = False,
 ) -> Any:
     """Declare one setting. `parse` turns the text of a flag or variable into the value (raising
     ValueError with a reason when it cannot); `repeated` settings are tuples, given by repeating
-    the flag or as a comma-separated variable. Without a default the setting is required."""
-    meta = {"help": help, "parse": parse, "repeated": repeated, "metavar": metavar}
+    the flag or as a comma-separated variable. A `positional` repeated setting is given as the
+    command's arguments instead of a flag. Without a default the setting is required."""
+    if positional and not repeated:
+        raise TypeError("a positional setting takes any number of arguments: declare it repeated=True")
+    meta = {"help": help, "parse": parse, "repeated": repeated, "metavar": metavar, "positional": positional}
     if repeated:
         return dataclasses.field(
             default=tuple(default) if default is not _MISSING_VALUE else (), metadata=meta
@@ -64,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type[Any]) -> N
             continue
         default = "required" if _required(field) else f"default: {_show(field.default)}"
         text = f"{meta['help']} ({default}; env {env_name(field)})"
-        if meta["parse"] is parse_bool:
+        if meta.get("positional"):
+            parser.add_argument(field.name, nargs="*", default=None, metavar=meta["metavar"], help=text)
+        elif meta["parse"] is parse_bool:
             parser.add_argument(
                 flag_name(field),
                 dest=field.name,
@@ -92,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type[Any]) -> N
 def _show(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
-    return str(value)
+    return str(value) or "none"
 
 
 def from_arguments(
@@ -109,7 +115,9 @@ def from_arguments(
         if not meta:
             continue
         given = getattr(args, field.name, None) if args is not None else None
-        source = flag_name(field)
+        if meta.get("positional") and not given:
+            given = None  # no arguments: the variable or default applies
+        source = (meta["metavar"] or field.name.upper()) if meta.get("positional") else flag_name(field)
         if given is None and env_name(field) in environ:
             raw_env = environ[env_name(field)]
             given = [p.strip() for p in raw_env.split(",") if p.strip()] if meta["repeated"] else raw_env

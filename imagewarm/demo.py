@@ -138,7 +138,8 @@ def run(config: DemoConfig) -> int:
     from imagewarm.localcluster.cluster import Cluster, ClusterError
     from imagewarm.localcluster.images import ImageBuilder, push
     from imagewarm.localcluster.registry import start_registry
-    from imagewarm.localcluster.stack import Stack, StackError, warm
+    from imagewarm.localcluster.stack import Stack, StackError
+    from imagewarm.warmup import describe, warm
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
@@ -179,10 +180,12 @@ def run(config: DemoConfig) -> int:
                 image = f"{upstream.host}/demo/app:1"
                 demo.say(f"pushed {image}: {built.size / 2**20:.1f} MiB in {len(built.layers)} layers")
             with demo.phase("warm the image into the node cache"):
-                path = f"{upstream.host.replace(':', '_')}/demo/app"
-                warmed, seconds = warm(stack.proxy_url, path, "1", progress=demo.say)
-                mib = warmed / 2**20
-                demo.say(f"warmed {mib:.1f} MiB in {seconds:.2f}s ({mib / seconds:.0f} MiB/s)")
+                warmed = warm(image, stack.proxy_url, progress=lambda p: demo.say(describe(p)))
+                mib = warmed.bytes / 2**20
+                demo.say(
+                    f"warmed {warmed.digest}: {mib:.1f} MiB in {warmed.seconds:.2f}s "
+                    f"({warmed.mib_per_second:.0f} MiB/s)"
+                )
                 upstream_gets = _blob_gets(upstream)
             pods: list[dict[str, Any]] = []
             for i, node in enumerate(cluster.nodes):

@@ -21,21 +21,15 @@ from pathlib import Path
 
 import requests
 
+from imagewarm import warmup
 from imagewarm.localcluster.cluster import Cluster
 from imagewarm.localcluster.processes import Daemon, free_ports
 from imagewarm.localcluster.registry import Registry
+from imagewarm.reference import parse, parse_registry_segment
 
 NAMESPACE = "imagewarm-system"
 WEBHOOK_SERVICE = "imagewarm-webhook"
 WEBHOOK_CONFIGURATION = "imagewarm"
-_MANIFEST_TYPES = ", ".join(
-    [
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    ]
-)
 
 Progress = Callable[[str], None]
 
@@ -185,32 +179,13 @@ class Stack:
 
 
 def warm(proxy_url: str, image_path: str, tag: str, progress: Progress = print) -> tuple[int, float]:
-    """Pull `image_path:tag` (the path behind the proxy, e.g. `127.0.0.1_5000/demo/app`) through the
-    proxy, as a node's warm-up does: manifest (and the platform manifest of an index), config and
-    layers, bytes discarded. Returns (bytes, seconds). Raises requests.HTTPError on a failed fetch."""
-    session = requests.Session()
-    started = time.monotonic()
-    total = 0
-
-    def get(kind: str, reference: str, accept: str | None = None) -> requests.Response:
-        headers = {"Accept": accept} if accept else {}
-        url = f"{proxy_url}/v2/{image_path}/{kind}/{reference}"
-        response = session.get(url, headers=headers, stream=True, timeout=60)
-        response.raise_for_status()
-        return response
-
-    manifest = get("manifests", tag, _MANIFEST_TYPES).json()
-    if "manifests" in manifest:  # an index: warm the platform of this machine
-        chosen = next(m for m in manifest["manifests"] if m.get("platform", {}).get("os") == "linux")
-        manifest = get("manifests", chosen["digest"], _MANIFEST_TYPES).json()
-    blobs = [manifest["config"], *manifest["layers"]]
-    size = sum(b["size"] for b in blobs)
-    for blob in blobs:
-        with get("blobs", blob["digest"]) as response:
-            for chunk in response.iter_content(1 << 20):
-                total += len(chunk)
-        progress(f"warm: {total / 2**20:7.1f} / {size / 2**20:.1f} MiB  {blob['digest'][:19]}")
-    return total, time.monotonic() - started
+    """Warm `image_path:tag` (the path behind the proxy, e.g. `127.0.0.1_5000/demo/app`) into the proxy
+    with `imagewarm.warmup`, its progress lines to `progress`. Returns (bytes, seconds). Raises
+    warmup.WarmError (a RuntimeError) saying what failed."""
+    segment, _, repository = image_path.partition("/")
+    image = parse(f"{parse_registry_segment(segment)}/{repository}:{tag}")
+    result = warmup.warm(image, proxy_url, progress=lambda p: progress(warmup.describe(p)))
+    return result.bytes, result.seconds
 
 
 def _wait(daemon: Daemon, wait: Callable[[], object]) -> None:

@@ -7,6 +7,7 @@ decides whether to rewrite, and says why not when it does not.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -41,6 +42,13 @@ def decide(image: object, rule: Rule) -> Outcome:
     or cannot be proxied). Idempotent: an image already on the proxy is never prefixed again."""
     if not isinstance(image, str) or not image:
         return Outcome(warning=f"image {image!r} is not a reference; left unchanged")
+    return _decide(image, rule)
+
+
+# A cluster runs few distinct images over and over: remember the last few thousand answers (pure
+# function of its arguments; Outcome is immutable).
+@functools.lru_cache(maxsize=4096)
+def _decide(image: str, rule: Rule) -> Outcome:
     # The prefix test is the cheap common case (reinvocation); is_proxied also catches other spellings.
     if image.startswith(rule.proxy_prefix + "/") or reference.is_proxied(image, rule.proxy_prefix):
         return Outcome()

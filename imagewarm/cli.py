@@ -27,6 +27,17 @@ class Command:
     description: str = ""
 
 
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table under `title`, columns padded to their widest cell (summaries on stdout)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+
+    def render(row: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+
+    return "\n".join([title, render(header), line, *(render(r) for r in rows)])
+
+
 def not_landed(what: str, issue: str) -> Command:
     """A subcommand whose program does not exist yet: it says so and exits 2, never pretends."""
 

@@ -17,13 +17,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagewarm.cli import Command
+from imagewarm.cli import Command, table
 from imagewarm.config import parse_bool, parse_bytes, parse_positive_int, setting
 
 ORIGINAL_IMAGES = "imagewarm.io/original-images"
@@ -64,16 +64,6 @@ class Demo:
         began = time.monotonic()
         yield
         self.phases.append((name, time.monotonic() - began))
-
-
-def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-
-    def render(row: Sequence[str]) -> str:
-        return "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
-
-    return "\n".join([title, render(header), line, *(render(r) for r in rows)])
 
 
 def _pod(name: str, image: str, node: str) -> dict[str, Any]:
@@ -230,9 +220,9 @@ def run(config: DemoConfig) -> int:
             print(f"imagewarm demo failed: {exc}", file=sys.stderr)
             return 1
         print()
-        print(_table("phases", ("phase", "seconds"), [(n, f"{s:.2f}") for n, s in demo.phases]))
+        print(table("phases", ("phase", "seconds"), [(n, f"{s:.2f}") for n, s in demo.phases]))
         print()
-        print(_table("pulls", ("pod", "node", "served from", "kubelet pull time"), pulls))
+        print(table("pulls", ("pod", "node", "served from", "kubelet pull time"), pulls))
         print()
         facts = [
             ("image as written", image),
@@ -245,7 +235,7 @@ def run(config: DemoConfig) -> int:
             ("proxy bytes from upstream (misses)", f"{miss_bytes / 2**20:.1f} MiB"),
             ("pod with the upstream down", f"{offline['status']['phase']}: {offline['log']}"),
         ]
-        print(_table("summary", ("what", "value"), facts), flush=True)
+        print(table("summary", ("what", "value"), facts), flush=True)
         if config.keep:
             print(f"\nThe cluster keeps running. export KUBECONFIG={cluster.kubeconfig}")
             print("Press Ctrl-C to tear it down.", flush=True)

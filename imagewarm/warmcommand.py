@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagewarm import dockerconfig, platforms
-from imagewarm.cli import Command
+from imagewarm.cli import Command, table
 from imagewarm.config import setting
-from imagewarm.demo import _table as table
 from imagewarm.platforms import Platform
 from imagewarm.reference import DEFAULT_PROXY_PREFIX, Reference, parse
 

@@ -6,7 +6,7 @@ costs more CPU than the request itself, and under load its thread handoffs make 
 Our clients hold a few long-lived connections (the API server to the webhook, the container runtime
 to the node proxy), so a thread per connection that reads, answers and reads again is both simpler
 and cheaper. Connections are bounded by `worker_connections`; idle ones close after `keepalive`
-seconds.
+seconds, and a client that takes or sends nothing for `timeout` seconds within a request is dropped.
 
 Use it with `worker_class="imagewarm.worker.ConnectionThreadWorker"`.
 """
@@ -64,6 +64,10 @@ class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
         self._connections: dict[int, _Connection] = {}
         self._idle = _IdleTimeout()
 
+    @property
+    def _idle_timeout(self) -> float:
+        return float(self.cfg.keepalive or self.cfg.timeout)
+
     def init_process(self) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL)
         super().init_process()
@@ -91,8 +95,7 @@ class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
             client, address = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # another worker took it, or the client gave up
-        client.setblocking(True)
-        client.settimeout(self.cfg.keepalive or self.cfg.timeout)
+        client.settimeout(self._idle_timeout)
         with self._lock:
             self._connections[client.fileno()] = _Connection(client)
         threading.Thread(target=self._serve, args=(listener, client, address), daemon=True).start()
@@ -117,9 +120,11 @@ class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
         connection = self._connections.get(sock.fileno())
         if connection is not None:
             connection.busy = True
+        sock.settimeout(self.cfg.timeout)
         try:
             return bool(super().handle_request(listener_name, req, sock, addr))
         finally:
+            sock.settimeout(self._idle_timeout)
             if connection is not None:
                 connection.busy = False
 

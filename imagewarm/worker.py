@@ -31,6 +31,11 @@ HEARTBEAT = 1.0
 # The interpreter's default 5 ms GIL switch interval lets one busy connection delay a ready one by
 # that much; a shorter interval keeps the latency tail near the cost of a request.
 SWITCH_INTERVAL = 0.0005
+# Workers race for each new connection, and one worker may win them all (seen: 8 of 8), leaving the
+# others idle while its clients queue. A worker holding connections waits this long per connection
+# (up to ACCEPT_DELAY_MAX) before it accepts, so a less loaded worker takes the connection first.
+ACCEPT_DELAY = 0.002
+ACCEPT_DELAY_MAX = 0.02
 
 
 class _IdleTimeout:
@@ -86,6 +91,8 @@ class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
                 time.sleep(0.01)
                 continue
             for key, _ in selector.select(HEARTBEAT):
+                if self._connections:
+                    time.sleep(min(len(self._connections) * ACCEPT_DELAY, ACCEPT_DELAY_MAX))
                 self._accept(key.fileobj)  # type: ignore[arg-type]
         selector.close()
         self._drain()

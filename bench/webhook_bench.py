@@ -5,8 +5,10 @@
 
 Cells: a realistic pod (3 containers + 1 init container) without and with a matching SidecarSet,
 at 1 and 8 concurrent keep-alive TLS clients (the API server keeps its connections to webhooks
-open). Anchor, run side by side on the same server: `GET /healthz` (TLS + gunicorn + Flask, no
-decision), so the ratio shows what the decision itself costs. Goal: p99 <= 5 ms at 8 clients.
+open) in a closed loop, and 8 clients in open loops at fixed request rates (latency counted from
+when each request was due). Anchor, run side by side on the same server: `GET /healthz` (TLS +
+gunicorn + Flask, no decision), so the ratio shows what the decision itself costs. Goal: p99 <= 5 ms
+at 8 clients.
 
 The SidecarSets reach the webhook as in production, through its list+watch cache; here the
 list/watch endpoints are served by a small local stand-in for the API server, because no API call
@@ -248,17 +250,26 @@ def _client(
     count: int,
     check: Any,
     start_at: float,
+    interval: float,
     out: Any,
 ) -> None:
-    """One client process: a keep-alive TLS connection, `count` timed requests from `start_at`."""
+    """One client process: a keep-alive TLS connection, `count` timed requests from `start_at`.
+
+    `interval` 0: closed loop (the next request as soon as the answer is in). Otherwise open loop:
+    request i is due at `start_at + i * interval`, and its latency counts from when it was due, so a
+    server that falls behind is charged for the queue it causes (no coordinated omission)."""
     context = ssl.create_default_context(cafile=None)
     context.load_verify_locations(cadata=ca_pem.decode())
     conn = connect(port, context)
     request(conn, method, path, body)  # handshake and warm-up outside the measurement
     time.sleep(max(0.0, start_at - time.time()))
+    origin = time.perf_counter()
     latencies, failures = [], []
-    for _ in range(count):
-        started = time.perf_counter()
+    for i in range(count):
+        due = origin + i * interval
+        if interval:
+            time.sleep(max(0.0, due - time.perf_counter()))
+        started = due if interval else time.perf_counter()
         status, answer = request(conn, method, path, body)
         latencies.append(time.perf_counter() - started)
         if status != 200 or not check(answer):
@@ -268,16 +279,30 @@ def _client(
 
 
 def measure(
-    port: int, ca_pem: bytes, method: str, path: str, body: bytes, clients: int, total: int, check: Any
+    port: int,
+    ca_pem: bytes,
+    method: str,
+    path: str,
+    body: bytes,
+    clients: int,
+    total: int,
+    check: Any,
+    rate: float = 0.0,
 ) -> dict[str, float]:
-    """Clients are separate processes so their own Python overhead does not queue behind one GIL."""
+    """Clients are separate processes so their own Python overhead does not queue behind one GIL.
+    `rate` (requests per second over all clients, each client taking its share with a phase offset)
+    makes it an open loop; 0 is a closed loop."""
     context = multiprocessing.get_context("fork")
     start_at = time.time() + 0.5 + 0.1 * clients
     pipes, processes = [], []
-    for _ in range(clients):
+    interval = clients / rate if rate else 0.0
+    for index in range(clients):
         receive, send = context.Pipe(duplex=False)
+        offset = index * interval / clients  # clients evenly interleaved: arrivals at `rate`
+        share = total // clients
         process = context.Process(
-            target=_client, args=(port, ca_pem, method, path, body, total // clients, check, start_at, send)
+            target=_client,
+            args=(port, ca_pem, method, path, body, share, check, start_at + offset, interval, send),
         )
         process.start()
         pipes.append(receive)
@@ -295,6 +320,20 @@ def measure(
         "p50": statistics.median(flat) * 1000,
         "p99": flat[int(len(flat) * 0.99) - 1] * 1000,
     }
+
+
+# (label, concurrent keep-alive clients, requests per second over all of them; 0: closed loop).
+# The closed loop at 8 keeps 8 requests in flight at all times: it saturates both cores, so its latency
+# is mostly queueing. The open loops send at fixed rates, like an API server admitting pods: 200/s is
+# already more pod creations than a large cluster sees, 500/s a burst well beyond.
+SATURATED = "8 clients, closed loop"
+LOADS = [
+    ("1 client, closed loop", 1, 0.0),
+    (SATURATED, 8, 0.0),
+    ("8 clients, 200 req/s", 8, 200.0),
+    ("8 clients, 500 req/s", 8, 500.0),
+]
+OPEN_LOOP_SECONDS = 8
 
 
 def _always(answer: bytes) -> bool:
@@ -331,15 +370,16 @@ def main() -> int:
                 ("pod + SidecarSet", "POST", "/mutate", review({"app": "web"}), patched_with(4)),
             ]
             rows = []
-            for clients in (1, 8):
+            for label, clients, rate in LOADS:
+                count = min(total, int(rate * OPEN_LOOP_SECONDS)) if rate else total
                 results = {
-                    name: measure(port, ca_pem, method, path, body, clients, total, check)
+                    name: measure(port, ca_pem, method, path, body, clients, count, check, rate)
                     for name, method, path, body, check in cells
                 }
                 anchor = results["healthz (anchor)"]
                 for name, result in results.items():
                     rows.append(
-                        (name, clients, result, result["p50"] / anchor["p50"], result["p99"] / anchor["p99"])
+                        (name, label, result, result["p50"] / anchor["p50"], result["p99"] / anchor["p99"])
                     )
         finally:
             process.terminate()
@@ -351,18 +391,20 @@ def main() -> int:
         f"load average {os.getloadavg()[0]:.1f} at the end\n"
     )
     print(
-        f"{'request':<22}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'request':<22}{'load':>24}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'p50/anchor':>12}{'p99/anchor':>12}"
     )
-    for name, clients, result, ratio, ratio99 in rows:
+    for name, label, result, ratio, ratio99 in rows:
         print(
-            f"{name:<22}{clients:>8}{result['rps']:>10.0f}{result['p50']:>9.2f}{result['p99']:>9.2f}{ratio:>12.2f}"
-            f"{ratio99:>12.2f}"
+            f"{name:<22}{label:>24}{result['rps']:>8.0f}{result['p50']:>9.2f}{result['p99']:>9.2f}"
+            f"{ratio:>12.2f}{ratio99:>12.2f}"
         )
-    worst = max(r["p99"] for name, clients, r, _, _ in rows if clients == 8 and name != "healthz (anchor)")
+    mutate = [(label, r) for name, label, r, _, _ in rows if name != "healthz (anchor)"]
+    worst = max(r["p99"] for label, r in mutate if label == SATURATED)
+    worst_open = max(r["p99"] for label, r in mutate if "req/s" in label)
     print(
-        f"\ngoal p99 <= 5 ms at 8 clients: {'met' if worst <= 5 else 'NOT met'} "
-        f"(worst mutate p99 {worst:.2f} ms)"
+        f"\ngoal p99 <= 5 ms at 8 clients: {'met' if worst <= 5 else 'NOT met'} in the closed loop "
+        f"(worst mutate p99 {worst:.2f} ms); open loops: worst p99 {worst_open:.2f} ms"
     )
     return 0
 

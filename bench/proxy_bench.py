@@ -123,6 +123,22 @@ class Proxy:
         )
         wait_for(f"http://127.0.0.1:{self.port}/readyz")
 
+    def settle(self, timeout: float = 60) -> None:
+        """Wait until no fetch is in flight (a cold fetch commits, fsync and rename, after its client
+        has the last byte; a read before that follows the partial file instead of the cache)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = requests.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
+            values = [
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("imagewarm_proxy_inflight_fetches")
+            ]
+            if sum(values) == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the proxy's fetches did not finish")
+
     def url(self, upstream: Registry, repository: str, digest: str) -> str:
         return f"http://127.0.0.1:{self.port}/v2/{upstream.host}/{repository}/blobs/{digest}"
 
@@ -247,11 +263,20 @@ def main() -> int:
             samples: list[tuple[float, ...]] = []
             for repository, layer in layers[size]:
                 d = layer.digest
+                # Every timed transfer starts with no dirty pages: otherwise the kernel throttles a
+                # writer to the disk's speed while it flushes what earlier steps (the pushes, the
+                # previous run) wrote, and the columns that write measure the disk, in no set order.
+                os.sync()
                 direct = curl_speed(f"{upstream.url}/v2/{repository}/blobs/{d}")
+                os.sync()
                 to_file = curl_to_file_speed(f"{upstream.url}/v2/{repository}/blobs/{d}", work / "copy")
                 hashing = hash_speed(work / "copy", d)
+                os.sync()
                 cold = curl_speed(proxy.url(upstream, repository, d))
+                proxy.settle()
+                os.sync()
                 warm = curl_speed(proxy.url(upstream, repository, d))
+                os.sync()
                 ptc_cold = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
                 ptc_warm = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
                 ngx = curl_speed(f"http://127.0.0.1:{nginx.port}/{d.split(':')[1]}")

@@ -57,7 +57,9 @@ class ProxyConfig:
     node_name: str = setting("", help="this node's name: remove its proxy-not-ready taint once serving")
     kubeconfig: str = setting("", help="kubeconfig for the node agent (default: in-cluster)", metavar="PATH")
     workers: int = setting(4, help="gunicorn worker processes", parse=parse_positive_int)
-    threads: int = setting(16, help="threads per worker process", parse=parse_positive_int)
+    connections: int = setting(
+        1000, help="open client connections per worker process (a thread each)", parse=parse_positive_int
+    )
     connect_timeout: float = setting(
         5.0, help="upstream connect timeout", parse=parse_duration, metavar="DURATION"
     )

@@ -1,5 +1,6 @@
-"""gunicorn serving the proxy: `gthread` workers in several processes, metrics aggregated across them,
-the evictor and the startup-taint removal running in the master once it listens."""
+"""gunicorn serving the proxy: worker processes with a thread per client connection
+(`imagewarm.worker`), metrics aggregated across them, the evictor and the startup-taint removal
+running in the master once it listens."""
 
 from __future__ import annotations
 
@@ -56,9 +57,11 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         settings: dict[str, Any] = {
             "bind": [bind_address(*self.config.listen)],
             "workers": self.config.workers,
-            "threads": self.config.threads,
-            "worker_class": "gthread",
-            "timeout": 120,  # worker heartbeat; long transfers run on threads and are not cut by it
+            "worker_connections": self.config.connections,
+            "worker_class": "imagewarm.worker.ConnectionThreadWorker",
+            # The worker's heartbeat, and how long a client may take no bytes mid-transfer; long
+            # transfers run on their connection's thread and are not cut by it.
+            "timeout": 120,
             "graceful_timeout": 10,
             "keepalive": 30,
             "accesslog": None,

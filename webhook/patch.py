@@ -27,7 +27,7 @@ def _dict_ops(path: tuple[str | int, ...], old: dict[str, Any], new: dict[str, A
     for key, value in new.items():
         if key not in old:
             ops.append({"op": "add", "path": pointer(*path, key), "value": value})
-        elif old[key] != value:
+        elif old[key] is not value and old[key] != value:  # the copy shares what it did not change
             ops.append({"op": "replace", "path": pointer(*path, key), "value": value})
     ops.extend({"op": "remove", "path": pointer(*path, key)} for key in old if key not in new)
     return ops

@@ -5,21 +5,21 @@
 
 Rows (MiB/s, the median of --runs runs, every column measured by the same client: curl discarding
 the body; each run uses a fresh layer, read from the upstream directly just before the proxy's cold
-fetch of the same file): the upstream docker-registry directly; the same GET written to a new file
-(`curl -o`) and that file hashed (`openssl dgst -sha256`), the two halves of the work any verifying cache must
-do, which on a machine with few cores bound a cold fetch more than the upstream does; the proxy
-cold (first fetch, teed into its cache) and warm (from its cache, sendfile); docker-registry as a
-pull-through cache cold and warm; nginx (Debian's nginx, its own config on loopback, sendfile on)
-serving the same blob files. Ratios: proxy warm / nginx (goal >= 0.9), proxy cold / upstream direct
-(goal >= 0.9), proxy cold / to-file. Then 16 concurrent cold fetches of one blob through a fresh
-proxy: how many times the upstream served it (goal 1), and the proxy's peak RSS per process while 16
-clients read warm.
+fetch of the same file, and starts from one state, see `start_clean`): the upstream docker-registry
+directly; the same GET written to a new file (`curl -o`) and that file hashed (`openssl dgst
+-sha256`), the two halves of the work any verifying cache must do; the proxy cold (first fetch, teed
+into its cache) and warm (from its cache, sendfile); docker-registry as a pull-through cache cold
+and warm; nginx (Debian's nginx, its own config on loopback, sendfile on) serving the same blob
+files. Ratios: proxy warm / nginx (goal >= 0.9), proxy cold / upstream direct (goal >= 0.9), proxy
+cold / to-file. Then 16 concurrent cold fetches of one blob through a fresh proxy: how many times
+the upstream served it (goal 1), and the proxy's peak RSS per process while 16 clients read warm.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import signal
@@ -50,6 +50,23 @@ def curl_speed(url: str) -> float:
         timeout=600,
     ).stdout
     return float(out) / MiB
+
+
+def start_clean(*warm_urls: str) -> None:
+    """Every run starts from one state: no dirty pages, the page cache emptied, the blobs every
+    reading column serves read once (untimed) so they come from memory.
+
+    Without the flush, writers are throttled to the disk's speed while the kernel writes back what
+    earlier steps (pushes, earlier runs) left dirty. Without emptying the cache, on a freshly booted
+    VM the columns that write grow the page cache into guest memory never touched since boot, which
+    costs several times a write into recycled memory (measured here: ~600 vs ~3,500 MiB/s), until
+    the machine has used all of its memory once; a node that has been up for a while recycles.
+    Emptying the cache needs root; without it the runs go on as they are."""
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+    for url in warm_urls:
+        subprocess.run(["curl", "-sf", "-o", "/dev/null", url], check=True, timeout=600)
 
 
 def curl_to_file_speed(url: str, path: Path) -> float:
@@ -263,12 +280,10 @@ def main() -> int:
             samples: list[tuple[float, ...]] = []
             for repository, layer in layers[size]:
                 d = layer.digest
-                # Every timed transfer starts with no dirty pages: otherwise the kernel throttles a
-                # writer to the disk's speed while it flushes what earlier steps (the pushes, the
-                # previous run) wrote, and the columns that write measure the disk, in no set order.
-                os.sync()
+                nginx_url = f"http://127.0.0.1:{nginx.port}/{d.split(':')[1]}"
+                start_clean(f"{upstream.url}/v2/{repository}/blobs/{d}", nginx_url)
                 direct = curl_speed(f"{upstream.url}/v2/{repository}/blobs/{d}")
-                os.sync()
+                os.sync()  # a timed writer never waits for an earlier step's writeback
                 to_file = curl_to_file_speed(f"{upstream.url}/v2/{repository}/blobs/{d}", work / "copy")
                 hashing = hash_speed(work / "copy", d)
                 os.sync()
@@ -279,7 +294,7 @@ def main() -> int:
                 os.sync()
                 ptc_cold = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
                 ptc_warm = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
-                ngx = curl_speed(f"http://127.0.0.1:{nginx.port}/{d.split(':')[1]}")
+                ngx = curl_speed(nginx_url)
                 samples.append((direct, to_file, hashing, cold, warm, ptc_cold, ptc_warm, ngx))
             medians = tuple(statistics.median(column) for column in zip(*samples, strict=True))
             rows.append((size, *medians))

@@ -40,10 +40,10 @@ from imagewarm.localcluster.registry import Registry, start_registry
 MiB = 1 << 20
 
 
-def curl_speed(url: str) -> float:
-    """MiB/s of one GET, body discarded (curl reports bytes per second)."""
+def curl_speed(url: str, output: str = "/dev/null") -> float:
+    """MiB/s of one GET, the body discarded or written to `output` (curl reports bytes per second)."""
     out = subprocess.run(
-        ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download}", url],
+        ["curl", "-sf", "-o", output, "-w", "%{speed_download}", url],
         check=True,
         capture_output=True,
         text=True,
@@ -67,18 +67,6 @@ def start_clean(*warm_urls: str) -> None:
         Path("/proc/sys/vm/drop_caches").write_text("1")
     for url in warm_urls:
         subprocess.run(["curl", "-sf", "-o", "/dev/null", url], check=True, timeout=600)
-
-
-def curl_to_file_speed(url: str, path: Path) -> float:
-    """MiB/s of one GET written to a new file: what any cache must at least do with a cold blob."""
-    out = subprocess.run(
-        ["curl", "-sf", "-o", str(path), "-w", "%{speed_download}", url],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    ).stdout
-    return float(out) / MiB
 
 
 def hash_speed(path: Path, digest: str) -> float:
@@ -284,7 +272,7 @@ def main() -> int:
                 start_clean(f"{upstream.url}/v2/{repository}/blobs/{d}", nginx_url)
                 direct = curl_speed(f"{upstream.url}/v2/{repository}/blobs/{d}")
                 os.sync()  # a timed writer never waits for an earlier step's writeback
-                to_file = curl_to_file_speed(f"{upstream.url}/v2/{repository}/blobs/{d}", work / "copy")
+                to_file = curl_speed(f"{upstream.url}/v2/{repository}/blobs/{d}", str(work / "copy"))
                 hashing = hash_speed(work / "copy", d)
                 os.sync()
                 cold = curl_speed(proxy.url(upstream, repository, d))

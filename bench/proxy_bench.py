@@ -219,6 +219,20 @@ def blob_gets(registry: Registry, digest: str, since: int) -> int:
     return sum(1 for m, p, s in registry.requests()[since:] if m == "GET" and p.endswith(f"/blobs/{digest}"))
 
 
+def wait_background_fetches(registry: Registry, digest: str, timeout: float = 120) -> None:
+    """Wait until the upstream has served no new GET of `digest` for 2 s: distribution's pull-through
+    goes on fetching a blob in the background after its client is served, and that work must not
+    overlap the next run's columns."""
+    deadline = time.monotonic() + timeout
+    seen = blob_gets(registry, digest, 0)
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        now = blob_gets(registry, digest, 0)
+        if now == seen:
+            return
+        seen = now
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -283,6 +297,7 @@ def main() -> int:
                 ptc_cold = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
                 ptc_warm = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
                 ngx = curl_speed(nginx_url)
+                wait_background_fetches(upstream, d)
                 samples.append((direct, to_file, hashing, cold, warm, ptc_cold, ptc_warm, ngx))
             medians = tuple(statistics.median(column) for column in zip(*samples, strict=True))
             rows.append((size, *medians))

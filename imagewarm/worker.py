@@ -34,8 +34,8 @@ SWITCH_INTERVAL = 0.0005
 # Workers race for each new connection, and one worker may win them all (seen: 8 of 8), leaving the
 # others idle while its clients queue. A worker holding connections waits this long per connection
 # (up to ACCEPT_DELAY_MAX) before it accepts, so a less loaded worker takes the connection first.
-ACCEPT_DELAY = 0.002
-ACCEPT_DELAY_MAX = 0.02
+ACCEPT_DELAY = 0.005
+ACCEPT_DELAY_MAX = 0.05
 
 
 class _IdleTimeout:

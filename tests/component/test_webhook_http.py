@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -278,3 +280,41 @@ def test_silent_and_idle_connections_neither_block_requests_nor_a_stop(tmp_path:
         silent.close()
         for tls in idle:
             tls.close()
+
+
+def _holders(port: int, clients: list[ssl.SSLSocket]) -> list[int]:
+    """How many of the `clients`' connections to `port` each server process holds (from `ss`),
+    largest first."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    ours = {f"127.0.0.1:{tls.getsockname()[1]}" for tls in clients}
+    counts: dict[str, int] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        pid = re.search(r"pid=(\d+)", line)
+        if pid and fields[3] in ours:
+            counts[pid.group(1)] = counts.get(pid.group(1), 0) + 1
+    return sorted(counts.values(), reverse=True)
+
+
+def test_keep_alive_connections_are_shared_between_workers(tmp_path: Path) -> None:
+    """The API server keeps a few long-lived connections: if one worker took them all, the other
+    would idle while requests queue. Workers holding connections defer their accept."""
+    served = serve(tmp_path)  # 2 workers
+    context = ssl.create_default_context(cafile=str(served.ca_file))
+    # All at once, as a client with a connection pool opens them under load.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        connections = list(pool.map(lambda _: _keep_alive_request(served, context), range(8)))
+    try:
+        holders = _holders(int(served.url.rsplit(":", 1)[1]), connections)
+        assert sum(holders) == 8
+        assert len(holders) == 2 and holders[0] <= 5, f"connections per worker: {holders}"
+    finally:
+        for tls in connections:
+            tls.close()
+        served.process.terminate()
+        served.process.wait(10)

@@ -17,7 +17,6 @@ import contextlib
 import os
 import selectors
 import socket
-import sys
 import threading
 import time
 from types import TracebackType
@@ -28,9 +27,6 @@ from gunicorn.workers.base_async import AsyncWorker
 
 # How often the main loop wakes to tell the arbiter it is alive and to check its parent.
 HEARTBEAT = 1.0
-# The interpreter's default 5 ms GIL switch interval lets one busy connection delay a ready one by
-# that much; a shorter interval keeps the latency tail near the cost of a request.
-SWITCH_INTERVAL = 0.0005
 # Workers race for each new connection, and one worker may win them all (seen: 8 of 8), leaving the
 # others idle while its clients queue. A worker holding connections waits this long per connection
 # (up to ACCEPT_DELAY_MAX) before it accepts, so a less loaded worker takes the connection first.
@@ -72,10 +68,6 @@ class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
     @property
     def _idle_timeout(self) -> float:
         return float(self.cfg.keepalive or self.cfg.timeout)
-
-    def init_process(self) -> None:
-        sys.setswitchinterval(SWITCH_INTERVAL)
-        super().init_process()
 
     def timeout_ctx(self) -> _IdleTimeout:
         return self._idle

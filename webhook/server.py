@@ -68,7 +68,11 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "workers": self.webhook_config.workers,
             "worker_connections": self.webhook_config.connections,
             "worker_class": "imagewarm.worker.ConnectionThreadWorker",
-            "keepalive": 75,  # the API server keeps connections to webhooks open
+            # The API server keeps connections to webhooks open and drops idle ones after 90 s (Go's
+            # default). Ours must outlast that: if we closed first, a POST sent on a connection we
+            # were closing would fail, not be retried, and (failurePolicy Ignore) its pod would be
+            # admitted unrewritten.
+            "keepalive": 120,
             "timeout": 30,
             "graceful_timeout": 5,
             "certfile": str(context.cert_path),

@@ -132,12 +132,12 @@ def run(config: WarmConfig) -> int:
                     "not run: give a file with `auths` entries"
                 )
             print(f"imagewarm warm: {image.familiar} failed: {message}", file=sys.stderr, flush=True)
-            rows.append((image.familiar, "failed", "-", "-", "-"))
+            rows.append((image.familiar, "failed", "-", "-", "-", "-"))
             continue
         mib = result.bytes / 2**20
         print(
-            f"warmed {image.familiar} ({result.digest}): {mib:.1f} MiB in {result.blobs} blobs, "
-            f"{result.seconds:.2f}s",
+            f"warmed {image.familiar} ({result.digest}): {mib:.1f} MiB in {result.blobs} blobs "
+            f"({result.cached} already cached), {result.seconds:.2f}s",
             file=sys.stderr,
             flush=True,
         )
@@ -146,11 +146,13 @@ def run(config: WarmConfig) -> int:
                 image.familiar,
                 result.digest,
                 f"{mib:.1f}",
+                f"{result.cached}/{result.blobs}",
                 f"{result.seconds:.2f}",
                 f"{result.mib_per_second:.1f}",
             )
         )
-    print(table("summary", ("image", "digest", "MiB", "seconds", "MiB/s"), rows), flush=True)
+    header = ("image", "digest", "MiB", "cached", "seconds", "MiB/s")  # cached: blobs it had before
+    print(table("summary", header, rows), flush=True)
     if failed:
         print(f"imagewarm warm: {failed} of {len(config.images)} images failed", file=sys.stderr)
     return 1 if failed else 0

@@ -26,7 +26,7 @@ from typing import Any
 
 import requests
 
-from imagewarm import __version__, platforms
+from imagewarm import __version__, platforms, protocol
 from imagewarm.platforms import Platform
 from imagewarm.reference import Reference, Unproxiable, parse, registry_segment, split_digest
 
@@ -92,7 +92,8 @@ def describe(progress: Progress) -> str:
 class WarmResult:
     """A warmed image: `digest` is what the reference resolved to (an index's own digest for a
     multi-platform image), `manifests` the platform manifests pulled, `bytes` and `blobs` the
-    config and layer blobs transferred (each once, even when platforms share one)."""
+    config and layer blobs transferred (each once, even when platforms share one), `cached` how many
+    of those the proxy served from its cache."""
 
     image: Reference
     digest: str
@@ -100,6 +101,7 @@ class WarmResult:
     bytes: int
     blobs: int
     seconds: float
+    cached: int = 0  # of `blobs`, how many the proxy already had (its X-Imagewarm-Cache: hit)
 
     @property
     def mib_per_second(self) -> float:
@@ -266,16 +268,18 @@ class _Proxy:
             "and see the proxy's log if it persists"
         )
 
-    def blob(self, blob: _Blob, received: Callable[[int], None], stop: threading.Event) -> None:
-        """Fetch one blob through the proxy, body discarded; raises WarmError unless all of it came."""
+    def blob(self, blob: _Blob, received: Callable[[int], None], stop: threading.Event) -> bool:
+        """Fetch one blob through the proxy, body discarded; True when the proxy had it cached.
+        Raises WarmError unless all of it came."""
         digest, size = blob.digest, blob.size
         what = f"blob {digest[:19]}"
         got = 0
         with self.get("blobs", digest, what) as response:
+            hit = response.headers.get(protocol.CACHE_HEADER) == protocol.HIT
             try:
                 for chunk in response.iter_content(_CHUNK):
                     if stop.is_set():
-                        return  # another blob failed: the warm-up is over
+                        return hit  # another blob failed: the warm-up is over
                     got += len(chunk)
                     received(len(chunk))
             except requests.RequestException as exc:
@@ -285,6 +289,7 @@ class _Proxy:
                 f"{what} of {self.image.familiar}: the proxy sent {got} bytes, the manifest says {size}; "
                 "retry, and see the proxy's log if it persists"
             )
+        return hit
 
 
 def _is_index(document: Mapping[str, Any], media_type: str) -> bool:
@@ -393,8 +398,11 @@ def warm(
         tracker = _Tracker(ref, blobs, report, progress_interval)
         stop = threading.Event()
 
+        hits: list[str] = []
+
         def fetch(blob: _Blob) -> None:
-            proxy.blob(blob, tracker.received, stop)
+            if proxy.blob(blob, tracker.received, stop):
+                hits.append(blob.digest)
             if not stop.is_set():
                 tracker.finished(blob.digest)
 
@@ -411,7 +419,13 @@ def warm(
     finally:
         proxy.close()
     result = WarmResult(
-        ref, digest, tuple(d for d, _ in manifests), tracker.done, len(blobs), time.monotonic() - started
+        ref,
+        digest,
+        tuple(d for d, _ in manifests),
+        tracker.done,
+        len(blobs),
+        time.monotonic() - started,
+        cached=len(hits),
     )
     log.info(
         "image warmed",
@@ -420,6 +434,7 @@ def warm(
             "digest": digest,
             "bytes": result.bytes,
             "blobs": result.blobs,
+            "cached": result.cached,
             "seconds": round(result.seconds, 3),
         },
     )

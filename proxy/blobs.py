@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from flask import Response, request
 from werkzeug.wsgi import FileWrapper
 
+from imagewarm import protocol
 from proxy import metrics
 from proxy.access import AccessControl
 from proxy.auth import Credentials
@@ -44,6 +45,7 @@ def blob_headers(digest: str, length: int) -> dict[str, str]:
         "ETag": f'"{digest}"',
         "Accept-Ranges": "bytes",
         "Content-Length": str(length),
+        protocol.CACHE_HEADER: protocol.HIT,
     }
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from flask import Response
 
+from imagewarm import protocol
 from proxy import metrics
 from proxy.access import AccessControl
 from proxy.auth import Credentials
@@ -32,6 +33,9 @@ def accepts(accept_headers: list[str], media_type: str) -> bool:
     types = {part.split(";")[0].strip() for header in accept_headers for part in header.split(",")}
     types.discard("")
     return not types or media_type in types or "*/*" in types or "application/*" in types
+
+
+_CACHE_STATUS = {"cache": protocol.HIT, "upstream": protocol.MISS, "stale": protocol.STALE}
 
 
 class Manifests:
@@ -63,6 +67,7 @@ class Manifests:
                 "Content-Type": manifest.media_type,
                 "Docker-Content-Digest": manifest.digest,
                 "ETag": f'"{manifest.digest}"',
+                protocol.CACHE_HEADER: _CACHE_STATUS[found.source],
             },
         )
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import requests
 from flask import Response
 
+from imagewarm import protocol
 from proxy import metrics
 from proxy.access import AccessControl
 from proxy.auth import Credentials
@@ -41,12 +42,13 @@ def held_back(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield pending
 
 
-def _headers(digest: str, size: int | None) -> dict[str, str]:
+def _headers(digest: str, size: int | None, cache: str) -> dict[str, str]:
     headers = {
         "Content-Type": "application/octet-stream",
         "Docker-Content-Digest": digest,
         "ETag": f'"{digest}"',
         "Accept-Ranges": "bytes",
+        protocol.CACHE_HEADER: cache,
     }
     if size is not None:
         headers["Content-Length"] = str(size)
@@ -66,7 +68,7 @@ class Tee:
     def head(self, target: Target, credentials: Credentials | None) -> Response:
         size = self.upstream.head_blob(target.registry, target.repository, target.reference, credentials)
         self.access.granted(target.registry, target.repository, credentials)
-        return Response(iter(()), status=200, headers=_headers(target.reference, size))
+        return Response(iter(()), status=200, headers=_headers(target.reference, size, protocol.MISS))
 
     def passthrough(self, target: Target, credentials: Credentials | None, byte_range: str) -> Response:
         """A range of a blob not cached: relayed from the upstream, not cached (the full pull caches)."""
@@ -74,7 +76,7 @@ class Tee:
             target.registry, target.repository, target.reference, credentials, byte_range=byte_range
         )
         self.access.granted(target.registry, target.repository, credentials)
-        headers = _headers(target.reference, _content_length(upstream))
+        headers = _headers(target.reference, _content_length(upstream), protocol.UNCACHED)
         if "Content-Range" in upstream.headers:
             headers["Content-Range"] = upstream.headers["Content-Range"]
 
@@ -109,7 +111,7 @@ class Tee:
                 metrics.DIGEST_MISMATCHES.inc()
                 raise TransferFailed(f"upstream bytes do not match {target.reference}")
 
-        headers = _headers(target.reference, _content_length(upstream))
+        headers = _headers(target.reference, _content_length(upstream), protocol.UNCACHED)
         return Response(held_back(body()), status=200, headers=headers, direct_passthrough=True)
 
     def write(self, target: Target, credentials: Credentials | None, writer: Writer) -> Response:
@@ -130,7 +132,10 @@ class Tee:
             writer.abort()
             raise
         response = Response(
-            fetch.body(), status=200, headers=_headers(target.reference, size), direct_passthrough=True
+            fetch.body(),
+            status=200,
+            headers=_headers(target.reference, size, protocol.MISS),
+            direct_passthrough=True,
         )
         response.call_on_close(fetch.close)
         return response
@@ -155,5 +160,8 @@ class Tee:
                 follower.close()
 
         return Response(
-            held_back(body()), status=200, headers=_headers(target.reference, size), direct_passthrough=True
+            held_back(body()),
+            status=200,
+            headers=_headers(target.reference, size, protocol.JOINED),
+            direct_passthrough=True,
         )

@@ -79,6 +79,11 @@ def test_manifest_headers_and_blob_ranges(registry, images, proxy_factory):
     assert bad.status_code == 416 and bad.headers["Content-Range"] == f"bytes */{len(data)}"
     blob_head = requests.head(f"{base}/blobs/{layer.digest}", timeout=10)
     assert blob_head.status_code == 200 and blob_head.headers["Content-Length"] == str(len(data))
+    # Where the bytes came from, per answer.
+    cache = "X-Imagewarm-Cache"
+    assert [r.headers[cache] for r in (head, got)] == ["miss", "hit"]
+    blobs = (cold_range, full, part, blob_head)
+    assert [r.headers[cache] for r in blobs] == ["uncached", "miss", "hit", "hit"]
 
 
 @pytest.mark.parametrize(
@@ -154,6 +159,21 @@ def test_offline_upstream_still_serves_tags_and_digests(
     assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "tag"), image)
     assert_dir_matches(copy_to_dir(skopeo, f"{name}@{image.digest}", tmp_path / "digest"), image)
     assert proxy.metric("imagewarm_proxy_stale_tag_serves_total") >= 1
+    stale = requests.get(f"{proxy.url}/v2/{segment(upstream.host)}/pull/offline/manifests/v1", timeout=30)
+    assert stale.status_code == 200 and stale.headers["X-Imagewarm-Cache"] == "stale"
+
+
+def test_concurrent_cold_gets_say_one_miss_and_the_rest_joined_or_hit(registry, images, proxy_factory):
+    image = images.synthetic(layers=1, layer_size=16 << 20, seed=20)
+    push(registry, "pull/joined", "v1", image)
+    proxy = proxy_factory(insecure=(registry.host,), workers=2)
+    layer = image.layers[0]
+    url = f"{proxy.url}/v2/{segment(registry.host)}/pull/joined/blobs/{layer.digest}"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: requests.get(url, timeout=60), range(8)))
+    assert all(a.status_code == 200 and a.content == layer.read_bytes() for a in answers)
+    statuses = sorted(a.headers["X-Imagewarm-Cache"] for a in answers)
+    assert statuses.count("miss") == 1 and set(statuses) <= {"miss", "joined", "hit"}, statuses
 
 
 def test_fan_in_sixteen_cold_pulls_fetch_each_blob_once(registry, images, skopeo, proxy_factory, tmp_path):

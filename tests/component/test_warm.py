@@ -67,9 +67,16 @@ def test_warm_caches_the_whole_image_so_it_pulls_with_the_upstream_down(
     assert warmed.returncode == 0, warmed.stderr
     assert f"warm {written}:" in warmed.stderr and "4/4 blobs" in warmed.stderr  # progress on stderr
     summary = warmed.stdout.splitlines()
-    assert summary[0] == "summary" and summary[1].split() == ["image", "digest", "MiB", "seconds", "MiB/s"]
+    assert summary[0] == "summary"
+    assert summary[1].split() == ["image", "digest", "MiB", "cached", "seconds", "MiB/s"]
     row = summary[3].split()
-    assert row[:3] == [written, image.digest, f"{sum(b.size for b in image.blobs) / 2**20:.1f}"]
+    assert row[:4] == [written, image.digest, f"{sum(b.size for b in image.blobs) / 2**20:.1f}", "0/4"]
+    assert sorted(blob_gets(upstream, "warm/app")) == sorted(b.digest for b in image.blobs)
+
+    # Again: the proxy says (X-Imagewarm-Cache) it had every blob, and the upstream sees no blob GET.
+    again = warm_cli(written, "--proxy", proxy.url, docker_config_dir=tmp_path / "none")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[3].split()[3] == "4/4"
     assert sorted(blob_gets(upstream, "warm/app")) == sorted(b.digest for b in image.blobs)
 
     upstream.stop()

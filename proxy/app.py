@@ -15,6 +15,7 @@ from proxy.config import ProxyConfig
 from proxy.errors import RegistryError
 from proxy.manifest_store import ManifestStore
 from proxy.manifests import Manifests
+from proxy.peers import Peers
 from proxy.routes import Kind
 from proxy.store import BlobStore
 from proxy.tags import TagIndex
@@ -37,7 +38,8 @@ class Proxy:
         self.manifests = Manifests(
             self.upstream, ManifestStore(config.cache_dir), tags, self.access, config.tag_ttl
         )
-        self.blobs = Blobs(self.store, self.upstream, self.access, Tee(self.upstream, self.access))
+        peers = Peers(config.peer) if config.peer else None
+        self.blobs = Blobs(self.store, self.upstream, self.access, Tee(self.upstream, self.access, peers))
         host, port = config.listen
         self.own_hosts = frozenset({f"localhost:{port}", f"127.0.0.1:{port}", f"{host}:{port}".lower()})
 

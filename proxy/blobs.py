@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from flask import Response, request
 from werkzeug.wsgi import FileWrapper
@@ -14,9 +14,10 @@ from imagewarm import protocol
 from proxy import metrics
 from proxy.access import AccessControl
 from proxy.auth import Credentials
+from proxy.errors import RegistryError
 from proxy.ranges import parse_range
 from proxy.routes import Target
-from proxy.store import BlobStore, CachedBlob, DiskFull, Follower, Writer
+from proxy.store import BlobStore, CachedBlob, DiskFull, Follower, NotCached, Writer
 from proxy.tee import Tee
 from proxy.upstream import Upstream
 
@@ -59,6 +60,8 @@ class Blobs:
     def serve(self, target: Target, credentials: Credentials | None, head: bool) -> Response:
         digest = target.reference
         range_header = request.headers.get("Range")
+        if request.headers.get(protocol.PEER_HEADER):
+            return self._for_peer(target, credentials, head, range_header)
         if not self.store.has(digest):
             if head:
                 return self.tee.head(target, credentials)
@@ -73,17 +76,28 @@ class Blobs:
         if isinstance(claim, Follower):
             return self.tee.follow(target, credentials, claim)
         try:
-            self.access.check(target.registry, target.repository, credentials, self._probe(target))
+            self.tee.check_access(target, credentials)
             return self._from_cache(claim, head, range_header)
         except BaseException:
             claim.close()
             raise
 
-    def _probe(self, target: Target) -> Callable[[Credentials | None], None]:
-        def probe(credentials: Credentials | None) -> None:
-            self.upstream.head_blob(target.registry, target.repository, target.reference, credentials)
-
-        return probe
+    def _for_peer(
+        self, target: Target, credentials: Credentials | None, head: bool, range_header: str | None
+    ) -> Response:
+        """Another node's proxy asks: answer from the cache only, never fetch for it."""
+        try:
+            blob = self.store.open(target.reference)
+        except NotCached:
+            raise RegistryError(
+                "BLOB_UNKNOWN", f"{target.reference} is not cached on this node", status=404
+            ) from None
+        try:
+            self.tee.check_access(target, credentials)
+            return self._from_cache(blob, head, range_header)
+        except BaseException:
+            blob.close()
+            raise
 
     def _from_cache(self, blob: CachedBlob, head: bool, range_header: str | None) -> Response:
         span = parse_range(range_header, blob.size)

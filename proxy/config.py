@@ -26,6 +26,12 @@ def _optional_bytes(text: str) -> int:
     return parse_bytes(text) if text.strip() not in ("", "0") else 0
 
 
+def _peer_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")) or value.rstrip("/").count("/") != 2:
+        raise ValueError(f"{value!r}: give a peer proxy as http://HOST:PORT")
+    return value.rstrip("/")
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     cache_dir: Path = setting(help="directory of the content-addressed cache", parse=Path, metavar="DIR")
@@ -38,6 +44,13 @@ class ProxyConfig:
         parse=_registry,
         repeated=True,
         metavar="REGISTRY",
+    )
+    peer: tuple[str, ...] = setting(
+        (),
+        help="another node's proxy asked for a blob before the upstream (http://HOST:PORT)",
+        parse=_peer_url,
+        repeated=True,
+        metavar="URL",
     )
     insecure_upstream: tuple[str, ...] = setting(
         (), help="a registry reached over plain HTTP", parse=_registry, repeated=True, metavar="HOST:PORT"

@@ -38,3 +38,9 @@ UNCACHED_STREAMS = counter(
 DIGEST_MISMATCHES = counter(
     "proxy_digest_mismatches_total", "Upstream transfers dropped because their digest did not verify"
 )
+PEER_FETCHES = counter(
+    "proxy_peer_fetches_total",
+    "Blob misses asked of peer proxies, by result (hit: a peer sent it; miss: no peer had it; "
+    "unreachable: a peer did not answer)",
+    ["result"],
+)

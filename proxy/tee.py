@@ -20,6 +20,7 @@ from proxy.access import AccessControl
 from proxy.auth import Credentials
 from proxy.fetch import Fetch, TransferFailed
 from proxy.paths import hasher
+from proxy.peers import Peers
 from proxy.routes import Target
 from proxy.store import FetchAborted, Follower, Writer
 from proxy.upstream import Upstream
@@ -61,9 +62,31 @@ def _content_length(response: requests.Response) -> int | None:
 
 
 class Tee:
-    def __init__(self, upstream: Upstream, access: AccessControl) -> None:
+    def __init__(self, upstream: Upstream, access: AccessControl, peers: Peers | None = None) -> None:
         self.upstream = upstream
         self.access = access
+        self.peers = peers
+
+    def check_access(self, target: Target, credentials: Credentials | None) -> None:
+        """Raise RegistryError unless the client may read this blob (see `proxy.access`); the probe is
+        a HEAD upstream with its credentials."""
+
+        def probe(creds: Credentials | None) -> None:
+            self.upstream.head_blob(target.registry, target.repository, target.reference, creds)
+
+        self.access.check(target.registry, target.repository, credentials, probe)
+
+    def _open(self, target: Target, credentials: Credentials | None) -> tuple[requests.Response, str]:
+        """Where to read a missing blob from, and its metrics label: a peer that has it cached (the
+        client's access proven first, as for cached content), else the upstream."""
+        if self.peers is not None:
+            self.check_access(target, credentials)
+            response = self.peers.blob(target, credentials)
+            if response is not None:
+                return response, "peers"
+        response = self.upstream.blob(target.registry, target.repository, target.reference, credentials)
+        self.access.granted(target.registry, target.repository, credentials)
+        return response, target.registry
 
     def head(self, target: Target, credentials: Credentials | None) -> Response:
         size = self.upstream.head_blob(target.registry, target.repository, target.reference, credentials)
@@ -115,18 +138,17 @@ class Tee:
         return Response(held_back(body()), status=200, headers=headers, direct_passthrough=True)
 
     def write(self, target: Target, credentials: Credentials | None, writer: Writer) -> Response:
-        """This request holds the claim: fetch upstream on a thread of its own (see `proxy.fetch`)
-        that fills the cache while this response streams what it wrote."""
+        """This request holds the claim: fetch (from a peer or the upstream) on a thread of its own
+        (see `proxy.fetch`) that fills the cache while this response streams what it wrote."""
         try:
-            upstream = self.upstream.blob(target.registry, target.repository, target.reference, credentials)
+            upstream, source = self._open(target, credentials)
         except BaseException:
             writer.abort()
             raise
-        self.access.granted(target.registry, target.repository, credentials)
         size = _content_length(upstream)
         writer.expected_size = size
         try:
-            fetch = Fetch(writer, upstream, target.registry, target.name).start()
+            fetch = Fetch(writer, upstream, source, target.name).start()
         except BaseException:
             upstream.close()
             writer.abort()

@@ -1,0 +1,70 @@
+"""Other nodes' proxies, asked for a blob before the upstream (`--peer`): in an elastic cluster a new
+node then pulls from a neighbour's cache instead of every node fetching the same bytes upstream.
+
+A peer request carries `X-Imagewarm-Peer` (see `imagewarm.protocol`): the peer answers from its cache
+only, checking the forwarded client credentials as for any client. What a peer sends is teed into the
+cache and verified against the digest like upstream bytes, so a faulty peer cannot plant content.
+A peer that does not answer is skipped for `retry_after` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import requests
+
+from imagewarm import protocol
+from imagewarm.reference import registry_segment
+from proxy import metrics
+from proxy.auth import Credentials
+from proxy.routes import Target
+
+log = logging.getLogger("imagewarm.proxy.peers")
+
+
+class Peers:
+    def __init__(
+        self,
+        urls: tuple[str, ...],
+        connect_timeout: float = 1.0,
+        read_timeout: float = 30.0,
+        retry_after: float = 30.0,
+    ) -> None:
+        self.urls = urls
+        self._timeouts = (connect_timeout, read_timeout)
+        self._retry_after = retry_after
+        self._session = requests.Session()
+        self._session.trust_env = False  # peers are reached directly, never through HTTP(S)_PROXY
+        self._down_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def blob(self, target: Target, credentials: Credentials | None) -> requests.Response | None:
+        """A streaming 200 response for the blob from the first peer that has it cached, or None."""
+        path = f"/v2/{registry_segment(target.registry)}/{target.repository}/blobs/{target.reference}"
+        headers = {protocol.PEER_HEADER: "1"}
+        if credentials is not None:
+            headers["Authorization"] = credentials.basic()
+        for url in self.urls:
+            with self._lock:
+                if self._down_until.get(url, 0.0) > time.monotonic():
+                    continue
+            try:
+                response = self._session.get(url + path, headers=headers, stream=True, timeout=self._timeouts)
+            except requests.RequestException as exc:
+                with self._lock:
+                    self._down_until[url] = time.monotonic() + self._retry_after
+                metrics.PEER_FETCHES.labels(result="unreachable").inc()
+                log.warning(
+                    "peer proxy unreachable; skipping it for a while",
+                    extra={"peer": url, "error": str(exc), "retry_after_seconds": self._retry_after},
+                )
+                continue
+            if response.status_code == 200:
+                metrics.PEER_FETCHES.labels(result="hit").inc()
+                log.info("blob fetched from a peer", extra={"peer": url, "digest": target.reference})
+                return response
+            response.close()
+        metrics.PEER_FETCHES.labels(result="miss").inc()
+        return None

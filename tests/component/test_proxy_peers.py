@@ -1,0 +1,102 @@
+"""Peer fetching: a node's proxy asks other nodes' proxies (`--peer`) for a blob it misses before the
+upstream. Real proxies and a real docker-registry; the upstream's access log shows who fetched what."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from imagewarm.localcluster.images import push
+from imagewarm.localcluster.processes import free_ports
+from tests.component import proxy_fixtures
+
+pytestmark = pytest.mark.component
+proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
+
+
+def blob_gets(registry, repository: str) -> int:
+    return sum(
+        1
+        for method, path, status in registry.requests()
+        if method == "GET" and f"/v2/{repository}/blobs/" in path
+    )
+
+
+def blob_url(proxy, registry, repository: str, digest: str) -> str:
+    return f"{proxy.url}/v2/{registry.host.replace(':', '_')}/{repository}/blobs/{digest}"
+
+
+def test_a_miss_is_served_from_a_peer_that_has_the_blob_not_from_the_upstream(
+    registry, images, proxy_factory
+):
+    image = images.synthetic(layers=1, layer_size=3 << 20, seed=80)
+    push(registry, "peer/app", "v1", image)
+    layer = image.layers[0]
+    neighbour = proxy_factory(insecure=(registry.host,), workers=1)
+    assert requests.get(blob_url(neighbour, registry, "peer/app", layer.digest), timeout=30).ok
+    assert blob_gets(registry, "peer/app") == 1
+    new_node = proxy_factory(insecure=(registry.host,), workers=1, extra=("--peer", neighbour.url))
+
+    got = requests.get(blob_url(new_node, registry, "peer/app", layer.digest), timeout=30)
+
+    assert got.status_code == 200 and got.content == layer.read_bytes()
+    assert got.headers["X-Imagewarm-Cache"] == "miss"  # new to this node, cached now
+    assert blob_gets(registry, "peer/app") == 1  # the upstream served it once, to the neighbour
+    assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="hit") == 1
+    assert new_node.metric("imagewarm_proxy_upstream_bytes_total", registry="peers") == layer.size
+    again = requests.get(blob_url(new_node, registry, "peer/app", layer.digest), timeout=30)
+    assert again.headers["X-Imagewarm-Cache"] == "hit" and again.content == layer.read_bytes()
+
+
+def test_peers_without_the_blob_or_down_leave_the_miss_to_the_upstream(registry, images, proxy_factory):
+    image = images.synthetic(layers=1, layer_size=1 << 20, seed=81)
+    push(registry, "peer/cold", "v1", image)
+    layer = image.layers[0]
+    empty = proxy_factory(insecure=(registry.host,), workers=1)
+    down = f"http://127.0.0.1:{free_ports(1)[0]}"
+    new_node = proxy_factory(
+        insecure=(registry.host,), workers=1, extra=("--peer", down, "--peer", empty.url)
+    )
+
+    got = requests.get(blob_url(new_node, registry, "peer/cold", layer.digest), timeout=30)
+
+    assert got.status_code == 200 and got.content == layer.read_bytes()
+    assert blob_gets(registry, "peer/cold") == 1  # only the new node's fetch: the empty peer fetched nothing
+    assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="unreachable") == 1
+    assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="miss") == 1
+
+
+def test_a_peer_request_is_answered_from_the_cache_only(registry, images, proxy_factory):
+    image = images.synthetic(layers=1, layer_size=500_000, seed=82)
+    push(registry, "peer/only", "v1", image)
+    proxy = proxy_factory(insecure=(registry.host,), workers=1)
+    url = blob_url(proxy, registry, "peer/only", image.layers[0].digest)
+
+    asked = requests.get(url, headers={"X-Imagewarm-Peer": "1"}, timeout=30)
+
+    assert asked.status_code == 404 and asked.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert blob_gets(registry, "peer/only") == 0
+
+
+def test_peers_do_not_leak_private_blobs(auth_registry, images, proxy_factory):
+    image = images.synthetic(layers=1, layer_size=500_000, seed=83)
+    push(auth_registry, "peer/private", "v1", image)
+    layer = image.layers[0]
+    creds = (auth_registry.username, auth_registry.password)
+    neighbour = proxy_factory(insecure=(auth_registry.host,), workers=1)
+    assert requests.get(
+        blob_url(neighbour, auth_registry, "peer/private", layer.digest), auth=creds, timeout=30
+    ).ok
+    new_node = proxy_factory(insecure=(auth_registry.host,), workers=1, extra=("--peer", neighbour.url))
+    url = blob_url(new_node, auth_registry, "peer/private", layer.digest)
+
+    # Anonymous: refused before any peer is asked; and the neighbour refuses a peer request without them.
+    assert requests.get(url, timeout=30).status_code == 401
+    direct = blob_url(neighbour, auth_registry, "peer/private", layer.digest)
+    assert requests.get(direct, headers={"X-Imagewarm-Peer": "1"}, timeout=30).status_code == 401
+    assert new_node.metric("imagewarm_proxy_peer_fetches_total") == 0
+
+    # With credentials: served from the neighbour, which checked them too.
+    got = requests.get(url, auth=creds, timeout=30)
+    assert got.status_code == 200 and got.content == layer.read_bytes()
+    assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="hit") == 1

@@ -25,6 +25,11 @@ log = logging.getLogger("imagewarm.proxy.access")
 Probe = Callable[[Credentials | None], None]  # raises RegistryError unless the upstream grants access
 
 
+class Unverifiable(RegistryError):
+    """The upstream cannot be reached to check a client, and nothing is known of it: refused here,
+    though another node that knows more (a peer) may still decide."""
+
+
 class AccessControl:
     def __init__(self, cache_dir: Path, ttl: float, now: Callable[[], float] = time.monotonic) -> None:
         self._public_dir = cache_dir / "access" / "public"
@@ -71,7 +76,7 @@ class AccessControl:
             if known is not None:  # offline: the last answer stands
                 return self._finish(known[0], "stale", credentials, registry, repository)
             self._count("unverifiable", False)
-            raise RegistryError(
+            raise Unverifiable(
                 "UNAUTHORIZED",
                 f"{registry}/{repository} is cached but not known to be "
                 "public, and the upstream is unreachable to check these credentials",

@@ -8,6 +8,7 @@ the client sees a failed transfer, never a clean success with wrong bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -16,7 +17,7 @@ from flask import Response
 
 from imagewarm import protocol
 from proxy import metrics
-from proxy.access import AccessControl
+from proxy.access import AccessControl, Unverifiable
 from proxy.auth import Credentials
 from proxy.fetch import Fetch, TransferFailed
 from proxy.paths import hasher
@@ -78,9 +79,13 @@ class Tee:
 
     def _open(self, target: Target, credentials: Credentials | None) -> tuple[requests.Response, str]:
         """Where to read a missing blob from, and its metrics label: a peer that has it cached (the
-        client's access proven first, as for cached content), else the upstream."""
+        client's access proven first, as for cached content; by the peer when the upstream is down),
+        else the upstream."""
         if self.peers is not None:
-            self.check_access(target, credentials)
+            # If the upstream cannot vouch for the client now and this node has no decision to fall back
+            # on, the peer that has the blob checks the forwarded credentials by its own rule.
+            with contextlib.suppress(Unverifiable):
+                self.check_access(target, credentials)
             response = self.peers.blob(target, credentials)
             if response is not None:
                 return response, "peers"

@@ -100,3 +100,23 @@ def test_peers_do_not_leak_private_blobs(auth_registry, images, proxy_factory):
     got = requests.get(url, auth=creds, timeout=30)
     assert got.status_code == 200 and got.content == layer.read_bytes()
     assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="hit") == 1
+
+
+def test_with_the_upstream_down_a_new_node_still_gets_a_public_blob_from_a_peer(
+    registry_factory, images, proxy_factory
+):
+    upstream = registry_factory()
+    image = images.synthetic(layers=1, layer_size=1 << 20, seed=84)
+    push(upstream, "peer/offline", "v1", image)
+    layer = image.layers[0]
+    neighbour = proxy_factory(insecure=(upstream.host,), workers=1)
+    assert requests.get(blob_url(neighbour, upstream, "peer/offline", layer.digest), timeout=30).ok
+    peering = ("--peer", neighbour.url, "--retries", "0")
+    new_node = proxy_factory(insecure=(upstream.host,), workers=1, extra=peering)
+    upstream.stop()
+
+    got = requests.get(blob_url(new_node, upstream, "peer/offline", layer.digest), timeout=60)
+
+    # The new node cannot ask the upstream who may read it; the neighbour knows the repository is public.
+    assert got.status_code == 200 and got.content == layer.read_bytes()
+    assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="hit") == 1

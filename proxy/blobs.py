@@ -75,12 +75,7 @@ class Blobs:
             return self.tee.write(target, credentials, claim)
         if isinstance(claim, Follower):
             return self.tee.follow(target, credentials, claim)
-        try:
-            self.tee.check_access(target, credentials)
-            return self._from_cache(claim, head, range_header)
-        except BaseException:
-            claim.close()
-            raise
+        return self._checked(claim, target, credentials, head, range_header)
 
     def _for_peer(
         self, target: Target, credentials: Credentials | None, head: bool, range_header: str | None
@@ -92,6 +87,17 @@ class Blobs:
             raise RegistryError(
                 "BLOB_UNKNOWN", f"{target.reference} is not cached on this node", status=404
             ) from None
+        return self._checked(blob, target, credentials, head, range_header)
+
+    def _checked(
+        self,
+        blob: CachedBlob,
+        target: Target,
+        credentials: Credentials | None,
+        head: bool,
+        range_header: str | None,
+    ) -> Response:
+        """A cached blob for a client that proves access (the blob is released if it does not)."""
         try:
             self.tee.check_access(target, credentials)
             return self._from_cache(blob, head, range_header)

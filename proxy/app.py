@@ -6,12 +6,15 @@ import logging
 
 from flask import Flask, Response, g, request
 
+from imagewarm.config import ConfigError
+from imagewarm.kube import ConfigurationError, Kube
 from imagewarm.metrics import exposition
 from proxy import metrics, routes
 from proxy.access import AccessControl
 from proxy.auth import credentials_from_header
 from proxy.blobs import Blobs
 from proxy.config import ProxyConfig
+from proxy.discovery import PeerDiscovery
 from proxy.errors import RegistryError
 from proxy.manifest_store import ManifestStore
 from proxy.manifests import Manifests
@@ -38,10 +41,15 @@ class Proxy:
         self.manifests = Manifests(
             self.upstream, ManifestStore(config.cache_dir), tags, self.access, config.tag_ttl
         )
-        peers = Peers(config.peer) if config.peer else None
+        self.discovery = _discovery(config)
+        peers = Peers(self._peer_urls) if config.peer or self.discovery is not None else None
         self.blobs = Blobs(self.store, self.upstream, self.access, Tee(self.upstream, self.access, peers))
         host, port = config.listen
         self.own_hosts = frozenset({f"localhost:{port}", f"127.0.0.1:{port}", f"{host}:{port}".lower()})
+
+    def _peer_urls(self) -> tuple[str, ...]:
+        discovered = self.discovery.urls() if self.discovery is not None else ()
+        return tuple(dict.fromkeys(self.config.peer + discovered))  # --peer first, each once
 
     def handle(self, path: str) -> Response:
         head = request.method == "HEAD"
@@ -76,6 +84,28 @@ class Proxy:
         return Response(
             "{}", mimetype="application/json", headers={"Docker-Distribution-API-Version": "registry/2.0"}
         )
+
+
+def _discovery(config: ProxyConfig) -> PeerDiscovery | None:
+    """Peer discovery for `--peers-from`, not started (see `proxy.serve`); the kubeconfig is loaded now
+    so a bad one stops the proxy at start. Raises ConfigError saying what to give."""
+    if config.peers_from is None:
+        return None
+    namespace, service = config.peers_from
+    try:
+        kube = Kube.load(config.kubeconfig or None)
+    except ConfigurationError as exc:
+        raise ConfigError(
+            f"--peers-from needs the Kubernetes API: {exc} (give --kubeconfig PATH, or run in a pod)"
+        ) from None
+    return PeerDiscovery(
+        kube,
+        namespace,
+        service,
+        own_node=config.node_name,
+        own_address=config.listen,
+        static=config.peer,
+    )
 
 
 def create_app(config: ProxyConfig) -> Flask:

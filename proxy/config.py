@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,18 @@ def _peer_url(value: str) -> str:
     return value.rstrip("/")
 
 
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _namespaced_service(value: str) -> tuple[str, str]:
+    namespace, sep, service = value.strip().partition("/")
+    if not sep or not _DNS_LABEL.fullmatch(namespace) or not _DNS_LABEL.fullmatch(service):
+        raise ValueError(
+            f"{value!r}: give the peers' Service as NAMESPACE/SERVICE, e.g. imagewarm-system/imagewarm-proxy"
+        )
+    return namespace, service
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     cache_dir: Path = setting(help="directory of the content-addressed cache", parse=Path, metavar="DIR")
@@ -51,6 +64,13 @@ class ProxyConfig:
         parse=_peer_url,
         repeated=True,
         metavar="URL",
+    )
+    peers_from: tuple[str, str] | None = setting(
+        None,
+        help="discover peer proxies from this Service's EndpointSlices (with --kubeconfig or in-cluster); "
+        "adds to --peer",
+        parse=_namespaced_service,
+        metavar="NAMESPACE/SERVICE",
     )
     insecure_upstream: tuple[str, ...] = setting(
         (), help="a registry reached over plain HTTP", parse=_registry, repeated=True, metavar="HOST:PORT"

@@ -44,3 +44,10 @@ PEER_FETCHES = counter(
     "unreachable: a peer did not answer)",
     ["result"],
 )
+# Every worker keeps its own view of the discovered peers; the largest is the most complete.
+PEERS = gauge(
+    "proxy_peers",
+    "Peer proxies known (--peer and discovered with --peers-from)",
+    unitless_ok=True,
+    multiprocess_mode="livemax",
+)

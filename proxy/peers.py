@@ -4,7 +4,8 @@ node then pulls from a neighbour's cache instead of every node fetching the same
 A peer request carries `X-Imagewarm-Peer` (see `imagewarm.protocol`): the peer answers from its cache
 only, checking the forwarded client credentials as for any client. What a peer sends is teed into the
 cache and verified against the digest like upstream bytes, so a faulty peer cannot plant content.
-A peer that does not answer is skipped for `retry_after` seconds.
+A peer that does not answer is skipped for `retry_after` seconds. The list of peers is read per miss
+(`--peer` plus those `proxy.discovery` finds), so it may change while the proxy runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 import requests
 
@@ -25,9 +27,11 @@ log = logging.getLogger("imagewarm.proxy.peers")
 
 
 class Peers:
+    """`urls` gives the peer proxies to ask, in order; it is called once per miss."""
+
     def __init__(
         self,
-        urls: tuple[str, ...],
+        urls: Callable[[], Sequence[str]],
         connect_timeout: float = 1.0,
         read_timeout: float = 30.0,
         retry_after: float = 30.0,
@@ -43,10 +47,13 @@ class Peers:
     def blob(self, target: Target, credentials: Credentials | None) -> requests.Response | None:
         """A streaming 200 response for the blob from the first peer that has it cached, or None."""
         path = f"/v2/{registry_segment(target.registry)}/{target.repository}/blobs/{target.reference}"
+        urls = self.urls()
+        if not urls:
+            return None  # none known (yet): not a miss of any peer
         headers = {protocol.PEER_HEADER: "1"}
         if credentials is not None:
             headers["Authorization"] = credentials.basic()
-        for url in self.urls:
+        for url in urls:
             with self._lock:
                 if self._down_until.get(url, 0.0) > time.monotonic():
                     continue

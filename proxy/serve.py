@@ -1,6 +1,6 @@
 """gunicorn serving the proxy: worker processes with a thread per client connection
 (`imagewarm.worker`), metrics aggregated across them, the evictor and the startup-taint removal
-running in the master once it listens."""
+running in the master once it listens, peer discovery in each worker."""
 
 from __future__ import annotations
 
@@ -69,12 +69,19 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
             "loglevel": self.config.log_level,
             "child_exit": _child_exit,
             "when_ready": self._when_ready,
+            "post_worker_init": self._post_worker_init,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
 
     def load(self) -> Flask:
         return self.app
+
+    def _post_worker_init(self, _worker: Any) -> None:
+        # In each worker, after the fork: the informer's thread would not survive it.
+        discovery = self.app.extensions["imagewarm.proxy"].discovery
+        if discovery is not None:
+            discovery.start()
 
     def _when_ready(self, _server: Any) -> None:
         log.info(

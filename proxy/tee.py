@@ -81,7 +81,7 @@ class Tee:
         """Where to read a missing blob from, and its metrics label: a peer that has it cached (the
         client's access proven first, as for cached content; by the peer when the upstream is down),
         else the upstream."""
-        if self.peers is not None:
+        if self.peers is not None and self.peers.urls():  # none known yet: no access probe for nothing
             # If the upstream cannot vouch for the client now and this node has no decision to fall back
             # on, the peer that has the blob checks the forwarded credentials by its own rule.
             with contextlib.suppress(Unverifiable):

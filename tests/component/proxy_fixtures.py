@@ -1,4 +1,5 @@
-"""A real `imagewarm proxy` (gunicorn, several workers) as a subprocess on a free loopback port."""
+"""A real `imagewarm proxy` (gunicorn, several workers) as a subprocess on a free port (loopback unless
+`ip` says otherwise: the API server refuses loopback endpoint addresses)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ class ProxyProcess:
     log_path: Path
     args: list[str]
     env: dict[str, str]
+    ip: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.ip}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -86,8 +88,9 @@ def start_proxy(
     cache_dir: Path | None = None,
     extra: tuple[str, ...] = (),
     workers: int = 3,
+    ip: str = "127.0.0.1",
 ) -> ProxyProcess:
-    port = free_ports(1)[0]
+    port = free_ports(1, host=ip)[0]
     cache_dir = cache_dir or workdir / "cache"
     args = [
         sys.executable,
@@ -95,7 +98,7 @@ def start_proxy(
         "imagewarm",
         "proxy",
         "--listen",
-        f"127.0.0.1:{port}",
+        f"{ip}:{port}",
         "--cache-dir",
         str(cache_dir),
         "--workers",
@@ -113,7 +116,7 @@ def start_proxy(
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEWARM_")}
     env["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / f"metrics-{port}")
     workdir.mkdir(parents=True, exist_ok=True)
-    proxy = ProxyProcess(port, cache_dir, workdir / f"proxy-{port}.log", args, env)
+    proxy = ProxyProcess(port, cache_dir, workdir / f"proxy-{port}.log", args, env, ip)
     return proxy.start()
 
 

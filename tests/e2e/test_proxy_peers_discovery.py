@@ -1,0 +1,119 @@
+"""`imagewarm proxy --peers-from NS/SVC` against a real API server: the peers are the ready endpoints of
+the Service's EndpointSlices, followed by a watch. Proxies run on the host, bound to node 1's bridge
+address (the API server refuses loopback endpoint addresses), behind a selector-less Service whose
+EndpointSlice the test writes by hand; the upstream is a real docker-registry whose log shows who
+fetched what."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from imagewarm.localcluster.cluster import Cluster
+from imagewarm.localcluster.images import push
+from tests.component import proxy_fixtures
+
+pytestmark = pytest.mark.e2e
+proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
+
+SERVICE = "imagewarm-proxy"
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result
+
+
+def blob_gets(registry, repository: str, digest: str) -> int:
+    return sum(
+        1
+        for method, path, _status in registry.requests()
+        if method == "GET" and path.startswith(f"/v2/{repository}/blobs/{digest}")
+    )
+
+
+def blob_url(proxy, registry, repository: str, digest: str) -> str:
+    return f"{proxy.url}/v2/{registry.host.replace(':', '_')}/{repository}/blobs/{digest}"
+
+
+def endpoint_slice(namespace: str, ip: str, port: int, *, ready: bool) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{SERVICE}-peers",
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": SERVICE},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "metrics", "port": 9100, "protocol": "TCP"}, {"name": "proxy", "port": port}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}}],
+    }
+
+
+def apply(cluster: Cluster, obj: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"peers-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    apply(
+        cluster,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": SERVICE, "namespace": name},
+            "spec": {"ports": [{"name": "proxy", "port": 7439}]},
+        },
+    )
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+def test_a_new_proxy_finds_its_peers_through_the_services_endpointslices(
+    cluster: Cluster, namespace: str, registry_factory, images, proxy_factory
+):
+    upstream = registry_factory()
+    image = images.synthetic(layers=2, layer_size=1 << 20, seed=90)
+    push(upstream, "peers/discovered", "v1", image)
+    first, second = image.layers
+    ip = cluster.nodes[0].ip
+    neighbour = proxy_factory(insecure=(upstream.host,), workers=1, ip=ip)
+    for layer in (first, second):
+        assert requests.get(blob_url(neighbour, upstream, "peers/discovered", layer.digest), timeout=30).ok
+    apply(cluster, endpoint_slice(namespace, ip, neighbour.port, ready=True))
+    discovering = ("--peers-from", f"{namespace}/{SERVICE}", "--kubeconfig", str(cluster.kubeconfig))
+    new_node = proxy_factory(insecure=(upstream.host,), workers=1, ip=ip, extra=discovering)
+    try:
+        eventually(lambda: new_node.metric("imagewarm_proxy_peers") == 1, "the neighbour to be discovered")
+
+        got = requests.get(blob_url(new_node, upstream, "peers/discovered", first.digest), timeout=30)
+
+        assert got.status_code == 200 and got.content == first.read_bytes()
+        assert blob_gets(upstream, "peers/discovered", first.digest) == 1  # only the neighbour's fetch
+        assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="hit") == 1
+        assert "discovered peer set changed" in new_node.log_tail(200)
+
+        apply(cluster, endpoint_slice(namespace, ip, neighbour.port, ready=False))
+        eventually(lambda: new_node.metric("imagewarm_proxy_peers") == 0, "the neighbour to be dropped")
+
+        # The neighbour has this blob cached too, but is no longer a peer: the upstream serves it.
+        got = requests.get(blob_url(new_node, upstream, "peers/discovered", second.digest), timeout=30)
+
+        assert got.status_code == 200 and got.content == second.read_bytes()
+        assert blob_gets(upstream, "peers/discovered", second.digest) == 2
+        assert new_node.metric("imagewarm_proxy_peer_fetches_total") == 1  # the neighbour was not asked
+    except BaseException:
+        print(new_node.log_tail(100))
+        raise

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from imagewarm import logs
 from imagewarm.cli import Command
+from imagewarm.config import ConfigError
 from proxy.config import ProxyConfig
 
 
@@ -29,7 +31,11 @@ def run(config: ProxyConfig) -> int:
     from proxy.app import create_app
     from proxy.serve import ProxyServer
 
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except ConfigError as exc:  # e.g. --peers-from without a usable kubeconfig
+        print(f"imagewarm proxy: {exc}", file=sys.stderr)
+        return 2
     ProxyServer(app, config, app.extensions["imagewarm.proxy"].store).run()
     return 0
 

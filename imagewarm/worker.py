@@ -123,7 +123,8 @@ class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
         try:
             return bool(super().handle_request(listener_name, req, sock, addr))
         finally:
-            sock.settimeout(self._idle_timeout)
+            with contextlib.suppress(OSError):  # closed when a response failed mid-way
+                sock.settimeout(self._idle_timeout)
             if connection is not None:
                 connection.busy = False
 

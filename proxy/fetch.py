@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
@@ -72,8 +72,17 @@ class _Urllib3Reader:
 class Fetch:
     """One upstream blob transfer into `writer`, started by `start()`, served by `body()` (once)."""
 
-    def __init__(self, writer: Writer, upstream: requests.Response, registry: str, image: str) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        upstream: requests.Response,
+        registry: str,
+        image: str,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_failure` is called (on the fetch thread) when the transfer fails or does not verify."""
         self.writer = writer
+        self.on_failure = on_failure
         self.upstream = upstream
         self.registry = registry
         self.image = image
@@ -186,6 +195,8 @@ class Fetch:
     def _fail(self, message: str, exc: BaseException) -> None:
         log.error(message, extra={"image": self.image, "digest": self.digest, "error": str(exc)})
         self.writer.abort()
+        if self.on_failure is not None:
+            self.on_failure()
         with self._changed:
             self._error = str(exc) or type(exc).__name__
             self._changed.notify_all()

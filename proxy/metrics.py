@@ -41,7 +41,7 @@ DIGEST_MISMATCHES = counter(
 PEER_FETCHES = counter(
     "proxy_peer_fetches_total",
     "Blob misses asked of peer proxies, by result (hit: a peer sent it; miss: no peer had it; "
-    "unreachable: a peer did not answer)",
+    "unreachable: a peer did not answer; failed: a peer's transfer broke off or did not verify)",
     ["result"],
 )
 # Every worker keeps its own view of the discovered peers; the largest is the most complete.

@@ -44,8 +44,9 @@ class Peers:
         self._down_until: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def blob(self, target: Target, credentials: Credentials | None) -> requests.Response | None:
-        """A streaming 200 response for the blob from the first peer that has it cached, or None."""
+    def blob(self, target: Target, credentials: Credentials | None) -> tuple[str, requests.Response] | None:
+        """(peer URL, streaming 200 response) for the blob from the first peer that has it cached, or
+        None."""
         path = f"/v2/{registry_segment(target.registry)}/{target.repository}/blobs/{target.reference}"
         urls = self.urls()
         if not urls:
@@ -71,7 +72,18 @@ class Peers:
             if response.status_code == 200:
                 metrics.PEER_FETCHES.labels(result="hit").inc()
                 log.info("blob fetched from a peer", extra={"peer": url, "digest": target.reference})
-                return response
+                return url, response
             response.close()
         metrics.PEER_FETCHES.labels(result="miss").inc()
         return None
+
+    def failed(self, url: str) -> None:
+        """A blob from the peer at `url` broke off or did not verify: do not ask it for a while, so a
+        faulty peer cannot keep failing pulls that the upstream would serve."""
+        with self._lock:
+            self._down_until[url] = time.monotonic() + self._retry_after
+        metrics.PEER_FETCHES.labels(result="failed").inc()
+        log.warning(
+            "a peer's blob transfer failed or did not verify; skipping that peer for a while",
+            extra={"peer": url, "retry_after_seconds": self._retry_after},
+        )

@@ -9,8 +9,9 @@ the client sees a failed transfer, never a clean success with wrong bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import requests
 from flask import Response
@@ -77,21 +78,24 @@ class Tee:
 
         self.access.check(target.registry, target.repository, credentials, probe)
 
-    def _open(self, target: Target, credentials: Credentials | None) -> tuple[requests.Response, str]:
-        """Where to read a missing blob from, and its metrics label: a peer that has it cached (the
-        client's access proven first, as for cached content; by the peer when the upstream is down),
-        else the upstream."""
+    def _open(
+        self, target: Target, credentials: Credentials | None
+    ) -> tuple[requests.Response, str, Callable[[], None] | None]:
+        """Where to read a missing blob from: a peer that has it cached (the client's access proven
+        first, as for cached content; by the peer when the upstream is down), else the upstream. With
+        the response: its metrics label, and what to call if its bytes fail (a peer is set aside)."""
         if self.peers is not None and self.peers.urls():  # none known yet: no access probe for nothing
             # If the upstream cannot vouch for the client now and this node has no decision to fall back
             # on, the peer that has the blob checks the forwarded credentials by its own rule.
             with contextlib.suppress(Unverifiable):
                 self.check_access(target, credentials)
-            response = self.peers.blob(target, credentials)
-            if response is not None:
-                return response, "peers"
+            found = self.peers.blob(target, credentials)
+            if found is not None:
+                url, response = found
+                return response, "peers", functools.partial(self.peers.failed, url)
         response = self.upstream.blob(target.registry, target.repository, target.reference, credentials)
         self.access.granted(target.registry, target.repository, credentials)
-        return response, target.registry
+        return response, target.registry, None
 
     def head(self, target: Target, credentials: Credentials | None) -> Response:
         size = self.upstream.head_blob(target.registry, target.repository, target.reference, credentials)
@@ -146,14 +150,14 @@ class Tee:
         """This request holds the claim: fetch (from a peer or the upstream) on a thread of its own
         (see `proxy.fetch`) that fills the cache while this response streams what it wrote."""
         try:
-            upstream, source = self._open(target, credentials)
+            upstream, source, on_failure = self._open(target, credentials)
         except BaseException:
             writer.abort()
             raise
         size = _content_length(upstream)
         writer.expected_size = size
         try:
-            fetch = Fetch(writer, upstream, source, target.name).start()
+            fetch = Fetch(writer, upstream, source, target.name, on_failure).start()
         except BaseException:
             upstream.close()
             writer.abort()

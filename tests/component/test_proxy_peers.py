@@ -3,6 +3,9 @@ upstream. Real proxies and a real docker-registry; the upstream's access log sho
 
 from __future__ import annotations
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 import requests
 
@@ -120,3 +123,51 @@ def test_with_the_upstream_down_a_new_node_still_gets_a_public_blob_from_a_peer(
     # The new node cannot ask the upstream who may read it; the neighbour knows the repository is public.
     assert got.status_code == 200 and got.content == layer.read_bytes()
     assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="hit") == 1
+
+
+class _LyingPeer(BaseHTTPRequestHandler):
+    """A peer that claims every blob and sends the right number of wrong bytes."""
+
+    served = 0
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        size = int(self.server.size)  # type: ignore[attr-defined]
+        type(self).served += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        self.wfile.write(b"\0" * size)
+
+
+def test_a_peer_sending_bytes_that_do_not_verify_fails_one_transfer_then_is_set_aside(
+    registry, images, proxy_factory
+):
+    image = images.synthetic(layers=1, layer_size=1 << 20, seed=85)
+    push(registry, "peer/liar", "v1", image)
+    layer = image.layers[0]
+    liar = ThreadingHTTPServer(("127.0.0.1", 0), _LyingPeer)
+    liar.size = layer.size  # type: ignore[attr-defined]
+    threading.Thread(target=liar.serve_forever, daemon=True).start()
+    try:
+        peering = ("--peer", f"http://127.0.0.1:{liar.server_address[1]}")
+        new_node = proxy_factory(insecure=(registry.host,), workers=1, extra=peering)
+        url = blob_url(new_node, registry, "peer/liar", layer.digest)
+
+        # The wrong bytes never pass as the blob: the transfer breaks off (or is short), nothing is cached.
+        with pytest.raises(requests.RequestException):
+            first = requests.get(url, timeout=30)
+            first.raise_for_status()
+            assert first.content != layer.read_bytes()
+            raise requests.RequestException("served, but not the blob")
+        assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="failed") == 1
+
+        # The next pull skips that peer and gets the real blob from the upstream.
+        second = requests.get(url, timeout=30)
+        assert second.status_code == 200 and second.content == layer.read_bytes()
+        assert _LyingPeer.served == 1
+        assert blob_gets(registry, "peer/liar") == 1
+    finally:
+        liar.shutdown()

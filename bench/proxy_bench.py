@@ -215,19 +215,15 @@ def wait_for(url: str, ok: tuple[int, ...] = (200,), timeout: float = 30) -> Non
     raise RuntimeError(f"{url} did not come up in {timeout}s")
 
 
-def blob_gets(registry: Registry, digest: str, since: int) -> int:
-    return sum(1 for m, p, s in registry.requests()[since:] if m == "GET" and p.endswith(f"/blobs/{digest}"))
-
-
 def wait_background_fetches(registry: Registry, digest: str, timeout: float = 120) -> None:
     """Wait until the upstream has served no new GET of `digest` for 2 s: distribution's pull-through
     goes on fetching a blob in the background after its client is served, and that work must not
     overlap the next run's columns."""
     deadline = time.monotonic() + timeout
-    seen = blob_gets(registry, digest, 0)
+    seen = len(registry.blob_gets(digest=digest))
     while time.monotonic() < deadline:
         time.sleep(2)
-        now = blob_gets(registry, digest, 0)
+        now = len(registry.blob_gets(digest=digest))
         if now == seen:
             return
         seen = now
@@ -306,7 +302,7 @@ def main() -> int:
         # neither the direct read nor the proxy's fetch.
         time.sleep(5)
         every = [layer for runs in layers.values() for _, layer in runs]
-        ptc_fetches = [blob_gets(upstream, layer.digest, 0) - 2 for layer in every]
+        ptc_fetches = [len(upstream.blob_gets(digest=layer.digest)) - 2 for layer in every]
 
         # Fan-in: a fresh proxy, 16 concurrent cold fetches of the largest blob.
         size = sizes[-1]
@@ -317,7 +313,7 @@ def main() -> int:
         url = fresh.url(upstream, repository, layer.digest)
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda _: curl_speed(url), range(16)))
-        fetches = blob_gets(upstream, layer.digest, since)
+        fetches = len(upstream.blob_gets(digest=layer.digest, since=since))
         # Warm: 16 concurrent readers of the same blob, RSS sampled meanwhile.
         peak: list[float] = []
         done = threading.Event()

@@ -119,6 +119,19 @@ class Registry:
                 found.append((match["method"], match["path"], int(match["status"])))
         return found
 
+    def blob_gets(self, repository: str = "", *, digest: str = "", since: int = 0) -> list[str]:
+        """The digests of the blobs this registry served (GET, 200) after its first `since` requests,
+        oldest first: of `repository` and of `digest` when given."""
+        served = []
+        for method, path, status in self.requests()[since:]:
+            name, sep, served_digest = path.partition("?")[0].removeprefix("/v2/").rpartition("/blobs/")
+            if method != "GET" or status != 200 or not sep:
+                continue
+            if (repository and name != repository) or (digest and served_digest != digest):
+                continue
+            served.append(served_digest)
+        return served
+
     def __enter__(self) -> Registry:
         return self
 

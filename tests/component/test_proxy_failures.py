@@ -191,11 +191,7 @@ def test_full_disk_streams_through_and_caching_resumes_when_space_returns(
     filler.unlink()  # space returns
     assert requests.get(url, timeout=60).content == expected
     wait_until(layout.blob(layer.digest).exists, message="caching did not resume")
-    gets_before = len(blob_gets(registry, layer.digest))
+    gets_before = len(registry.blob_gets(digest=layer.digest))
     assert requests.get(url, timeout=60).content == expected
-    assert len(blob_gets(registry, layer.digest)) == gets_before  # served from the cache now
+    assert len(registry.blob_gets(digest=layer.digest)) == gets_before  # served from the cache now
     assert proxy.metric("imagewarm_proxy_uncached_streams_total", reason="disk_full") == 2
-
-
-def blob_gets(registry, digest: str) -> list[str]:
-    return [p for m, p, s in registry.requests() if m == "GET" and p.endswith(f"/blobs/{digest}")]

@@ -11,22 +11,15 @@ import requests
 
 from imagewarm.localcluster.images import push
 from imagewarm.localcluster.processes import free_ports
+from imagewarm.reference import registry_segment
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.component
 proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
 
 
-def blob_gets(registry, repository: str) -> int:
-    return sum(
-        1
-        for method, path, status in registry.requests()
-        if method == "GET" and f"/v2/{repository}/blobs/" in path
-    )
-
-
 def blob_url(proxy, registry, repository: str, digest: str) -> str:
-    return f"{proxy.url}/v2/{registry.host.replace(':', '_')}/{repository}/blobs/{digest}"
+    return f"{proxy.url}/v2/{registry_segment(registry.host)}/{repository}/blobs/{digest}"
 
 
 def test_a_miss_is_served_from_a_peer_that_has_the_blob_not_from_the_upstream(
@@ -37,14 +30,14 @@ def test_a_miss_is_served_from_a_peer_that_has_the_blob_not_from_the_upstream(
     layer = image.layers[0]
     neighbour = proxy_factory(insecure=(registry.host,), workers=1)
     assert requests.get(blob_url(neighbour, registry, "peer/app", layer.digest), timeout=30).ok
-    assert blob_gets(registry, "peer/app") == 1
+    assert len(registry.blob_gets("peer/app")) == 1
     new_node = proxy_factory(insecure=(registry.host,), workers=1, extra=("--peer", neighbour.url))
 
     got = requests.get(blob_url(new_node, registry, "peer/app", layer.digest), timeout=30)
 
     assert got.status_code == 200 and got.content == layer.read_bytes()
     assert got.headers["X-Imagewarm-Cache"] == "miss"  # new to this node, cached now
-    assert blob_gets(registry, "peer/app") == 1  # the upstream served it once, to the neighbour
+    assert len(registry.blob_gets("peer/app")) == 1  # the upstream served it once, to the neighbour
     assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="hit") == 1
     assert new_node.metric("imagewarm_proxy_upstream_bytes_total", registry="peers") == layer.size
     again = requests.get(blob_url(new_node, registry, "peer/app", layer.digest), timeout=30)
@@ -64,7 +57,8 @@ def test_peers_without_the_blob_or_down_leave_the_miss_to_the_upstream(registry,
     got = requests.get(blob_url(new_node, registry, "peer/cold", layer.digest), timeout=30)
 
     assert got.status_code == 200 and got.content == layer.read_bytes()
-    assert blob_gets(registry, "peer/cold") == 1  # only the new node's fetch: the empty peer fetched nothing
+    # Only the new node's fetch: the empty peer fetched nothing.
+    assert len(registry.blob_gets("peer/cold")) == 1
     assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="unreachable") == 1
     assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="miss") == 1
 
@@ -78,7 +72,7 @@ def test_a_peer_request_is_answered_from_the_cache_only(registry, images, proxy_
     asked = requests.get(url, headers={"X-Imagewarm-Peer": "1"}, timeout=30)
 
     assert asked.status_code == 404 and asked.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
-    assert blob_gets(registry, "peer/only") == 0
+    assert len(registry.blob_gets("peer/only")) == 0
 
 
 def test_peers_do_not_leak_private_blobs(auth_registry, images, proxy_factory):
@@ -168,6 +162,6 @@ def test_a_peer_sending_bytes_that_do_not_verify_fails_one_transfer_then_is_set_
         second = requests.get(url, timeout=30)
         assert second.status_code == 200 and second.content == layer.read_bytes()
         assert _LyingPeer.served == 1
-        assert blob_gets(registry, "peer/liar") == 1
+        assert len(registry.blob_gets("peer/liar")) == 1
     finally:
         liar.shutdown()

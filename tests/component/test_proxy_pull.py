@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from imagewarm.localcluster.images import push
+from imagewarm.reference import registry_segment
 from tests.component import proxy_fixtures
 from tests.oci_checks import assert_dir_matches, copy_to_dir
 
@@ -16,31 +17,18 @@ pytestmark = pytest.mark.component
 proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
 
 
-def segment(host: str) -> str:
-    return host.replace(":", "_")
-
-
-def blob_gets(registry, repository: str) -> list[str]:
-    return [
-        path
-        for method, path, status in registry.requests()
-        if method == "GET" and f"/v2/{repository}/blobs/" in path and status == 200
-    ]
-
-
 def test_skopeo_copies_through_the_proxy_by_tag_and_digest(registry, images, skopeo, proxy_factory, tmp_path):
     image = images.synthetic(layers=2, layer_size=512 << 10, seed=11)
     push(registry, "pull/basic", "v1", image)
     proxy = proxy_factory(insecure=(registry.host,))
-    name = f"{proxy.host}/{segment(registry.host)}/pull/basic"
+    name = f"{proxy.host}/{registry_segment(registry.host)}/pull/basic"
 
     assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "cold"), image)
     assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "warm"), image)
     assert_dir_matches(copy_to_dir(skopeo, f"{name}@{image.digest}", tmp_path / "digest"), image)
 
     # Each blob came from the upstream once; the warm copies were served from the cache.
-    gets = blob_gets(registry, "pull/basic")
-    assert sorted(gets) == sorted({f"/v2/pull/basic/blobs/{b.digest}" for b in image.blobs})
+    assert sorted(registry.blob_gets("pull/basic")) == sorted(b.digest for b in image.blobs)
     assert proxy.metric("imagewarm_proxy_cache_hit_bytes_total", kind="blob") >= 2 * sum(
         b.size for b in image.layers
     )
@@ -100,7 +88,8 @@ def test_manifest_headers_and_blob_ranges(registry, images, proxy_factory):
 )
 def test_bad_requests_get_oci_errors(registry, proxy_factory, path, code, status):
     proxy = proxy_factory(insecure=(registry.host,), workers=1)
-    response = requests.get(proxy.url + path.format(host=segment(registry.host)), auth=("", ""), timeout=10)
+    url = proxy.url + path.format(host=registry_segment(registry.host))
+    response = requests.get(url, auth=("", ""), timeout=10)
     assert response.status_code == status, response.text
     assert response.json()["errors"][0]["code"] == code
 
@@ -123,7 +112,7 @@ def test_multi_platform_index(registry, images, skopeo, proxy_factory, tmp_path)
     index = images.index({"linux/amd64": amd, "linux/arm64": arm})
     push(registry, "pull/multi", "v1", index)
     proxy = proxy_factory(insecure=(registry.host,), workers=2)
-    name = f"{proxy.host}/{segment(registry.host)}/pull/multi:v1"
+    name = f"{proxy.host}/{registry_segment(registry.host)}/pull/multi:v1"
     raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}")
     assert raw.stdout.encode() == index.manifest
     copied = copy_to_dir(skopeo, name, tmp_path / "all", "--all")
@@ -152,14 +141,15 @@ def test_offline_upstream_still_serves_tags_and_digests(
     image = images.synthetic(layers=2, layer_size=200_000, seed=18)
     push(upstream, "pull/offline", "v1", image)
     proxy = proxy_factory(insecure=(upstream.host,), extra=("--tag-ttl", "1s", "--retries", "1"))
-    name = f"{proxy.host}/{segment(upstream.host)}/pull/offline"
+    name = f"{proxy.host}/{registry_segment(upstream.host)}/pull/offline"
     copy_to_dir(skopeo, f"{name}:v1", tmp_path / "online")
     upstream.stop()
     time.sleep(1.2)  # the tag is due for a re-check, which fails
     assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "tag"), image)
     assert_dir_matches(copy_to_dir(skopeo, f"{name}@{image.digest}", tmp_path / "digest"), image)
     assert proxy.metric("imagewarm_proxy_stale_tag_serves_total") >= 1
-    stale = requests.get(f"{proxy.url}/v2/{segment(upstream.host)}/pull/offline/manifests/v1", timeout=30)
+    tag_url = f"{proxy.url}/v2/{registry_segment(upstream.host)}/pull/offline/manifests/v1"
+    stale = requests.get(tag_url, timeout=30)
     assert stale.status_code == 200 and stale.headers["X-Imagewarm-Cache"] == "stale"
 
 
@@ -168,7 +158,7 @@ def test_concurrent_cold_gets_say_one_miss_and_the_rest_joined_or_hit(registry, 
     push(registry, "pull/joined", "v1", image)
     proxy = proxy_factory(insecure=(registry.host,), workers=2)
     layer = image.layers[0]
-    url = f"{proxy.url}/v2/{segment(registry.host)}/pull/joined/blobs/{layer.digest}"
+    url = f"{proxy.url}/v2/{registry_segment(registry.host)}/pull/joined/blobs/{layer.digest}"
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: requests.get(url, timeout=60), range(8)))
     assert all(a.status_code == 200 and a.content == layer.read_bytes() for a in answers)
@@ -180,13 +170,12 @@ def test_fan_in_sixteen_cold_pulls_fetch_each_blob_once(registry, images, skopeo
     image = images.synthetic(layers=3, layer_size=4 << 20, seed=19)
     push(registry, "pull/fanin", "v1", image)
     proxy = proxy_factory(insecure=(registry.host,), workers=4)
-    name = f"{proxy.host}/{segment(registry.host)}/pull/fanin:v1"
+    name = f"{proxy.host}/{registry_segment(registry.host)}/pull/fanin:v1"
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         copies = list(pool.map(lambda i: copy_to_dir(skopeo, name, tmp_path / f"c{i}"), range(16)))
     for copied in copies:
         assert_dir_matches(copied, image)
-    gets = blob_gets(registry, "pull/fanin")
-    assert sorted(gets) == sorted(f"/v2/pull/fanin/blobs/{b.digest}" for b in image.blobs)
+    assert sorted(registry.blob_gets("pull/fanin")) == sorted(b.digest for b in image.blobs)
 
 
 def test_unauthenticated_client_cannot_read_a_private_image_an_authorised_client_cached(
@@ -195,7 +184,7 @@ def test_unauthenticated_client_cannot_read_a_private_image_an_authorised_client
     image = images.synthetic(layers=1, layer_size=200_000, seed=20)
     push(auth_registry, "private/app", "v1", image)
     proxy = proxy_factory(insecure=(auth_registry.host,), workers=2)
-    name = f"{proxy.host}/{segment(auth_registry.host)}/private/app"
+    name = f"{proxy.host}/{registry_segment(auth_registry.host)}/private/app"
     creds = f"--src-creds={auth_registry.username}:{auth_registry.password}"
     assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "authorised", creds), image)
 

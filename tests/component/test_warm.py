@@ -16,6 +16,7 @@ import pytest
 from imagewarm.localcluster.images import push
 from imagewarm.localcluster.processes import free_ports
 from imagewarm.platforms import this_platform
+from imagewarm.reference import registry_segment
 from tests.component import proxy_fixtures
 from tests.oci_checks import assert_dir_matches, copy_to_dir
 
@@ -34,16 +35,6 @@ def warm_cli(*args: str, docker_config_dir: Path) -> subprocess.CompletedProcess
         env=env,
         timeout=300,
     )
-
-
-def blob_gets(registry, repository: str, since: int = 0) -> list[str]:
-    """Digests of the blobs the registry served for `repository` (after its first `since` requests)."""
-    prefix = f"/v2/{repository}/blobs/"
-    return [
-        path.removeprefix(prefix)
-        for method, path, status in registry.requests()[since:]
-        if method == "GET" and path.startswith(prefix) and status == 200
-    ]
 
 
 def docker_config(path: Path, host: str, username: str, password: str) -> Path:
@@ -71,16 +62,16 @@ def test_warm_caches_the_whole_image_so_it_pulls_with_the_upstream_down(
     assert summary[1].split() == ["image", "digest", "MiB", "cached", "seconds", "MiB/s"]
     row = summary[3].split()
     assert row[:4] == [written, image.digest, f"{sum(b.size for b in image.blobs) / 2**20:.1f}", "0/4"]
-    assert sorted(blob_gets(upstream, "warm/app")) == sorted(b.digest for b in image.blobs)
+    assert sorted(upstream.blob_gets("warm/app")) == sorted(b.digest for b in image.blobs)
 
     # Again: the proxy says (X-Imagewarm-Cache) it had every blob, and the upstream sees no blob GET.
     again = warm_cli(written, "--proxy", proxy.url, docker_config_dir=tmp_path / "none")
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[3].split()[3] == "4/4"
-    assert sorted(blob_gets(upstream, "warm/app")) == sorted(b.digest for b in image.blobs)
+    assert sorted(upstream.blob_gets("warm/app")) == sorted(b.digest for b in image.blobs)
 
     upstream.stop()
-    proxied = f"{proxy.host}/{upstream.host.replace(':', '_')}/warm/app"
+    proxied = f"{proxy.host}/{registry_segment(upstream.host)}/warm/app"
     assert_dir_matches(copy_to_dir(skopeo, f"{proxied}:v1", tmp_path / "by-tag"), image)
     assert_dir_matches(copy_to_dir(skopeo, f"{proxied}@{image.digest}", tmp_path / "by-digest"), image)
 
@@ -105,13 +96,13 @@ def test_a_private_image_warms_with_docker_config_credentials_only(
     wrong = docker_config(tmp_path / "wrong.json", auth_registry.host, auth_registry.username, "wrong")
     refused = warm_cli(written, "--proxy", proxy.url, "--docker-config", str(wrong), docker_config_dir=empty)
     assert refused.returncode == 1 and "the credentials sent were refused" in refused.stderr
-    assert blob_gets(auth_registry, "private/warm") == []
+    assert auth_registry.blob_gets("private/warm") == []
 
     given = docker_config(tmp_path / "given.json", auth_registry.host, *auth_registry.auth)
     warmed = warm_cli(written, "--proxy", proxy.url, "--docker-config", str(given), docker_config_dir=empty)
     assert warmed.returncode == 0, warmed.stderr
     assert image.digest in warmed.stdout
-    assert sorted(blob_gets(auth_registry, "private/warm")) == sorted(b.digest for b in image.blobs)
+    assert sorted(auth_registry.blob_gets("private/warm")) == sorted(b.digest for b in image.blobs)
 
     # Without --docker-config, docker's own lookup ($DOCKER_CONFIG/config.json) is read.
     found = docker_config(tmp_path / "dockerdir" / "config.json", auth_registry.host, *auth_registry.auth)
@@ -134,18 +125,18 @@ def test_an_index_is_warmed_for_this_platform_or_all(registry, images, proxy_fac
     default = warm_cli(written, "--proxy", proxy.url, docker_config_dir=none)
     assert default.returncode == 0, default.stderr
     assert index.digest in default.stdout
-    assert sorted(blob_gets(registry, "warm/multi", before)) == sorted(b.digest for b in mine.blobs)
+    assert sorted(registry.blob_gets("warm/multi", since=before)) == sorted(b.digest for b in mine.blobs)
 
     every = warm_cli(written, "--proxy", proxy.url, "--platform", "all", docker_config_dir=none)
     assert every.returncode == 0, every.stderr
-    fetched = blob_gets(registry, "warm/multi", before)
+    fetched = registry.blob_gets("warm/multi", since=before)
     assert sorted(fetched) == sorted(b.digest for b in (*mine.blobs, *theirs.blobs))
 
     # Everything is cached now: warming all again takes nothing from the upstream.
     assert (
         warm_cli(written, "--proxy", proxy.url, "--platform", "all", docker_config_dir=none).returncode == 0
     )
-    assert blob_gets(registry, "warm/multi", before) == fetched
+    assert registry.blob_gets("warm/multi", since=before) == fetched
 
     missing = warm_cli(written, "--proxy", proxy.url, "--platform", "linux/mips64le", docker_config_dir=none)
     assert missing.returncode == 1

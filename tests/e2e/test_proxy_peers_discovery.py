@@ -17,6 +17,7 @@ import requests
 
 from imagewarm.localcluster.cluster import Cluster
 from imagewarm.localcluster.images import push
+from imagewarm.reference import registry_segment
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.e2e
@@ -33,16 +34,8 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
     return result
 
 
-def blob_gets(registry, repository: str, digest: str) -> int:
-    return sum(
-        1
-        for method, path, _status in registry.requests()
-        if method == "GET" and path.startswith(f"/v2/{repository}/blobs/{digest}")
-    )
-
-
 def blob_url(proxy, registry, repository: str, digest: str) -> str:
-    return f"{proxy.url}/v2/{registry.host.replace(':', '_')}/{repository}/blobs/{digest}"
+    return f"{proxy.url}/v2/{registry_segment(registry.host)}/{repository}/blobs/{digest}"
 
 
 def endpoint_slice(namespace: str, ip: str, port: int, *, ready: bool) -> dict[str, Any]:
@@ -101,7 +94,8 @@ def test_a_new_proxy_finds_its_peers_through_the_services_endpointslices(
         got = requests.get(blob_url(new_node, upstream, "peers/discovered", first.digest), timeout=30)
 
         assert got.status_code == 200 and got.content == first.read_bytes()
-        assert blob_gets(upstream, "peers/discovered", first.digest) == 1  # only the neighbour's fetch
+        # Only the neighbour's fetch.
+        assert len(upstream.blob_gets("peers/discovered", digest=first.digest)) == 1
         assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="hit") == 1
         assert "discovered peer set changed" in new_node.log_tail(200)
 
@@ -112,7 +106,7 @@ def test_a_new_proxy_finds_its_peers_through_the_services_endpointslices(
         got = requests.get(blob_url(new_node, upstream, "peers/discovered", second.digest), timeout=30)
 
         assert got.status_code == 200 and got.content == second.read_bytes()
-        assert blob_gets(upstream, "peers/discovered", second.digest) == 2
+        assert len(upstream.blob_gets("peers/discovered", digest=second.digest)) == 2
         assert new_node.metric("imagewarm_proxy_peer_fetches_total") == 1  # the neighbour was not asked
     except BaseException:
         print(new_node.log_tail(100))

@@ -38,10 +38,6 @@ def stack(cluster: Cluster, upstream: Registry, tmp_path_factory: pytest.TempPat
     running.stop()
 
 
-def blob_gets(registry: Registry) -> list[str]:
-    return [path for method, path, _ in registry.requests() if method == "GET" and "/blobs/" in path]
-
-
 def run_pod(cluster: Cluster, image: str, node: str, **metadata: Any) -> dict[str, Any]:
     name = f"pt-{uuid.uuid4().hex[:8]}"
     pod = {
@@ -83,7 +79,7 @@ def test_pods_on_both_nodes_pull_a_warmed_image_from_the_cache(
         stack.proxy_url, f"{upstream.host.replace(':', '_')}/team/app", "1", progress=lambda _: None
     )
     assert warmed == sum(b.size for b in image.blobs)
-    fetched = blob_gets(upstream)
+    fetched = upstream.blob_gets()
     assert sorted(fetched) == sorted({p for p in fetched}), "each blob is fetched from the upstream once"
 
     pods = [run_pod(cluster, written, node.name) for node in cluster.nodes]
@@ -94,7 +90,7 @@ def test_pods_on_both_nodes_pull_a_warmed_image_from_the_cache(
         assert json.loads(pod["metadata"]["annotations"]["imagewarm.io/original-images"]) == {"app": written}
         assert pod["status"]["containerStatuses"][0]["imageID"].endswith(image.digest)
         assert logs(cluster, pod).startswith("synthetic-0-0.bin")
-    assert blob_gets(upstream) == fetched, "the nodes' pulls were served from the cache, not the upstream"
+    assert upstream.blob_gets() == fetched, "the nodes' pulls were served from the cache, not the upstream"
     hits = stack.proxy_metric("imagewarm_proxy_cache_hit_bytes_total")
     assert hits >= 2 * (8 << 20), f"both nodes pulled the data layer from the cache ({hits} bytes of hits)"
 
@@ -127,4 +123,4 @@ def test_a_pod_that_opts_out_is_not_rewritten_and_pulls_from_the_upstream(
     pod = run_pod(cluster, written, cluster.nodes[0].name, annotations={"imagewarm.io/skip": "true"})
     assert pod["spec"]["containers"][0]["image"] == written
     assert "imagewarm.io/original-images" not in pod["metadata"].get("annotations", {})
-    assert any("/team/direct/blobs/" in p for p in blob_gets(upstream))
+    assert upstream.blob_gets("team/direct")

@@ -21,11 +21,9 @@ from pathlib import Path
 
 import requests
 
-from imagewarm import warmup
 from imagewarm.localcluster.cluster import Cluster
 from imagewarm.localcluster.processes import Daemon, free_ports
 from imagewarm.localcluster.registry import Registry
-from imagewarm.reference import parse, parse_registry_segment
 
 NAMESPACE = "imagewarm-system"
 WEBHOOK_SERVICE = "imagewarm-webhook"
@@ -176,16 +174,6 @@ class Stack:
             )  # fmt: skip
             self.webhook.stop()
         self.proxy.stop()
-
-
-def warm(proxy_url: str, image_path: str, tag: str, progress: Progress = print) -> tuple[int, float]:
-    """Warm `image_path:tag` (the path behind the proxy, e.g. `127.0.0.1_5000/demo/app`) into the proxy
-    with `imagewarm.warmup`, its progress lines to `progress`. Returns (bytes, seconds). Raises
-    warmup.WarmError (a RuntimeError) saying what failed."""
-    segment, _, repository = image_path.partition("/")
-    image = parse(f"{parse_registry_segment(segment)}/{repository}:{tag}")
-    result = warmup.warm(image, proxy_url, progress=lambda p: progress(warmup.describe(p)))
-    return result.bytes, result.seconds
 
 
 def _wait(daemon: Daemon, wait: Callable[[], object]) -> None:

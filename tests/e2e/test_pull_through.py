@@ -16,7 +16,8 @@ import pytest
 from imagewarm.localcluster.cluster import Cluster
 from imagewarm.localcluster.images import ImageBuilder, push
 from imagewarm.localcluster.registry import Registry, start_registry
-from imagewarm.localcluster.stack import Stack, warm
+from imagewarm.localcluster.stack import Stack
+from imagewarm.warmup import warm
 
 pytestmark = pytest.mark.e2e
 
@@ -75,10 +76,7 @@ def test_pods_on_both_nodes_pull_a_warmed_image_from_the_cache(
     push(upstream, "team/app", "1", image)
     written = f"{upstream.host}/team/app:1"
 
-    warmed, _ = warm(
-        stack.proxy_url, f"{upstream.host.replace(':', '_')}/team/app", "1", progress=lambda _: None
-    )
-    assert warmed == sum(b.size for b in image.blobs)
+    assert warm(written, stack.proxy_url).bytes == sum(b.size for b in image.blobs)
     fetched = upstream.blob_gets()
     assert sorted(fetched) == sorted({p for p in fetched}), "each blob is fetched from the upstream once"
 
@@ -101,7 +99,7 @@ def test_a_cached_image_starts_on_a_new_node_while_the_upstream_is_down(
     # An image no node has: only the proxy's cache can supply its tag, manifest and blobs.
     image = ImageBuilder(tmp_path_factory.mktemp("images")).busybox(data_size=3 << 20)
     push(upstream, "team/offline", "v2", image)
-    warm(stack.proxy_url, f"{upstream.host.replace(':', '_')}/team/offline", "v2", progress=lambda _: None)
+    warm(f"{upstream.host}/team/offline:v2", stack.proxy_url)
     upstream.stop()
     try:
         time.sleep(1.5)  # past the tag TTL: the proxy must find the upstream down and fall back

@@ -43,7 +43,7 @@ class Proxy:
         )
         self.discovery = _discovery(config)
         peers = Peers(self._peer_urls) if config.peer or self.discovery is not None else None
-        self.blobs = Blobs(self.store, self.upstream, self.access, Tee(self.upstream, self.access, peers))
+        self.blobs = Blobs(self.store, Tee(self.upstream, self.access, peers))
         host, port = config.listen
         self.own_hosts = frozenset({f"localhost:{port}", f"127.0.0.1:{port}", f"{host}:{port}".lower()})
 

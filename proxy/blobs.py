@@ -12,14 +12,12 @@ from werkzeug.wsgi import FileWrapper
 
 from imagewarm import protocol
 from proxy import metrics
-from proxy.access import AccessControl
 from proxy.auth import Credentials
 from proxy.errors import RegistryError
 from proxy.ranges import parse_range
 from proxy.routes import Target
 from proxy.store import BlobStore, CachedBlob, DiskFull, Follower, NotCached, Writer
 from proxy.tee import Tee
-from proxy.upstream import Upstream
 
 SEND_BLOCK = 1 << 20
 
@@ -51,10 +49,8 @@ def blob_headers(digest: str, length: int) -> dict[str, str]:
 
 
 class Blobs:
-    def __init__(self, store: BlobStore, upstream: Upstream, access: AccessControl, tee: Tee) -> None:
+    def __init__(self, store: BlobStore, tee: Tee) -> None:
         self.store = store
-        self.upstream = upstream
-        self.access = access
         self.tee = tee
 
     def serve(self, target: Target, credentials: Credentials | None, head: bool) -> Response:

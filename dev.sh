@@ -27,7 +27,10 @@ setup_debian() {
 }
 
 setup_python() {
-    if ! "$PYTHON" -c 'import imagewarm, pytest, hypothesis, jsonpatch, importlinter' 2>/dev/null \
+    # -P: import from the installed package, not the working directory, so an install that points at
+    # another checkout (a moved or re-cloned tree) is caught and redone.
+    if ! "$PYTHON" -P -c 'import sys, imagewarm, pytest, hypothesis, jsonpatch, importlinter
+sys.exit(imagewarm.__path__[0] != sys.argv[1])' "$PWD/imagewarm" 2>/dev/null \
         || [ pyproject.toml -nt .git/.imagewarm-pip-stamp ]; then
         say "installing the imagewarm Python package and its test tools"
         "$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'

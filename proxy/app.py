@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
 
 from imagewarm.config import ConfigError
 from imagewarm.kube import ConfigurationError, Kube
@@ -36,7 +37,7 @@ class Proxy:
         config.cache_dir.mkdir(parents=True, exist_ok=True)
         self.store = BlobStore(config.cache_dir)
         self.upstream = Upstream(config)
-        self.access = AccessControl(config.cache_dir, config.access_ttl)
+        self.access = AccessControl(config.cache_dir, config.access_ttl, config.offline_grant_ttl)
         tags = TagIndex(config.cache_dir)
         self.manifests = Manifests(
             self.upstream, ManifestStore(config.cache_dir), tags, self.access, config.tag_ttl
@@ -108,12 +109,32 @@ def _discovery(config: ProxyConfig) -> PeerDiscovery | None:
     )
 
 
+def unexpected_error(exc: Exception) -> Response | HTTPException:
+    """The answer to an exception no code path expected: OCI error JSON (500 UNKNOWN), never Flask's
+    HTML page, and the traceback in the log. HTTP errors of routing (404, 405) keep their own answer."""
+    if isinstance(exc, HTTPException):
+        return exc
+    log.error(
+        "request failed unexpectedly",
+        exc_info=exc,
+        extra={"method": request.method, "path": request.path, "error": f"{type(exc).__name__}: {exc}"},
+    )
+    return RegistryError(
+        "UNKNOWN",
+        "the proxy failed unexpectedly serving this request: retry it; if it keeps failing, the proxy's "
+        f"log has the traceback (search for {request.path})",
+        status=500,
+        detail={"exception": type(exc).__name__},
+    ).response(head=request.method == "HEAD")
+
+
 def create_app(config: ProxyConfig) -> Flask:
     proxy = Proxy(config)
     app = Flask("imagewarm.proxy")
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     app.extensions["imagewarm.proxy"] = proxy
+    app.register_error_handler(Exception, unexpected_error)
 
     @app.route("/v2", methods=["GET", "HEAD"])
     @app.route("/v2/", methods=["GET", "HEAD"])

@@ -11,8 +11,11 @@ directly; the same GET written to a new file (`curl -o`) and that file hashed (`
 into its cache) and warm (from its cache, sendfile); docker-registry as a pull-through cache cold
 and warm; nginx (Debian's nginx, its own config on loopback, sendfile on) serving the same blob
 files. Ratios: proxy warm / nginx (goal >= 0.9), proxy cold / upstream direct (goal >= 0.9), proxy
-cold / to-file. Then 16 concurrent cold fetches of one blob through a fresh proxy: how many times
-the upstream served it (goal 1), and the proxy's peak RSS per process while 16 clients read warm.
+cold / to-file. A second table puts a network link (tc on loopback, 1 and 4 Gbit/s) between the
+upstream and its clients: what the cold columns become when the network bounds the upstream. Then
+the SHA-256 ceiling of any verifying cache; a restart with 50,000 blobs cached; 16 concurrent cold
+fetches of one blob through a fresh proxy: how many times the upstream served it (goal 1); and the
+proxy's peak RSS per process while 16 clients read warm.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -98,6 +102,72 @@ def write_speed(path: Path, size: int) -> float:
     finally:
         os.close(fd)
     return size / (time.perf_counter() - started)
+
+
+def sha256_speed(total_mib: int = 1024) -> float:
+    """MiB/s of hashlib's SHA-256 (OpenSSL, SHA-NI where the CPU has it) over bytes already in memory,
+    on one core: the ceiling of any cache that verifies a blob before it ends the client's transfer,
+    since a digest is one sequential computation that cannot end before its last byte."""
+    block = os.urandom(MiB)
+    digest = hashlib.sha256()
+    started = time.perf_counter()
+    for _ in range(total_mib):
+        digest.update(block)
+    return total_mib / (time.perf_counter() - started)
+
+
+class LinkShaper:
+    """What a local TCP port sends is limited to `gbits` Gbit/s (an htb class on loopback, matched by
+    source port), as if that server sat across a network link; all other loopback traffic stays
+    unshaped. Needs root and the kernel's htb scheduler; `available()` says whether both are here."""
+
+    def __init__(self, port: int, gbits: float) -> None:
+        self.port = port
+        self.gbits = gbits
+
+    @staticmethod
+    def available() -> bool:
+        if os.geteuid() != 0 or shutil.which("tc") is None:
+            return False
+        shown = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
+        return "htb" not in shown and "noqueue" in shown  # nobody else shapes loopback
+
+    def __enter__(self) -> LinkShaper:
+        rate = f"{self.gbits:g}gbit"
+        for command in (
+            "qdisc add dev lo root handle 1: htb default 10",
+            "class add dev lo parent 1: classid 1:10 htb rate 100gbit",
+            f"class add dev lo parent 1: classid 1:20 htb rate {rate} ceil {rate} burst 1mb",
+            f"filter add dev lo parent 1: protocol ip u32 match ip sport {self.port} 0xffff flowid 1:20",
+        ):
+            subprocess.run(["tc", *command.split()], check=True, capture_output=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+
+
+def recovery_seconds(root: Path, blobs: int) -> float:
+    """Seconds for a proxy's store to open after a restart with `blobs` blobs cached (the store
+    recounts bytes with one stat per blob and hashes nothing; the files here are small stand-ins)."""
+    from proxy.store import BlobStore
+
+    store = BlobStore(root)
+    for i in range(blobs):
+        target = store.layout.blob(f"sha256:{hashlib.sha256(str(i).encode()).hexdigest()}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"x")
+    store.close()
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3")  # a restart after a reboot: cold metadata
+    started = time.perf_counter()
+    store = BlobStore(root)
+    elapsed = time.perf_counter() - started
+    if store.total_bytes() != blobs:
+        raise RuntimeError(f"recovery counted {store.total_bytes()} bytes, expected {blobs}")
+    store.close()
+    return elapsed
 
 
 class Proxy:
@@ -238,7 +308,14 @@ def main() -> int:
     )
     parser.add_argument("--sizes", help="comma-separated layer sizes in MiB (overrides --quick)")
     parser.add_argument("--runs", type=int, default=3, help="runs per size (the table shows medians)")
+    parser.add_argument(
+        "--link-gbits",
+        default="1,4",
+        help="comma-separated link speeds (Gbit/s) to put between the upstream and its clients for the "
+        "link table ('' skips it)",
+    )
     args = parser.parse_args()
+    link_speeds = [float(g) for g in args.link_gbits.split(",") if g]
     sizes = (
         [int(s) for s in args.sizes.split(",")] if args.sizes else ([32, 64] if args.quick else [256, 1024])
     )
@@ -304,6 +381,31 @@ def main() -> int:
         every = [layer for runs in layers.values() for _, layer in runs]
         ptc_fetches = [len(upstream.blob_gets(digest=layer.digest)) - 2 for layer in every]
 
+        # The upstream across a link: what the two cold columns become when the network, not the CPU,
+        # bounds the upstream (as for a registry that is not on the node). Fresh layers again.
+        links = []
+        if link_speeds and not LinkShaper.available():
+            print("link table skipped: needs root, tc and the htb scheduler", file=sys.stderr)
+            link_speeds = []
+        for gbits in link_speeds:
+            link_samples = []
+            for run in range(args.runs):
+                image = builder.synthetic(
+                    layers=1, layer_size=sizes[0] * MiB, compressed=False, seed=7000 + 100 * run + int(gbits)
+                )
+                repository = f"bench/link{gbits:g}-{run}"
+                push(upstream, repository, "v1", image)
+                d = image.layers[0].digest
+                start_clean(f"{upstream.url}/v2/{repository}/blobs/{d}")
+                with LinkShaper(upstream.port, gbits):
+                    direct = curl_speed(f"{upstream.url}/v2/{repository}/blobs/{d}")
+                    cold = curl_speed(proxy.url(upstream, repository, d))
+                    proxy.settle()
+                    ptc_cold = curl_speed(f"{pull_through.url}/v2/{repository}/blobs/{d}")
+                    wait_background_fetches(upstream, d)
+                link_samples.append((direct, cold, ptc_cold))
+            links.append((gbits, *(statistics.median(c) for c in zip(*link_samples, strict=True))))
+
         # Fan-in: a fresh proxy, 16 concurrent cold fetches of the largest blob.
         size = sizes[-1]
         repository, layer = layers[size][0]
@@ -347,6 +449,34 @@ def main() -> int:
                 f"{ptc_cold:>9.0f} {ptc_warm:>9.0f} {ngx:>8.0f} {warm / ngx:>11.2f} {cold / direct:>11.2f} "
                 f"{cold / to_file:>13.2f} {ptc_cold / direct:>15.2f}"
             )
+        if links:
+            print(
+                f"\nupstream across a link (tc htb on loopback; {sizes[0]} MiB layers, MiB/s, median of "
+                f"{args.runs} runs)\n"
+            )
+            header = (
+                f"{'link':>10} {'upstream':>9} {'proxy cold':>11} {'ptc cold':>9} {'cold/upstr':>11} "
+                f"{'ptc cold/upstr':>15}"
+            )
+            print(header)
+            print("-" * len(header))
+            for gbits, direct, cold, ptc_cold in links:
+                print(
+                    f"{gbits:>5g} Gbit/s {direct:>9.0f} {cold:>11.0f} {ptc_cold:>9.0f} "
+                    f"{cold / direct:>11.2f} {ptc_cold / direct:>15.2f}"
+                )
+        hashing_ceiling = sha256_speed()
+        fastest = max(direct for _, direct, *_ in rows)
+        print(
+            f"\nsha256 in memory on one core (hashlib): {hashing_ceiling:.0f} MiB/s. A cache that verifies a "
+            f"blob before it ends the client's transfer cannot serve one cold blob faster: on loopback, "
+            f"that is {hashing_ceiling / fastest:.2f}x the upstream read directly (goal 0.9x)"
+        )
+        recovery = recovery_seconds(work / "recovery", 50_000)
+        print(
+            f"restart with 50,000 blobs cached: the store opens in {recovery:.2f} s "
+            "(one stat per blob, no hashing)"
+        )
         disk = statistics.median(write_speed(work / f"write-{i}", sizes[-1]) for i in range(args.runs))
         print(f"\nwriting {sizes[-1]} MiB of new data to a file here (+fsync): {disk:.0f} MiB/s")
         print(

@@ -2,9 +2,21 @@
 
 A repository is public once an anonymous client fetched from it upstream (remembered on disk, shared
 by every worker). Otherwise cached content is served only to a client whose credentials the upstream
-accepts right now (a HEAD of the same manifest or blob), the answer cached briefly per
-(credentials, registry, repository). With the upstream unreachable, the last answer stands, however old;
-without one, the client is refused.
+accepts (a HEAD of the same manifest or blob). The upstream's answer is trusted for `ttl` without
+asking again: a denial in this worker's memory, a grant also on disk (`proxy.grants`), so every worker
+and every later process of this cache knows it.
+
+Offline grants, the trade-off. When the upstream cannot answer (unreachable, timeouts, 429/5xx after
+the retries), a grant for the exact same credential and repository stays valid for `offline_ttl` after
+it was made (0: never). That is safe enough because the client presents the very credential the
+upstream accepted for this repository within the grace period, so it reads nothing it could not read
+then; the cost is that a credential revoked upstream while the upstream is unreachable keeps working
+here until the upstream answers again or the grace ends. Revocation takes effect at the first answer:
+a 401/403 (or 404) removes the stored grant at once, and only an unreachable upstream extends a grant,
+never a refusal. Without a grant the client is refused (401): a private image is never served
+unverified. Grants are named by an HMAC with a per-cache secret key, so the credential is never stored.
+
+Recording a decision never fails a request: on a full or unwritable disk it stays in memory.
 """
 
 from __future__ import annotations
@@ -14,15 +26,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from proxy import metrics
 from proxy.auth import Credentials, cache_key
 from proxy.errors import RegistryError, UpstreamUnavailable
+from proxy.grants import GrantStore
 
 log = logging.getLogger("imagewarm.proxy.access")
 
 Probe = Callable[[Credentials | None], None]  # raises RegistryError unless the upstream grants access
+
+# A decision stamped this far in the future (the wall clock stepped back) still counts as just made;
+# anything further is not trusted.
+CLOCK_SLACK = 5.0
 
 
 class Unverifiable(RegistryError):
@@ -30,65 +48,154 @@ class Unverifiable(RegistryError):
     though another node that knows more (a peer) may still decide."""
 
 
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    at: float  # seconds since the epoch
+
+
+def newest(*decisions: Decision | None) -> Decision | None:
+    """The most recent of the known decisions (None when none is known)."""
+    known = [d for d in decisions if d is not None]
+    return max(known, key=lambda d: d.at) if known else None
+
+
+def within(decision: Decision, now: float, seconds: float) -> bool:
+    """Whether `decision` was made less than `seconds` ago."""
+    return -CLOCK_SLACK <= now - decision.at < seconds
+
+
+def offline_answer(known: Decision | None, now: float, offline_ttl: float) -> bool | None:
+    """What stands while the upstream cannot answer: True for a grant within the offline grace, False
+    for a denial (however old), None when there is nothing to go on (the client is unverifiable)."""
+    if known is None:
+        return None
+    if not known.allowed:
+        return False
+    return True if within(known, now, offline_ttl) else None
+
+
 class AccessControl:
-    def __init__(self, cache_dir: Path, ttl: float, now: Callable[[], float] = time.monotonic) -> None:
-        self._public_dir = cache_dir / "access" / "public"
+    def __init__(
+        self,
+        cache_dir: Path,
+        ttl: float,
+        offline_ttl: float = 0.0,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        access_dir = cache_dir / "access"
+        self._public_dir = access_dir / "public"
         self._public_dir.mkdir(parents=True, exist_ok=True)
         self._ttl = ttl
+        self._offline_ttl = offline_ttl
         self._now = now
-        self._decisions: dict[tuple[str, str, str], tuple[bool, float]] = {}
+        self._decisions: dict[tuple[str, str, str], Decision] = {}
+        self._public: set[tuple[str, str]] = set()  # markers the disk had no room for
         self._lock = threading.Lock()
+        self._grants = GrantStore(access_dir)
+        self._grants.expire(now() - max(ttl, offline_ttl))
 
     def _marker(self, registry: str, repository: str) -> Path:
         return self._public_dir / hashlib.sha256(f"{registry}/{repository}".encode()).hexdigest()
 
     def is_public(self, registry: str, repository: str) -> bool:
-        return self._marker(registry, repository).exists()
+        return (registry, repository) in self._public or self._marker(registry, repository).exists()
 
     def granted(self, registry: str, repository: str, credentials: Credentials | None) -> None:
-        """Record that the upstream just served this client (public if the client was anonymous)."""
+        """Record that the upstream just served this client (public if the client was anonymous).
+        Never raises: what the disk cannot hold is kept in memory."""
         if credentials is None:
             if not self.is_public(registry, repository):
-                self._marker(registry, repository).touch()
-                log.info("repository is public", extra={"repository": f"{registry}/{repository}"})
-        else:
-            self._remember(registry, repository, credentials, True)
+                self._mark_public(registry, repository)
+            return
+        at = self._now()
+        self._remember(registry, repository, credentials, Decision(True, at))
+        self._grants.record(credentials, registry, repository, at)
+
+    def _mark_public(self, registry: str, repository: str) -> None:
+        name = f"{registry}/{repository}"
+        try:
+            self._marker(registry, repository).touch()
+        except OSError as exc:
+            with self._lock:
+                self._public.add((registry, repository))
+            log.warning(
+                "public repository remembered in memory only: cannot write its marker "
+                "(free space on the cache volume)",
+                extra={"repository": name, "error": str(exc)},
+            )
+            return
+        log.info("repository is public", extra={"repository": name})
 
     def _remember(
-        self, registry: str, repository: str, credentials: Credentials | None, allowed: bool
+        self, registry: str, repository: str, credentials: Credentials | None, decision: Decision
     ) -> None:
         with self._lock:
-            self._decisions[(cache_key(credentials), registry, repository)] = (allowed, self._now())
+            self._decisions[(cache_key(credentials), registry, repository)] = decision
+
+    def _known(self, registry: str, repository: str, credentials: Credentials | None) -> Decision | None:
+        with self._lock:
+            remembered = self._decisions.get((cache_key(credentials), registry, repository))
+        stored = None
+        if credentials is not None:
+            at = self._grants.granted_at(credentials, registry, repository)
+            stored = Decision(True, at) if at is not None else None
+        return newest(remembered, stored)
 
     def check(self, registry: str, repository: str, credentials: Credentials | None, probe: Probe) -> None:
         """Return if this client may read cached content of the repository; raise RegistryError if not
-        (401 with a challenge for anonymous clients, 403 for credentials the upstream refuses)."""
+        (401 with a challenge for anonymous clients and for clients the proxy cannot verify now, 403 for
+        credentials the upstream refuses)."""
         if self.is_public(registry, repository):
             return self._count("public", True)
-        key = (cache_key(credentials), registry, repository)
-        with self._lock:
-            known = self._decisions.get(key)
-        if known is not None and self._now() - known[1] < self._ttl:
-            return self._finish(known[0], "cached", credentials, registry, repository)
+        known = self._known(registry, repository, credentials)
+        if known is not None and within(known, self._now(), self._ttl):
+            return self._finish(known.allowed, "cached", credentials, registry, repository)
         try:
             probe(credentials)
-        except UpstreamUnavailable:
-            if known is not None:  # offline: the last answer stands
-                return self._finish(known[0], "stale", credentials, registry, repository)
-            self._count("unverifiable", False)
-            raise Unverifiable(
-                "UNAUTHORIZED",
-                f"{registry}/{repository} is cached but not known to be "
-                "public, and the upstream is unreachable to check these credentials",
-            ) from None
+        except UpstreamUnavailable as exc:
+            return self._offline(registry, repository, credentials, known, exc)
         except RegistryError as exc:
             if exc.status not in (401, 403, 404):
                 raise
-            self._remember(registry, repository, credentials, False)
+            self._deny(registry, repository, credentials)
             return self._finish(False, "upstream", credentials, registry, repository)
         self.granted(registry, repository, credentials)
-        self._remember(registry, repository, credentials, True)
         return self._count("upstream", True)
+
+    def _offline(
+        self,
+        registry: str,
+        repository: str,
+        credentials: Credentials | None,
+        known: Decision | None,
+        error: UpstreamUnavailable,
+    ) -> None:
+        answer = offline_answer(known, self._now(), self._offline_ttl)
+        if answer is True and known is not None:
+            log.info(
+                "upstream unavailable: access granted on this credential's earlier grant",
+                extra={
+                    "repository": f"{registry}/{repository}",
+                    "granted_seconds_ago": round(self._now() - known.at),
+                    "error": error.message,
+                },
+            )
+            return self._finish(True, "offline-grant", credentials, registry, repository)
+        if answer is False:
+            return self._finish(False, "stale", credentials, registry, repository)
+        self._count("unverifiable", False)
+        raise Unverifiable(
+            "UNAUTHORIZED",
+            f"{registry}/{repository} is cached but not known to be public, and the upstream is "
+            "unreachable to check these credentials (none proved access recently enough: "
+            "pull once while the upstream is up, or raise --offline-grant-ttl)",
+        ) from None
+
+    def _deny(self, registry: str, repository: str, credentials: Credentials | None) -> None:
+        self._remember(registry, repository, credentials, Decision(False, self._now()))
+        if credentials is not None:
+            self._grants.revoke(credentials, registry, repository)
 
     def _finish(
         self, allowed: bool, source: str, credentials: Credentials | None, registry: str, repository: str

@@ -109,6 +109,13 @@ class ProxyConfig:
         parse=parse_duration,
         metavar="DURATION",
     )
+    offline_grant_ttl: float = setting(
+        86400.0,
+        help="while the upstream is unreachable, how long a credential that proved access to a private "
+        "repository may still read it from the cache (0: refuse private images offline)",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
     eviction_interval: float = setting(
         30.0, help="how often the size limit is enforced", parse=parse_duration, metavar="DURATION"
     )

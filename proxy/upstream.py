@@ -243,7 +243,7 @@ class Upstream:
                 )
             data = _read_limited(response, MAX_MANIFEST_BYTES, name)
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        if media_type in SCHEMA1_TYPES or (not media_type and b'"schemaVersion": 1' in data):
+        if _is_schema1(media_type, data):
             raise RegistryError(
                 "MANIFEST_INVALID",
                 f"{name} is a Docker schema 1 manifest, which is not "
@@ -357,6 +357,20 @@ def _read_limited(response: requests.Response, limit: int, name: str) -> bytes:
     except requests.RequestException as exc:
         raise UpstreamUnavailable(f"{name}: the manifest transfer failed: {exc}") from None
     return b"".join(chunks)
+
+
+def _is_schema1(media_type: str, data: bytes) -> bool:
+    """Schema 1 by its media type, or by its body when the upstream gave none or a generic one (old
+    registries sent signed schema 1 manifests as `application/json`)."""
+    if media_type in SCHEMA1_TYPES:
+        return True
+    if media_type in MANIFEST_TYPES:
+        return False
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("schemaVersion") == 1
 
 
 def _guess_media_type(data: bytes) -> str:

@@ -1,9 +1,11 @@
 """`imagewarm warm IMAGE...`: warm images into a node proxy's cache (see `imagewarm.warmup`).
 
-Credentials come from a Docker config file: `--docker-config`, else `$DOCKER_CONFIG/config.json` or
-`~/.docker/config.json` when it exists, as docker and skopeo look for them. Progress goes to stderr,
-a summary table to stdout. Exit 0 when every image was warmed, 1 when any failed (each failure
-explained), 2 for bad arguments (the CLI's rule for configuration errors).
+Credentials come from pull secrets in the cluster (`--pull-secret NAMESPACE/NAME`, as a pod names
+them in `imagePullSecrets`; read through `--kubeconfig`) and from a Docker config file:
+`--docker-config`, else `$DOCKER_CONFIG/config.json` or `~/.docker/config.json` when it exists, as
+docker and skopeo look for them. For each image the first matching entry wins, pull secrets first.
+Progress goes to stderr, a summary table to stdout. Exit 0 when every image was warmed, 1 when any
+failed (each failure explained), 2 for bad arguments (the CLI's rule for configuration errors).
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from imagewarm.cli import Command, table
 from imagewarm.config import setting
 from imagewarm.platforms import Platform
 from imagewarm.reference import DEFAULT_PROXY_PREFIX, Reference, parse
+
+
+def parse_secret_name(text: str) -> tuple[str, str]:
+    """`NAMESPACE/NAME` of a pull secret. Raises ValueError otherwise."""
+    namespace, sep, name = text.strip().partition("/")
+    if not sep or not namespace or not name or "/" in name:
+        raise ValueError("expected NAMESPACE/NAME of a pull secret, e.g. shop/registry-cred")
+    return namespace, name
 
 
 def parse_proxy_url(text: str) -> str:
@@ -48,6 +58,18 @@ class WarmConfig:
         help="Docker config file (or its directory) with registry credentials; without it "
         "$DOCKER_CONFIG/config.json or ~/.docker/config.json is read when it exists",
         metavar="FILE",
+    )
+    pull_secret: tuple[tuple[str, str], ...] = setting(
+        help="a pull secret (kubernetes.io/dockerconfigjson) to take credentials from, as NAMESPACE/NAME; "
+        "repeat it for several, the first matching entry wins, before --docker-config",
+        parse=parse_secret_name,
+        repeated=True,
+        metavar="NAMESPACE/NAME",
+    )
+    kubeconfig: str = setting(
+        "",
+        help="kubeconfig for --pull-secret; empty: in-cluster, $KUBECONFIG or ~/.kube/config",
+        metavar="PATH",
     )
     platform: Platform | str = setting(
         platforms.this_platform(),
@@ -102,15 +124,49 @@ def load_credentials(path: Path | None) -> Credentials:
     return Credentials(path, entries, helpers)
 
 
+def load_pull_secrets(
+    names: tuple[tuple[str, str], ...], kubeconfig: str
+) -> dict[str, dockerconfig.RegistryCredentials]:
+    """The credentials of the pull secrets `names`, in order (the first entry for a registry wins).
+    Raises CredentialsFileError saying which secret failed and what to do."""
+    if not names:
+        return {}
+    from imagewarm import kube  # only when asked: the API client is not needed otherwise
+
+    try:
+        client = kube.Kube.load(kubeconfig or None)
+    except kube.KubeError as exc:
+        raise CredentialsFileError(f"--pull-secret needs cluster access: {exc}") from None
+    configs = []
+    for namespace, name in names:
+        try:
+            secret = client.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        except kube.NotFound:
+            raise CredentialsFileError(f"pull secret {namespace}/{name} not found") from None
+        except kube.Forbidden as exc:
+            raise CredentialsFileError(
+                f"cannot read pull secret {namespace}/{name}: {exc} (needs `get` on secrets in {namespace})"
+            ) from None
+        except kube.KubeError as exc:
+            raise CredentialsFileError(f"cannot read pull secret {namespace}/{name}: {exc}") from None
+        try:
+            configs.append(dockerconfig.from_secret(secret))
+        except dockerconfig.DockerConfigError as exc:
+            raise CredentialsFileError(f"pull secret {namespace}/{name}: {exc}") from None
+    return dockerconfig.merge(*configs)
+
+
 def run(config: WarmConfig) -> int:
     # Imported here: `imagewarm --help` must not pay for requests.
     from imagewarm import warmup
 
     try:
+        from_secrets = load_pull_secrets(config.pull_secret, config.kubeconfig)
         credentials = load_credentials(docker_config_path(config.docker_config, os.environ, Path.home()))
     except CredentialsFileError as exc:
         print(f"imagewarm warm: {exc}", file=sys.stderr)
         return 2
+    entries = dockerconfig.merge(from_secrets, credentials.entries)
 
     def report(progress: warmup.Progress) -> None:
         print(warmup.describe(progress), file=sys.stderr, flush=True)
@@ -118,7 +174,7 @@ def run(config: WarmConfig) -> int:
     rows: list[tuple[str, ...]] = []
     failed = 0
     for image in config.images:
-        authorization = dockerconfig.authorization_for(credentials.entries, image)
+        authorization = dockerconfig.authorization_for(entries, image)
         try:
             result = warmup.warm(
                 image, config.proxy, platform=config.platform, authorization=authorization, progress=report
@@ -159,7 +215,7 @@ def run(config: WarmConfig) -> int:
 
 
 command = Command(
-    help="warm images into a node proxy's cache (credentials from Docker config)",
+    help="warm images into a node proxy's cache (credentials from pull secrets or Docker config)",
     config=WarmConfig,
     run=run,
     description="Pull IMAGEs through the node proxy so it caches them: manifest, config and every "

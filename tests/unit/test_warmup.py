@@ -245,3 +245,10 @@ def test_bad_arguments_exit_2_saying_why(
         from_arguments(
             warmcommand.WarmConfig, cli.build_parser({"warm": warmcommand.command}).parse_args(argv), {}
         )
+
+
+@pytest.mark.parametrize("text", ["", "shop", "/cred", "shop/", "shop/cred/extra"])
+def test_pull_secret_names_are_namespace_slash_name(text: str) -> None:
+    with pytest.raises(ValueError, match="NAMESPACE/NAME"):
+        warmcommand.parse_secret_name(text)
+    assert warmcommand.parse_secret_name(" shop/registry-cred ") == ("shop", "registry-cred")

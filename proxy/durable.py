@@ -44,8 +44,8 @@ def atomic_write(tmp: Path, target: Path, data: bytes) -> None:
 
     `tmp` must be on the same filesystem. Raises DiskFull (after removing `tmp`) when space runs out.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # a new directory needs space too
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             write_all(fd, data)

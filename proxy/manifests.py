@@ -1,10 +1,13 @@
 """Manifests: by digest from the cache (never needing the upstream), by tag re-checked at most every
-tag TTL, the last known digest served when the upstream is down. Stored and served byte for byte."""
+tag TTL, the last known digest served when the upstream is down. Stored and served byte for byte.
+With the cache disk full, a fetched manifest is served (verified) without being stored, and a tag
+whose re-check cannot be recorded still answers."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import Response
@@ -13,9 +16,11 @@ from imagewarm import protocol
 from proxy import metrics
 from proxy.access import AccessControl
 from proxy.auth import Credentials
+from proxy.disk_state import CacheDiskState
 from proxy.errors import RegistryError, UpstreamUnavailable
 from proxy.manifest_store import ManifestStore
 from proxy.routes import Target
+from proxy.store_errors import DiskFull
 from proxy.tags import TagIndex
 from proxy.upstream import Manifest, Upstream
 
@@ -25,7 +30,7 @@ log = logging.getLogger("imagewarm.proxy.manifests")
 @dataclass(frozen=True)
 class Found:
     manifest: Manifest
-    source: str  # "cache", "upstream" or "stale"
+    source: str  # "cache", "upstream", "uncached" (fetched, the disk full) or "stale"
 
 
 def accepts(accept_headers: list[str], media_type: str) -> bool:
@@ -35,7 +40,12 @@ def accepts(accept_headers: list[str], media_type: str) -> bool:
     return not types or media_type in types or "*/*" in types or "application/*" in types
 
 
-_CACHE_STATUS = {"cache": protocol.HIT, "upstream": protocol.MISS, "stale": protocol.STALE}
+_CACHE_STATUS = {
+    "cache": protocol.HIT,
+    "upstream": protocol.MISS,
+    "uncached": protocol.UNCACHED,
+    "stale": protocol.STALE,
+}
 
 
 class Manifests:
@@ -47,6 +57,7 @@ class Manifests:
         self.tags = tags
         self.access = access
         self.tag_ttl = tag_ttl
+        self.disk = CacheDiskState()
 
     def serve(self, target: Target, credentials: Credentials | None, accept: list[str]) -> Response:
         found = self.find(target, credentials)
@@ -58,7 +69,8 @@ class Manifests:
                 f", which this client does not accept ({', '.join(accept)})",
                 status=404,
             )
-        counter = metrics.MISS_BYTES if found.source == "upstream" else metrics.HIT_BYTES
+        fetched = found.source in ("upstream", "uncached")
+        counter = metrics.MISS_BYTES if fetched else metrics.HIT_BYTES
         counter.labels(kind="manifest").inc(len(manifest.data))
         return Response(
             manifest.data,
@@ -75,15 +87,34 @@ class Manifests:
         got = self.store.get(digest)
         return Manifest(got[0], got[1], digest) if got else None
 
-    def _fetch(self, target: Target, credentials: Credentials | None) -> Manifest:
+    def _cache_write(self, kind: str, write: Callable[[], object]) -> bool:
+        """Run a cache write; False (reported, not raised) when the disk has no room for it."""
+        try:
+            write()
+        except DiskFull as exc:
+            self.disk.note_full(kind, exc)
+            return False
+        self.disk.note_written()
+        return True
+
+    def _fetch(self, target: Target, credentials: Credentials | None) -> Found:
+        """From the upstream (verified there), cached unless the disk is full."""
         manifest = self.upstream.manifest(target.registry, target.repository, target.reference, credentials)
-        self.store.put(manifest.digest, manifest.data, manifest.media_type)
+        stored = self._cache_write(
+            "manifest", lambda: self.store.put(manifest.digest, manifest.data, manifest.media_type)
+        )
         self.access.granted(target.registry, target.repository, credentials)
-        if not target.by_digest:
-            self.tags.set(
-                target.registry, target.repository, target.reference, manifest.digest, manifest.media_type
-            )
-        return manifest
+        if stored and not target.by_digest:  # a tag entry for a manifest not stored would only miss
+            self._record_tag(target, manifest.digest, manifest.media_type)
+        return Found(manifest, "upstream" if stored else "uncached")
+
+    def _record_tag(self, target: Target, digest: str, media_type: str) -> None:
+        """Note that the tag points at `digest` now; on a full disk the old entry stays, so the tag
+        is re-checked on its next pull instead of after the TTL."""
+        self._cache_write(
+            "tag",
+            lambda: self.tags.set(target.registry, target.repository, target.reference, digest, media_type),
+        )
 
     def _check_access(self, target: Target, credentials: Credentials | None) -> None:
         def probe(creds: Credentials | None) -> None:
@@ -99,7 +130,7 @@ class Manifests:
             if cached is not None:
                 self._check_access(target, credentials)
                 return Found(cached, "cache")
-            return Found(self._fetch(target, credentials), "upstream")
+            return self._fetch(target, credentials)
         entry = self.tags.get(target.registry, target.repository, target.reference)
         cached = self._cached(entry.digest) if entry else None
         if entry and cached and entry.age() < self.tag_ttl:
@@ -112,15 +143,13 @@ class Manifests:
                 )
                 self.access.granted(target.registry, target.repository, credentials)
                 if current == entry.digest:
-                    self.tags.set(
-                        target.registry, target.repository, target.reference, entry.digest, entry.media_type
-                    )
+                    self._record_tag(target, entry.digest, entry.media_type)
                     return Found(cached, "cache")
                 log.info(
                     "tag moved",
                     extra={"image": f"{target.name}:{target.reference}", "old": entry.digest, "new": current},
                 )
-            return Found(self._fetch(target, credentials), "upstream")
+            return self._fetch(target, credentials)
         except RegistryError as exc:
             stale = isinstance(exc, UpstreamUnavailable) or exc.code == "TOOMANYREQUESTS"
             if not (stale and entry and cached):

@@ -35,6 +35,11 @@ UNCACHED_STREAMS = counter(
     "Blob misses streamed without caching, by reason (e.g. disk_full)",
     ["reason"],
 )
+DISK_FULL_SKIPPED_WRITES = counter(
+    "proxy_disk_full_skipped_writes_total",
+    "Manifests and tag entries served but not cached because the cache disk was full, by kind",
+    ["kind"],
+)
 DIGEST_MISMATCHES = counter(
     "proxy_digest_mismatches_total", "Upstream transfers dropped because their digest did not verify"
 )

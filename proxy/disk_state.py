@@ -20,10 +20,6 @@ class CacheDiskState:
         self._full = False
         self._lock = threading.Lock()
 
-    @property
-    def full(self) -> bool:
-        return self._full
-
     def note_full(self, kind: str, error: DiskFull) -> None:
         """A `kind` ("manifest", "tag") write failed for lack of space; the request is answered anyway."""
         metrics.DISK_FULL_SKIPPED_WRITES.labels(kind=kind).inc()

@@ -147,7 +147,9 @@ def test_offline_a_stored_grant_stands_for_the_grace_period_in_a_new_worker(
     with pytest.raises(Unverifiable):
         restarted.check(REGISTRY, "team/other", ALICE, upstream)  # a grant is for its repository only
 
-    clock.t += 2 * HOUR
+    clock.t += 2 * HOUR  # past the grace: refused by the worker that honoured it, and by a new one
+    with pytest.raises(Unverifiable):
+        restarted.check(REGISTRY, REPOSITORY, ALICE, upstream)
     with pytest.raises(Unverifiable):
         worker(tmp_path, clock).check(REGISTRY, REPOSITORY, ALICE, upstream)
 
@@ -155,9 +157,12 @@ def test_offline_a_stored_grant_stands_for_the_grace_period_in_a_new_worker(
 def test_offline_grace_zero_refuses_even_the_client_that_proved_access(
     tmp_path: Path, clock: Clock, upstream: Upstream
 ) -> None:
-    worker(tmp_path, clock, offline_ttl=0).check(REGISTRY, REPOSITORY, ALICE, upstream)
+    access = worker(tmp_path, clock, offline_ttl=0)
+    access.check(REGISTRY, REPOSITORY, ALICE, upstream)
     upstream.down()
     clock.t += 61
+    with pytest.raises(Unverifiable):
+        access.check(REGISTRY, REPOSITORY, ALICE, upstream)
     with pytest.raises(Unverifiable):
         worker(tmp_path, clock, offline_ttl=0).check(REGISTRY, REPOSITORY, ALICE, upstream)
 

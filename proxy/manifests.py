@@ -1,5 +1,8 @@
 """Manifests: by digest from the cache (never needing the upstream), by tag re-checked at most every
 tag TTL, the last known digest served when the upstream is down. Stored and served byte for byte.
+After a re-check fails, the registry's cached tags are served as they are for a short while without
+asking again, so an outage costs each worker one slow re-check (with its retries) per while, not one
+per pull.
 With the cache disk full, a fetched manifest is served (verified) without being stored, and a tag
 whose re-check cannot be recorded still answers."""
 
@@ -25,6 +28,10 @@ from proxy.tags import TagIndex
 from proxy.upstream import Manifest, Upstream
 
 log = logging.getLogger("imagewarm.proxy.manifests")
+
+# After a failed tag re-check, how long (at most; never beyond the tag TTL) cached tags of that
+# registry are served without asking it again.
+OUTAGE_BACKOFF = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Manifests:
         self.access = access
         self.tag_ttl = tag_ttl
         self.disk = CacheDiskState()
+        self._outage_until: dict[str, float] = {}  # registry -> monotonic time to ask it again
 
     def serve(self, target: Target, credentials: Credentials | None, accept: list[str]) -> Response:
         found = self.find(target, credentials)
@@ -136,6 +144,10 @@ class Manifests:
         if entry and cached and entry.age() < self.tag_ttl:
             self._check_access(target, credentials)
             return Found(cached, "cache")
+        if entry and cached and time.monotonic() < self._outage_until.get(target.registry, 0.0):
+            self._check_access(target, credentials)
+            metrics.STALE_SERVES.inc()
+            return Found(cached, "stale")
         try:
             if entry and cached:
                 current = self.upstream.head_manifest(
@@ -154,14 +166,17 @@ class Manifests:
             stale = isinstance(exc, UpstreamUnavailable) or exc.code == "TOOMANYREQUESTS"
             if not (stale and entry and cached):
                 raise
+            backoff = min(OUTAGE_BACKOFF, self.tag_ttl)
+            self._outage_until[target.registry] = time.monotonic() + backoff
             self._check_access(target, credentials)
             metrics.STALE_SERVES.inc()
             log.warning(
-                "upstream unavailable: serving the tag's last known digest",
+                "upstream unavailable: serving cached tags' last known digests",
                 extra={
                     "image": f"{target.name}:{target.reference}",
                     "digest": entry.digest,
                     "checked_seconds_ago": round(time.time() - entry.checked_at),
+                    "next_check_seconds": backoff,
                     "error": str(exc),
                 },
             )

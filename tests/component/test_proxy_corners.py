@@ -173,6 +173,14 @@ def test_a_failing_upstream_gets_the_tags_last_known_digest(proxy, scripted, sta
     # --retries 2: the re-check was tried three times, then given up; nothing else went upstream.
     assert scripted.served - served == Counter({"HEAD stale/manifests": 3})
 
+    # Right after a failed re-check the tag is served as it is, without asking the failing upstream
+    # again (a worker that has not seen the failure yet asks once itself).
+    served = scripted.served.copy()
+    again = [requests.get(url, timeout=30) for _ in range(4)]
+    assert all(r.status_code == 200 and r.headers["X-Imagewarm-Cache"] == "stale" for r in again)
+    assert proxy.metric("imagewarm_proxy_stale_tag_serves_total") == stale_before + 5
+    assert sum((scripted.served - served).values()) <= 3  # at most the other worker's one re-check
+
     served = scripted.served.copy()
     by_digest = requests.get(manifest_url(proxy, scripted.host, "stale", MANIFEST_DIGEST), timeout=10)
     assert by_digest.status_code == 200 and by_digest.headers["X-Imagewarm-Cache"] == "hit"
@@ -184,9 +192,10 @@ def test_a_failing_upstream_gets_the_tags_last_known_digest(proxy, scripted, sta
     assert scripted.served - served == Counter({"GET stale/manifests": 3})
 
     del scripted.script["stale"]  # the upstream recovers: the tag is confirmed upstream again
+    time.sleep(1.2)  # past the pause after the failed re-check (the tag TTL, 1 s here)
     fresh = requests.get(url, timeout=10)
     assert fresh.status_code == 200 and fresh.headers["X-Imagewarm-Cache"] == "hit"
-    assert proxy.metric("imagewarm_proxy_stale_tag_serves_total") == stale_before + 1
+    assert proxy.metric("imagewarm_proxy_stale_tag_serves_total") == stale_before + 5
 
 
 # --- 3. Manifest digest checks ---------------------------------------------------------------------

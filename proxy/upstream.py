@@ -40,6 +40,8 @@ SCHEMA1_TYPES = (
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
 )
 ACCEPT = ", ".join(MANIFEST_TYPES)
+# Content types some registries and static file servers put on manifests, saying nothing of the kind.
+GENERIC_TYPES = ("", "application/json", "text/plain", "application/octet-stream")
 
 
 @dataclass(frozen=True)
@@ -266,9 +268,9 @@ class Upstream:
                 f"does not match the body ({digest}); not caching it",
                 status=502,
             )
-        return Manifest(
-            data, media_type or _guess_media_type(data), reference if ":" in reference else digest
-        )
+        # A generic or missing type would make runtimes refuse the manifest: name it from the body.
+        named = _guess_media_type(data) if media_type in GENERIC_TYPES else media_type
+        return Manifest(data, named, reference if ":" in reference else digest)
 
     def head_manifest(
         self, registry: str, repository: str, reference: str, credentials: Credentials | None
@@ -374,6 +376,8 @@ def _is_schema1(media_type: str, data: bytes) -> bool:
 
 
 def _guess_media_type(data: bytes) -> str:
+    """The type a manifest names itself (`mediaType`, always set by Docker schema 2), else OCI's by
+    shape (the OCI types make `mediaType` optional)."""
     try:
         doc = json.loads(data)
     except ValueError:

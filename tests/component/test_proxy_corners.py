@@ -67,7 +67,23 @@ class Scripted(Hostile):
         return super()._serve(repository, kind, ref)
 
 
+DOCKER_V2 = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": 2,
+            "digest": "sha256:" + hashlib.sha256(b"{}").hexdigest(),
+        },
+        "layers": [],
+    }
+).encode()
+
+
 def _manifest_fault(fault: str) -> Response:
+    if fault.startswith("generic "):
+        return Response(DOCKER_V2, content_type=fault.removeprefix("generic "))
     if fault.startswith("schema1 "):
         content_type = fault.removeprefix("schema1 ")
         pretty = content_type.endswith("prettyjws")
@@ -129,6 +145,17 @@ def test_accept_negotiation_serves_only_what_the_client_accepts(registry, images
             assert got.content == image.manifest
             assert got.headers["Content-Type"] == image.media_type
             assert got.headers["Docker-Content-Digest"] == image.digest
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain; charset=utf-8"])
+def test_a_manifest_with_a_generic_content_type_is_served_as_the_type_it_names(proxy, scripted, content_type):
+    """Runtimes refuse a manifest served as application/json; its own mediaType says what it is."""
+    scripted.script["generic"] = f"generic {content_type}"
+    for reference in ("v1", "v1", "sha256:" + hashlib.sha256(DOCKER_V2).hexdigest()):  # miss, hit, digest
+        got = requests.get(manifest_url(proxy, scripted.host, "generic", reference), timeout=10)
+        assert got.status_code == 200, got.text
+        assert got.content == DOCKER_V2
+        assert got.headers["Content-Type"] == "application/vnd.docker.distribution.manifest.v2+json"
 
 
 @pytest.mark.parametrize(

@@ -1,245 +1,54 @@
 """The webhook end to end: a real kube-apiserver calls it over TLS with the caBundle it made itself.
 
-The webhook runs on the host, bound to node 1's bridge address, behind a selector-less Service and
-Endpoints (HARNESS.md §7). Test pods have an unsatisfiable nodeSelector: what is checked is the
-stored pod, and nothing needs to be pulled.
+The webhook process and the pod helpers: tests/e2e/webhook_harness.py.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import http.client
 import json
-import os
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client.parser import text_string_to_metric_families
 
 from imagewarm import certs
 from imagewarm.informer import Informer
 from imagewarm.kube import Kube
 from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.processes import free_ports
-from webhook.registration import mutating_webhook_configuration
+from tests.e2e import webhook_harness
+from tests.e2e.webhook_harness import (
+    CONFIG_PATH,
+    NAMESPACE,
+    PREFIX,
+    SECRET_PATH,
+    SERVICE,
+    Webhook,
+    create,
+    eventually,
+    images,
+    pod,
+    rewritten,
+    sidecarset,
+)
+from webhook.registration import COMPONENT_LABEL, COMPONENT_VALUE
 from webhook.selfcert import CertManager, Material
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-NAMESPACE = "imagewarm-system"
-SERVICE = "imagewarm-webhook"
-CONFIG_NAME = "imagewarm-e2e"
-CONFIG_PATH = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{CONFIG_NAME}"
-PREFIX = "localhost:7439"
-
-
-def eventually(check: Callable[[], Any], timeout: float = 20, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.3)
-
-
-class Webhook:
-    def __init__(self, cluster: Cluster, tmp: Path) -> None:
-        self.cluster = cluster
-        self.ip = cluster.nodes[0].ip
-        self.port = free_ports(1, host=self.ip)[0]
-        self.log = tmp / "webhook.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "webhook",
-                "--listen",
-                f"{self.ip}:{self.port}",
-                "--kubeconfig",
-                str(self.cluster.kubeconfig),
-                "--webhook-config-name",
-                CONFIG_NAME,
-                "--namespace",
-                NAMESPACE,
-                "--service-name",
-                SERVICE,
-                "--workers",
-                "2",
-                "--connections",
-                "64",
-                "--cert-check-interval",
-                "5s",
-                "--log-format",
-                "text",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def serving(self) -> bool:
-        if self.process is None or self.process.poll() is not None:
-            raise AssertionError(f"the webhook exited:\n{self.logs()}")
-        with socket.create_connection((self.ip, self.port), timeout=2):
-            return True
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-@pytest.fixture(scope="module")
-def kube(cluster: Cluster) -> Kube:
-    return Kube.from_kubeconfig(cluster.kubeconfig)
-
-
-@pytest.fixture(scope="module")
-def webhook(cluster: Cluster, kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
-    cluster.kubectl("apply", "-f", str(REPO / "charts" / "imagewarm" / "crds" / "sidecarset.yaml"))
-    cluster.kubectl(
-        "wait", "--for", "condition=Established", "--timeout", "60s", "crd/sidecarsets.imagewarm.io"
-    )
-    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    server = Webhook(cluster, tmp_path_factory.mktemp("webhook"))
-    objects = [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": SERVICE, "namespace": NAMESPACE},
-            "spec": {"ports": [{"port": 443, "targetPort": server.port}]},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Endpoints",
-            "metadata": {"name": SERVICE, "namespace": NAMESPACE},
-            "subsets": [{"addresses": [{"ip": server.ip}], "ports": [{"port": server.port}]}],
-        },
-        mutating_webhook_configuration(name=CONFIG_NAME, service_name=SERVICE, namespace=NAMESPACE),
-    ]
-    cluster.kubectl(
-        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
-    )
-    server.start()
-    LAST_WEBHOOK[:] = [server]
-    try:
-        eventually(
-            lambda: all(w["clientConfig"].get("caBundle") for w in kube.get(CONFIG_PATH)["webhooks"]),
-            30,
-            "the webhook to patch its caBundle",
-        )
-        eventually(server.serving, 30, "the webhook to listen")
-        yield server
-    except BaseException:
-        print(server.logs())
-        raise
-    finally:
-        server.stop()
-        cluster.kubectl("delete", "mutatingwebhookconfiguration", CONFIG_NAME, "--ignore-not-found")
-        cluster.kubectl("delete", "sidecarsets.imagewarm.io", "--all", "--ignore-not-found")
-
-
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"wh-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
-
-
-def pod(
-    name: str,
-    *images: str,
-    labels: dict[str, str] | None = None,
-    annotations: dict[str, str] | None = None,
-    init: str | None = None,
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "nodeSelector": {"imagewarm.test/never": "true"},  # stays Pending: nothing is pulled
-        "containers": [{"name": f"c{i}", "image": image} for i, image in enumerate(images)],
-    }
-    if init:
-        spec["initContainers"] = [{"name": "init", "image": init}]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}},
-        "spec": spec,
-    }
-
-
-def create(cluster: Cluster, namespace: str, obj: dict[str, Any], *args: str) -> dict[str, Any]:
-    out = cluster.kubectl(
-        "create", "-n", namespace, "-o", "json", *args, "-f", "-", input=json.dumps(obj)
-    ).stdout
-    return json.loads(out)  # type: ignore[no-any-return]
-
-
-LAST_WEBHOOK: list[Webhook] = []
-
-
-def rewritten(cluster: Cluster, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
-    """Create `obj` and return the stored pod; retried while the freshly registered webhook is not
-    yet called (HARNESS.md §7: the first creates may race the configuration)."""
-    attempt = 0
-
-    def once() -> dict[str, Any] | None:
-        nonlocal attempt
-        attempt += 1
-        candidate = json.loads(json.dumps(obj))
-        candidate["metadata"]["name"] = f"{obj['metadata']['name']}-{attempt}"
-        stored = create(cluster, namespace, candidate)
-        return stored if stored["spec"]["containers"][0]["image"].startswith(PREFIX) else None
-
-    try:
-        return eventually(once, 20, "a created pod to be rewritten")  # type: ignore[no-any-return]
-    except AssertionError:
-        print("webhook log:", *(w.logs() for w in LAST_WEBHOOK), sep="\n")
-        apiserver = sorted(cluster.workdir.rglob("*apiserver*.log"))
-        for path in apiserver:
-            print(
-                path,
-                "".join(
-                    line
-                    for line in path.read_text(errors="replace").splitlines(True)
-                    if "webhook" in line.lower()
-                )[-3000:],
-            )
-        raise
-
-
-def images(stored: dict[str, Any], field: str = "containers") -> list[str]:
-    return [c["image"] for c in stored["spec"].get(field, [])]
+# The fixtures, used by name.
+kube = webhook_harness.kube
+webhook = webhook_harness.webhook
+namespace = webhook_harness.namespace
 
 
 def test_ca_bundle_is_the_ca_in_the_secret_the_webhook_made(webhook: Webhook, kube: Kube) -> None:
@@ -272,10 +81,73 @@ def test_created_pods_are_stored_rewritten_with_the_original_images(
     }
 
 
-def test_server_side_dry_run_is_rewritten_too(webhook: Webhook, cluster: Cluster, namespace: str) -> None:
-    rewritten(cluster, namespace, pod("warm", "redis:7"))  # the webhook is being called
-    stored = create(cluster, namespace, pod("dry", "redis:7"), "--dry-run=server")
-    assert images(stored) == [f"{PREFIX}/docker.io/library/redis:7"]
+def webhook_counters(webhook: Webhook, kube: Kube, sidecarset_name: str) -> dict[str, float]:
+    """The webhook's /metrics (every worker's values), served with the CA of its Secret: CREATE
+    requests answered, images rewritten, injections of SidecarSet `sidecarset_name`."""
+    material = Material.from_secret(kube.get(SECRET_PATH))
+    assert material is not None
+    context = ssl.create_default_context(cadata=material.ca_bundle.decode())
+    context.check_hostname = False  # reached by IP; the certificate names the Service
+    connection = http.client.HTTPSConnection(webhook.ip, webhook.port, context=context, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        assert response.status == 200
+        text = response.read().decode()
+    finally:
+        connection.close()
+    wanted = {
+        "requests": ("imagewarm_webhook_requests_total", {"operation": "CREATE", "code": "200"}),
+        "rewrites": ("imagewarm_webhook_rewrites_total", {}),
+        "injections": ("imagewarm_webhook_sidecarset_injections_total", {"sidecarset": sidecarset_name}),
+    }
+    found = dict.fromkeys(wanted, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for key, (name, labels) in wanted.items():
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    found[key] += sample.value
+    return found
+
+
+def test_server_side_dry_run_is_answered_like_a_create_and_moves_no_counter(
+    webhook: Webhook, cluster: Cluster, kube: Kube, namespace: str
+) -> None:
+    name = f"dry-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(sidecarset(name)))
+    try:
+        labels = {"sidecar": name}
+        # The webhook is being called and its cache has the SidecarSet.
+        app = pod("app", "redis:7", labels=labels)
+        eventually(
+            lambda: len(images(rewritten(cluster, namespace, app))) == 2, 20, "the SidecarSet to be injected"
+        )
+        before = webhook_counters(webhook, kube, name)
+        dry = create(cluster, namespace, pod("dry", "redis:7", labels=labels), "--dry-run=server")
+        assert images(dry) == [
+            f"{PREFIX}/docker.io/library/redis:7",
+            f"{PREFIX}/registry.example.com/log-agent:2.3",
+        ]
+        after_dry = webhook_counters(webhook, kube, name)
+        assert after_dry["requests"] > before["requests"]  # the webhook did answer it
+        assert (after_dry["rewrites"], after_dry["injections"]) == (before["rewrites"], before["injections"])
+        assert cluster.kubectl("get", "pod", "-n", namespace, "dry", check=False).returncode != 0
+        # The same pod created for real moves both (so the check above can fail).
+        create(cluster, namespace, pod("real", "redis:7", labels=labels))
+        after_real = webhook_counters(webhook, kube, name)
+        assert after_real["rewrites"] == before["rewrites"] + 2
+        assert after_real["injections"] == before["injections"] + 1
+    finally:
+        cluster.kubectl("delete", "sidecarsets.imagewarm.io", name, "--ignore-not-found")
+
+
+def test_imagewarms_own_pods_are_not_sent_to_the_webhook(
+    webhook: Webhook, cluster: Cluster, namespace: str
+) -> None:
+    rewritten(cluster, namespace, pod("warm", "redis:7"))
+    own = create(cluster, namespace, pod("proxy", "redis:7", labels={COMPONENT_LABEL: COMPONENT_VALUE}))
+    assert images(own) == ["redis:7"]
+    assert "imagewarm.io/original-images" not in own["metadata"].get("annotations", {})
 
 
 def test_skipped_pods_and_opted_out_namespaces_are_untouched(

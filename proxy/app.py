@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
@@ -17,6 +18,7 @@ from proxy.blobs import Blobs
 from proxy.config import ProxyConfig
 from proxy.discovery import PeerDiscovery
 from proxy.errors import RegistryError
+from proxy.fallback import RuntimeHosts
 from proxy.manifest_store import ManifestStore
 from proxy.manifests import Manifests
 from proxy.peers import Peers
@@ -46,7 +48,26 @@ class Proxy:
         peers = Peers(self._peer_urls) if config.peer or self.discovery is not None else None
         self.blobs = Blobs(self.store, Tee(self.upstream, self.access, peers))
         host, port = config.listen
-        self.own_hosts = frozenset({f"localhost:{port}", f"127.0.0.1:{port}", f"{host}:{port}".lower()})
+        self.own_hosts = frozenset(
+            {f"localhost:{port}", f"127.0.0.1:{port}", f"{host}:{port}".lower(), config.runtime_name}
+        )
+        self.runtime_hosts = (
+            RuntimeHosts(
+                Path(config.containerd_hosts_dir),
+                config.runtime_name,
+                owner=config.node_name or f"{host}:{port}",
+                limit=config.fallback_peers,
+            )
+            if config.containerd_hosts_dir
+            else None
+        )
+        if self.discovery is not None:
+            self.discovery.on_change = lambda _urls: self.write_runtime_hosts()
+
+    def write_runtime_hosts(self) -> None:
+        """The runtime's fallback list (`--containerd-hosts-dir`) with the peers known now."""
+        if self.runtime_hosts is not None:
+            self.runtime_hosts.write(self._peer_urls())
 
     def _peer_urls(self) -> tuple[str, ...]:
         discovered = self.discovery.urls() if self.discovery is not None else ()

@@ -72,6 +72,21 @@ class ProxyConfig:
         parse=_namespaced_service,
         metavar="NAMESPACE/SERVICE",
     )
+    containerd_hosts_dir: str = setting(
+        "",
+        help="containerd's registry hosts directory (its config_path, e.g. /etc/containerd/certs.d): "
+        "write <dir>/<proxy prefix>/hosts.toml listing this proxy, then peers, so pulls fall back to a "
+        "peer while this proxy is down",
+        metavar="DIR",
+    )
+    proxy_prefix: str = setting(
+        "",
+        help="the registry host pods pull from, as the webhook writes it; empty: localhost:<--listen port>",
+        metavar="HOST:PORT",
+    )
+    fallback_peers: int = setting(
+        3, help="how many peers the runtime may fall back to (--containerd-hosts-dir)", parse=int, metavar="N"
+    )
     insecure_upstream: tuple[str, ...] = setting(
         (), help="a registry reached over plain HTTP", parse=_registry, repeated=True, metavar="HOST:PORT"
     )
@@ -130,8 +145,17 @@ class ProxyConfig:
             )
         if self.retries < 0:
             raise ValueError("--retries must be 0 or more")
+        if self.fallback_peers < 0:
+            raise ValueError("--fallback-peers must be 0 or more")
+        if self.proxy_prefix and not re.fullmatch(r"[A-Za-z0-9.-]+:\d{1,5}", self.proxy_prefix):
+            raise ValueError(f"--proxy-prefix {self.proxy_prefix!r}: give HOST:PORT, e.g. localhost:7439")
         if self.log_format not in ("json", "text"):
             raise ValueError("--log-format must be json or text")
+
+    @property
+    def runtime_name(self) -> str:
+        """The registry host the runtime pulls rewritten images from (`--proxy-prefix`)."""
+        return (self.proxy_prefix or f"localhost:{self.listen[1]}").lower()
 
     def allowed(self, registry: str) -> bool:
         """Whether `registry` (host[:port], normalised) may be proxied."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from imagewarm.informer import Informer
@@ -84,7 +84,10 @@ class PeerDiscovery:
         self.own_address = own_address
         self.static = static
         self.informer: Informer | None = None
+        # Called (on the informer's thread) with the new set whenever it changes.
+        self.on_change: Callable[[tuple[str, ...]], None] | None = None
         self._urls: tuple[str, ...] = ()
+        self._announced = False  # the first set is announced even when empty
         self._lock = threading.Lock()
 
     def urls(self) -> tuple[str, ...]:
@@ -112,11 +115,12 @@ class PeerDiscovery:
         assert self.informer is not None
         urls = peer_urls(self.informer.items(), self.own_node, self.own_address)
         with self._lock:  # handlers run on the informer's one thread; the lock keeps the log in order
-            if urls == self._urls:
+            if urls == self._urls and self._announced:
                 return
             added = sorted(set(urls) - set(self._urls))
             removed = sorted(set(self._urls) - set(urls))
             self._urls = urls
+            self._announced = True
         metrics.PEERS.set(len(set(self.static) | set(urls)))
         log.info(
             "discovered peer set changed",
@@ -127,3 +131,5 @@ class PeerDiscovery:
                 "removed": removed,
             },
         )
+        if self.on_change is not None:
+            self.on_change(urls)

@@ -94,6 +94,8 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
                 daemon=True,
                 args=(self.store, self.config.max_cache_bytes, self.config.eviction_interval, self.stop),
             ).start()
+        # The runtime's fallback list, with the --peer list; workers add discovered peers as they come.
+        self.app.extensions["imagewarm.proxy"].write_runtime_hosts()
         if self.config.node_name:
             start_taint_removal(self.config.node_name, self.config.kubeconfig)
 

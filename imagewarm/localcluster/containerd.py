@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imagewarm import containerd_hosts
 from imagewarm.localcluster import binaries, host
 from imagewarm.localcluster.processes import Daemon
 
@@ -30,8 +31,7 @@ class ContainerdError(RuntimeError):
     """containerd did not start or a ``ctr`` command failed; the message carries its output."""
 
 
-def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+_toml_string = containerd_hosts.toml_string
 
 
 def render_config(base: Path, certs_dir: Path, sandbox_image: str | None, cni_conf_dir: Path) -> str:
@@ -88,15 +88,8 @@ temp = {q(base / "tmp")}
 
 
 def render_hosts(server_url: str, mirrors: Sequence[str] = ()) -> str:
-    """A ``hosts.toml``: try each mirror (pull, resolve) in order, then ``server_url``.
-
-    Without mirrors, ``server_url`` itself gets a host entry so a plain-HTTP registry is pullable."""
-    lines = [f"server = {_toml_string(server_url)}", ""]
-    hosts = [(m, ["pull", "resolve"]) for m in mirrors] or [(server_url, ["pull", "resolve", "push"])]
-    for url, capabilities in hosts:
-        caps = ", ".join(_toml_string(c) for c in capabilities)
-        lines += [f"[host.{_toml_string(url)}]", f"  capabilities = [{caps}]", "  skip_verify = true", ""]
-    return "\n".join(lines)
+    """A ``hosts.toml``: try each mirror (pull, resolve) in order, then ``server_url``."""
+    return containerd_hosts.render(server_url, mirrors)
 
 
 @dataclass

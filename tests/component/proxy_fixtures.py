@@ -89,8 +89,9 @@ def start_proxy(
     extra: tuple[str, ...] = (),
     workers: int = 3,
     ip: str = "127.0.0.1",
+    port: int | None = None,
 ) -> ProxyProcess:
-    port = free_ports(1, host=ip)[0]
+    port = port or free_ports(1, host=ip)[0]
     cache_dir = cache_dir or workdir / "cache"
     args = [
         sys.executable,

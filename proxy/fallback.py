@@ -1,0 +1,90 @@
+"""The container runtime's fallback to peer proxies when this node's proxy is down.
+
+Rewritten pods pull `localhost:7439/<registry>/<repository>`. If this node's proxy is down (crashed,
+restarting, being upgraded), those pulls would fail with ErrImagePull until it is back. containerd
+reads `<config_path>/<host>/hosts.toml` on every pull and tries its hosts in order, so the proxy
+writes one for the name pods pull from (`--proxy-prefix`): itself first, then a few peer proxies.
+The file stays when the proxy stops, which is when it matters. A peer answers such requests in
+rewrite mode, because containerd names the host it resolved (`?ns=localhost:7439`), and that name is
+every proxy's own.
+
+Each node lists a different few peers (rendezvous hashing of the peers against the node's own
+name), so one node's outage spreads over the others instead of landing on the first peer in sorted
+order, and a change in the peer set moves few nodes' choices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from imagewarm import containerd_hosts
+
+log = logging.getLogger("imagewarm.proxy.fallback")
+
+HEADER = (
+    "Written by imagewarm proxy: pulls of {name} try this node's proxy, then peer proxies.\n"
+    "Rewritten whenever the peer set changes; edits are overwritten."
+)
+
+
+def choose(peers: Iterable[str], owner: str, limit: int) -> list[str]:
+    """Up to `limit` of `peers`, ranked by a hash of (owner, peer): stable for one owner, different
+    across owners."""
+    unique = set(peers)
+    return sorted(unique, key=lambda url: hashlib.sha256(f"{owner}\n{url}".encode()).digest())[:limit]
+
+
+def render(name: str, local_url: str, peers: Iterable[str], owner: str, limit: int) -> str:
+    chosen = [url for url in choose(peers, owner, limit) if url != local_url]
+    return containerd_hosts.render(local_url, [local_url, *chosen], header=HEADER.format(name=name))
+
+
+class RuntimeHosts:
+    """`<directory>/<name>/hosts.toml`, rewritten (atomically, only when it changes) by `write`.
+    Safe to call from several threads and processes: every writer renames a complete file."""
+
+    def __init__(self, directory: Path, name: str, owner: str, limit: int) -> None:
+        self.path = Path(directory) / name / "hosts.toml"
+        self.name = name
+        self.local_url = f"http://{name}"
+        self.owner = owner
+        self.limit = limit
+        self._lock = threading.Lock()
+
+    def write(self, peers: Iterable[str]) -> bool:
+        """Returns True when the file changed. Never raises: a failure is logged with what to do."""
+        text = render(self.name, self.local_url, peers, self.owner, self.limit)
+        with self._lock:
+            try:
+                if self.path.read_text() == text:
+                    return False
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass  # unreadable: rewrite it
+            temporary = self.path.with_name(f".hosts.toml.{os.getpid()}.{threading.get_ident()}")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                temporary.write_text(text)
+                os.replace(temporary, self.path)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    temporary.unlink(missing_ok=True)
+                log.error(
+                    "cannot write the runtime's hosts.toml: pulls will not fall back to peers when this "
+                    "proxy is down; mount containerd's config_path (e.g. /etc/containerd/certs.d) "
+                    "writable at --containerd-hosts-dir",
+                    extra={"path": str(self.path), "error": str(exc)},
+                )
+                return False
+        log.info(
+            "runtime fallback written",
+            extra={"path": str(self.path), "hosts": [self.local_url, *choose(peers, self.owner, self.limit)]},
+        )
+        return True

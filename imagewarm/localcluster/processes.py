@@ -43,6 +43,25 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def free_port_on(*hosts: str) -> int:
+    """A port that was free a moment ago on every one of `hosts` (loopback addresses such as
+    127.0.0.1 and 127.0.0.2), for servers that must share a port, as a DaemonSet's do across nodes."""
+    for _ in range(50):
+        port = free_ports(1, hosts[0])[0]
+        if all(_bindable(host, port) for host in hosts[1:]):
+            return port
+    raise RuntimeError(f"no port free on all of {', '.join(hosts)}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _cmdline(pid: int) -> str | None:
     """The command line of ``pid`` with arguments joined by spaces, or None if it is gone."""
     try:

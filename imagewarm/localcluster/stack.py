@@ -84,6 +84,10 @@ class Stack:
         argv = _imagewarm("proxy", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(workdir / "cache"))
         for registry in upstreams:
             argv += ["--insecure-upstream", registry.host]
+        # The proxy writes the runtime's hosts.toml for localhost:<port> itself (plain HTTP, then any
+        # peers), as the DaemonSet does with containerd's config_path mounted.
+        certs_dir = cluster.nodes[0].containerd.certs_dir
+        argv += ["--containerd-hosts-dir", str(certs_dir), "--proxy-prefix", f"localhost:{port}"]
         argv += ["--workers", "2", "--log-format", "json", *(proxy_args or [])]
         env = {**_env(), "PROMETHEUS_MULTIPROC_DIR": str(_fresh_dir(workdir / "proxy-metrics"))}
         proxy = Daemon("imagewarm-proxy", argv, workdir / "proxy.log", env=env)
@@ -92,8 +96,6 @@ class Stack:
             progress(f"starting the node proxy on 127.0.0.1:{port}")
             proxy.start()
             _wait(proxy, lambda: proxy.wait_http(f"{stack.proxy_url}/readyz", timeout=30))
-            # The runtime reaches the proxy over plain HTTP (containerd re-reads this on every pull).
-            cluster.nodes[0].containerd.set_hosts(stack.proxy_prefix, stack.proxy_url)
             if webhook:
                 stack._start_webhook()
         except BaseException:

@@ -7,35 +7,16 @@ port (here on 127.0.0.1 and 127.0.0.2), so the peer takes `?ns=127.0.0.1:PORT` a
 from __future__ import annotations
 
 import signal
-import socket
 
 import pytest
 
 from imagewarm.localcluster.images import push
-from imagewarm.localcluster.processes import free_ports
+from imagewarm.localcluster.processes import free_port_on
 from imagewarm.reference import registry_segment
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.component
 proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
-
-
-def shared_port() -> int:
-    """A port free on both loopback addresses."""
-    for _ in range(20):
-        port = free_ports(1)[0]
-        if _free(port, "127.0.0.2"):
-            return port
-    raise AssertionError("no port free on both 127.0.0.1 and 127.0.0.2")
-
-
-def _free(port: int, host: str) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def manifest_gets(proxy) -> float:
@@ -48,7 +29,7 @@ def test_containerd_falls_back_to_a_peer_while_the_nodes_proxy_is_down(
     first, second = images.busybox(), images.synthetic(layers=2, layer_size=300_000, seed=97)
     push(registry, "ctr/fallback", "v1", first)
     push(registry, "ctr/fallback", "v2", second)
-    port = shared_port()
+    port = free_port_on("127.0.0.1", "127.0.0.2")
     peer = proxy_factory(insecure=(registry.host,), workers=1, ip="127.0.0.2", port=port)
     name = f"127.0.0.1:{port}"
     local = proxy_factory(

@@ -5,8 +5,6 @@ secret is a clear configuration error (exit 2) that fetches nothing."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +16,6 @@ from tests.component.test_warm import warm_cli
 
 pytestmark = pytest.mark.e2e
 proxy_factory = proxy_fixtures.proxy_factory  # the fixture, used by name
-
-
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"warm-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
 def test_a_pull_secret_warms_a_private_image(

@@ -48,7 +48,6 @@ pytestmark = pytest.mark.e2e
 # The fixtures, used by name.
 kube = webhook_harness.kube
 webhook = webhook_harness.webhook
-namespace = webhook_harness.namespace
 
 
 def test_ca_bundle_is_the_ca_in_the_secret_the_webhook_made(webhook: Webhook, kube: Kube) -> None:

@@ -37,6 +37,7 @@ from tests.e2e.webhook_harness import (
     images,
     pod,
     rewritten,
+    service_for,
     sidecarset,
 )
 from webhook.registration import mutating_webhook_configuration
@@ -47,7 +48,6 @@ pytestmark = pytest.mark.e2e
 # The fixtures, used by name.
 kube = webhook_harness.kube
 webhook = webhook_harness.webhook
-namespace = webhook_harness.namespace
 
 CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/sidecarsets.imagewarm.io"
 RELISTED = "watch expired; listing again informer=sidecarsets"  # the informer's log line (text format)
@@ -172,21 +172,7 @@ def register(cluster: Cluster, server: Webhook, name: str, ca_bundle: bytes, nam
     configuration["webhooks"][0]["namespaceSelector"] = {
         "matchLabels": {"kubernetes.io/metadata.name": namespace}
     }
-    objects = [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": {"ports": [{"port": 443, "targetPort": server.port}]},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Endpoints",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "subsets": [{"addresses": [{"ip": server.ip}], "ports": [{"port": server.port}]}],
-        },
-        configuration,
-    ]
+    objects = [*service_for(name, server), configuration]
     cluster.kubectl(
         "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
     )

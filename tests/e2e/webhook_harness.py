@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,18 +139,7 @@ def webhook(cluster: Cluster, kube: Kube, tmp_path_factory: pytest.TempPathFacto
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
     server = Webhook(cluster, tmp_path_factory.mktemp("webhook"))
     objects = [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": SERVICE, "namespace": NAMESPACE},
-            "spec": {"ports": [{"port": 443, "targetPort": server.port}]},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Endpoints",
-            "metadata": {"name": SERVICE, "namespace": NAMESPACE},
-            "subsets": [{"addresses": [{"ip": server.ip}], "ports": [{"port": server.port}]}],
-        },
+        *service_for(SERVICE, server),
         mutating_webhook_configuration(name=CONFIG_NAME, service_name=SERVICE, namespace=NAMESPACE),
     ]
     cluster.kubectl(
@@ -176,12 +164,24 @@ def webhook(cluster: Cluster, kube: Kube, tmp_path_factory: pytest.TempPathFacto
         cluster.kubectl("delete", "sidecarsets.imagewarm.io", "--all", "--ignore-not-found")
 
 
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"wh-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
+def service_for(name: str, server: Webhook) -> list[dict[str, Any]]:
+    """A selector-less Service `name` and its Endpoints, reaching `server` on the host (HARNESS.md §7).
+    A new Service, not re-pointed Endpoints: the API server follows EndpointSlices, and a changed
+    Endpoints object takes ~20 s to reach them."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"ports": [{"port": 443, "targetPort": server.port}]},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "subsets": [{"addresses": [{"ip": server.ip}], "ports": [{"port": server.port}]}],
+        },
+    ]
 
 
 def pod(

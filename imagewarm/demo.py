@@ -1,12 +1,16 @@
 """`imagewarm demo`: the main job, end to end on a real local cluster.
 
 1. builds what is missing (Go binaries, cached), starts an upstream registry and a 2-node cluster;
-2. starts imagewarm on it: the node proxy and the admission webhook;
+2. starts imagewarm on it: the node proxy, a peer proxy (another node's, in a real cluster) and the
+   admission webhook;
 3. pushes a runnable image (busybox plus a data layer) to the upstream and warms it into the cache;
 4. creates a pod on each node with the image as users write it: the webhook rewrites it to the
    proxy, each kubelet pulls it from the cache, the upstream serves each blob once in all;
-5. stops the upstream, removes the image from node 1 and starts a pod there again: still served;
-6. prints a summary (phases, pulls, bytes) and tears everything down (also on Ctrl-C).
+5. stops the node proxy, removes the image from the last node and starts a pod there again: the
+   runtime falls back to the peer proxy listed in hosts.toml (the peer fetches from the upstream,
+   still up); then restarts the node proxy;
+6. stops the upstream, removes the image from node 1 and starts a pod there again: still served;
+7. prints a summary (phases, pulls, bytes) and tears everything down (also on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagewarm.cli import Command, table
 from imagewarm.config import parse_bool, parse_bytes, parse_positive_int, setting
 
+if TYPE_CHECKING:
+    from imagewarm.localcluster.cluster import Cluster
+    from imagewarm.localcluster.registry import Registry
+    from imagewarm.localcluster.stack import Stack
+
 ORIGINAL_IMAGES = "imagewarm.io/original-images"
+SERVED_BY_PEER = "peer proxy (node proxy down)"
 
 
 @dataclass(frozen=True)
@@ -122,21 +132,28 @@ def _run_pod(cluster: Any, demo: Demo, name: str, image: str, node: str) -> dict
     return pod
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What the demo's steps showed: the rows of its `pulls` and `summary` tables, and whether every
+    step did what it claims."""
+
+    pulls: list[tuple[str, str, str, str]]
+    facts: list[tuple[str, str]]
+    ok: bool
+
+
 def run(config: DemoConfig) -> int:
     # Imported here: `imagewarm --help` must not pay for the cluster modules.
     from imagewarm.localcluster import binaries
     from imagewarm.localcluster.cluster import Cluster, ClusterError
-    from imagewarm.localcluster.images import ImageBuilder, push
     from imagewarm.localcluster.registry import start_registry
-    from imagewarm.localcluster.stack import Stack, StackError
-    from imagewarm.warmup import describe, warm
+    from imagewarm.localcluster.stack import StackError
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
 
     signal.signal(signal.SIGTERM, interrupted)
     demo = Demo()
-    pulls: list[tuple[str, ...]] = []
     with ExitStack() as teardown:
         try:
             with demo.phase("binaries (Go builds, cached)"):
@@ -155,58 +172,7 @@ def run(config: DemoConfig) -> int:
                 upstream = start_registry(cluster.workdir / "upstream")
                 teardown.callback(upstream.stop)
                 demo.say(f"upstream registry at {upstream.host}")
-            with demo.phase("imagewarm start: node proxy and webhook"):
-                stack = Stack.start(
-                    cluster,
-                    [upstream],
-                    workdir=cluster.workdir / "imagewarm",
-                    progress=demo.say,
-                    proxy_args=["--tag-ttl", "1s"],  # so the outage below really tests the fallback
-                )
-                teardown.callback(stack.stop)
-            with demo.phase("image build and push to the upstream"):
-                built = ImageBuilder(binaries.cache_root() / "images").busybox(data_size=config.image_size)
-                push(upstream, "demo/app", "1", built)
-                image = f"{upstream.host}/demo/app:1"
-                demo.say(f"pushed {image}: {built.size / 2**20:.1f} MiB in {len(built.layers)} layers")
-            with demo.phase("warm the image into the node cache"):
-                warmed = warm(image, stack.proxy_url, progress=lambda p: demo.say(describe(p)))
-                mib = warmed.bytes / 2**20
-                demo.say(
-                    f"warmed {warmed.digest}: {mib:.1f} MiB in {warmed.seconds:.2f}s "
-                    f"({warmed.mib_per_second:.0f} MiB/s)"
-                )
-                upstream_gets = _blob_gets(upstream)
-            pods: list[dict[str, Any]] = []
-            for i, node in enumerate(cluster.nodes):
-                with demo.phase(f"pod on {node.name}: rewritten by the webhook, pulled from the cache"):
-                    pods.append(_run_pod(cluster, demo, f"demo-{i + 1}", image, node.name))
-                    pulls.append(
-                        (
-                            pods[-1]["metadata"]["name"],
-                            node.name,
-                            "cache",
-                            _pull_seconds(cluster, f"demo-{i + 1}"),
-                        )
-                    )
-            fetched_after_pods = _blob_gets(upstream) - upstream_gets
-            with demo.phase("upstream down: a pod on node 1 again, its image removed from the node"):
-                upstream.stop()
-                demo.say("upstream registry stopped")
-                cluster.kubectl("delete", "pod", "demo-1", "--wait=true", "--grace-period=1")
-                proxied = pods[0]["spec"]["containers"][0]["image"]
-                cluster.nodes[0].containerd.ctr("images", "rm", "--sync", proxied, namespace="k8s.io")
-                offline = _run_pod(cluster, demo, "demo-offline", image, cluster.nodes[0].name)
-                pulls.append(
-                    (
-                        "demo-offline",
-                        cluster.nodes[0].name,
-                        "cache, upstream down",
-                        _pull_seconds(cluster, "demo-offline"),
-                    )
-                )
-            hit_bytes = stack.proxy_metric("imagewarm_proxy_cache_hit_bytes_total")
-            miss_bytes = stack.proxy_metric("imagewarm_proxy_cache_miss_bytes_total")
+            outcome = steps(cluster, upstream, demo, teardown, image_size=config.image_size)
         except KeyboardInterrupt:
             demo.say("interrupted")
             return 130
@@ -222,20 +188,9 @@ def run(config: DemoConfig) -> int:
         print()
         print(table("phases", ("phase", "seconds"), [(n, f"{s:.2f}") for n, s in demo.phases]))
         print()
-        print(table("pulls", ("pod", "node", "served from", "kubelet pull time"), pulls))
+        print(table("pulls", ("pod", "node", "served from", "kubelet pull time"), outcome.pulls))
         print()
-        facts = [
-            ("image as written", image),
-            ("image as stored", pods[0]["spec"]["containers"][0]["image"]),
-            (ORIGINAL_IMAGES, pods[0]["metadata"].get("annotations", {}).get(ORIGINAL_IMAGES, "")),
-            ("image size", f"{built.size / 2**20:.1f} MiB"),
-            ("upstream blob GETs during warm-up", str(upstream_gets)),
-            (f"upstream blob GETs for {len(pods)} pods", str(fetched_after_pods)),
-            ("proxy bytes from cache (hits)", f"{hit_bytes / 2**20:.1f} MiB"),
-            ("proxy bytes from upstream (misses)", f"{miss_bytes / 2**20:.1f} MiB"),
-            ("pod with the upstream down", f"{offline['status']['phase']}: {offline['log']}"),
-        ]
-        print(table("summary", ("what", "value"), facts), flush=True)
+        print(table("summary", ("what", "value"), outcome.facts), flush=True)
         if config.keep:
             print(f"\nThe cluster keeps running. export KUBECONFIG={cluster.kubeconfig}")
             print("Press Ctrl-C to tear it down.", flush=True)
@@ -244,12 +199,132 @@ def run(config: DemoConfig) -> int:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 pass
-        ok = (
-            all(p["log"] for p in pods)
-            and offline["status"]["phase"] == "Running"
-            and fetched_after_pods == 0
+        return 0 if outcome.ok else 1
+
+
+def steps(
+    cluster: Cluster, upstream: Registry, demo: Demo, teardown: ExitStack, *, image_size: int
+) -> Outcome:
+    """The demo's steps on a running `cluster` with an empty `upstream` (imagewarm start to the
+    upstream outage, which stops `upstream`). Programs it starts are stopped by `teardown`. Pods go
+    to the `default` namespace. Raises StackError, RuntimeError or CalledProcessError when a step
+    fails."""
+    from imagewarm.localcluster import binaries
+    from imagewarm.localcluster.images import ImageBuilder, push
+    from imagewarm.localcluster.stack import Stack
+    from imagewarm.warmup import describe, warm
+
+    pulls: list[tuple[str, str, str, str]] = []
+    with demo.phase("imagewarm start: node proxy, a peer proxy and the webhook"):
+        stack = Stack.start(
+            cluster,
+            [upstream],
+            workdir=cluster.workdir / "imagewarm",
+            progress=demo.say,
+            proxy_args=["--tag-ttl", "1s"],  # so the outage below really tests the fallback
+            peer=True,
         )
-        return 0 if ok else 1
+        teardown.callback(stack.stop)
+    with demo.phase("image build and push to the upstream"):
+        built = ImageBuilder(binaries.cache_root() / "images").busybox(data_size=image_size)
+        push(upstream, "demo/app", "1", built)
+        image = f"{upstream.host}/demo/app:1"
+        demo.say(f"pushed {image}: {built.size / 2**20:.1f} MiB in {len(built.layers)} layers")
+    with demo.phase("warm the image into the node cache"):
+        warmed = warm(image, stack.proxy_url, progress=lambda p: demo.say(describe(p)))
+        mib = warmed.bytes / 2**20
+        demo.say(
+            f"warmed {warmed.digest}: {mib:.1f} MiB in {warmed.seconds:.2f}s "
+            f"({warmed.mib_per_second:.0f} MiB/s)"
+        )
+        upstream_gets = _blob_gets(upstream)
+    pods: list[dict[str, Any]] = []
+    for i, node in enumerate(cluster.nodes):
+        with demo.phase(f"pod on {node.name}: rewritten by the webhook, pulled from the cache"):
+            pods.append(_run_pod(cluster, demo, f"demo-{i + 1}", image, node.name))
+            pulls.append((f"demo-{i + 1}", node.name, "cache", _pull_seconds(cluster, f"demo-{i + 1}")))
+    fetched_after_pods = _blob_gets(upstream) - upstream_gets
+    proxied = pods[0]["spec"]["containers"][0]["image"]
+    last = len(cluster.nodes) - 1
+    peer_node = cluster.nodes[last]
+    with demo.phase(f"node proxy down: a pod on {peer_node.name} again, through the peer proxy"):
+        # Read now: the restart below starts the node proxy's counters from zero.
+        hit_bytes, miss_bytes = _proxy_bytes(stack)
+        stack.proxy.stop()
+        hosts = peer_node.containerd.certs_dir / stack.proxy_prefix / "hosts.toml"
+        if stack.peer_url not in hosts.read_text():
+            raise RuntimeError(
+                f"{hosts} does not list the peer proxy {stack.peer_url}: see {stack.proxy.log_path}"
+            )
+        demo.say(f"node proxy stopped; {hosts} lists the peer proxy {stack.peer_url} after it")
+        _remove_pod_and_image(cluster, f"demo-{last + 1}", warmed.digest, last)
+        before = _blob_gets(upstream)
+        via_peer = _run_pod(cluster, demo, "demo-peer", image, peer_node.name)
+        pulls.append(("demo-peer", peer_node.name, SERVED_BY_PEER, _pull_seconds(cluster, "demo-peer")))
+        peer_gets = _blob_gets(upstream) - before
+        peer_blobs = stack.peer_metric("imagewarm_proxy_requests_total", route="blob", status="200")
+        demo.say(f"the peer proxy served {peer_blobs:.0f} blobs, fetching {peer_gets} from the upstream")
+        stack.restart_proxy()
+    with demo.phase("upstream down: a pod on node 1 again, its image removed from the node"):
+        upstream.stop()
+        demo.say("upstream registry stopped")
+        _remove_pod_and_image(cluster, "demo-peer" if last == 0 else "demo-1", warmed.digest, 0)
+        offline = _run_pod(cluster, demo, "demo-offline", image, cluster.nodes[0].name)
+        pulls.append(
+            (
+                "demo-offline",
+                cluster.nodes[0].name,
+                "cache, upstream down",
+                _pull_seconds(cluster, "demo-offline"),
+            )
+        )
+    hits_after, misses_after = _proxy_bytes(stack)
+    hit_bytes, miss_bytes = hit_bytes + hits_after, miss_bytes + misses_after
+    facts = [
+        ("image as written", image),
+        ("image as stored", proxied),
+        (ORIGINAL_IMAGES, pods[0]["metadata"].get("annotations", {}).get(ORIGINAL_IMAGES, "")),
+        ("image size", f"{built.size / 2**20:.1f} MiB"),
+        ("upstream blob GETs during warm-up", str(upstream_gets)),
+        (f"upstream blob GETs for {len(pods)} pods", str(fetched_after_pods)),
+        ("proxy bytes from cache (hits)", f"{hit_bytes / 2**20:.1f} MiB"),
+        ("proxy bytes from upstream (misses)", f"{miss_bytes / 2**20:.1f} MiB"),
+        ("pod with the node proxy down", f"{via_peer['status']['phase']}: {via_peer['log']}"),
+        (
+            "peer proxy (node proxy down)",
+            f"{stack.peer_url}: {peer_blobs:.0f} blobs served, {peer_gets} fetched upstream",
+        ),
+        ("pod with the upstream down", f"{offline['status']['phase']}: {offline['log']}"),
+    ]
+    ok = (
+        all(p["log"] for p in pods)
+        and fetched_after_pods == 0
+        and via_peer["status"]["phase"] == "Running"
+        and peer_blobs > 0
+        and offline["status"]["phase"] == "Running"
+    )
+    return Outcome(pulls, facts, ok)
+
+
+def _remove_pod_and_image(cluster: Cluster, pod: str, digest: str, node: int) -> None:
+    """Delete `pod` and every name of image `digest` on node `node` (0-based), so the next pod there
+    pulls its blobs again. The CRI keeps an image under its tag, its digest and its ID: removing only
+    the tag would leave the blobs on the node, and the next pull would fetch a manifest and no blob."""
+    cluster.kubectl("delete", "pod", pod, "--wait=true", "--grace-period=1")
+    containerd = cluster.nodes[node].containerd
+    listing = containerd.ctr("images", "ls", namespace="k8s.io").stdout.splitlines()[1:]
+    names = [line.split()[0] for line in listing if digest in line.split()[1:3]]
+    if not names:
+        raise RuntimeError(f"no image {digest} on {cluster.nodes[node].name} to remove (ctr images ls)")
+    containerd.ctr("images", "rm", "--sync", *names, namespace="k8s.io")
+
+
+def _proxy_bytes(stack: Stack) -> tuple[float, float]:
+    """(bytes served from the cache, bytes fetched upstream) by the node proxy since it started."""
+    return (
+        stack.proxy_metric("imagewarm_proxy_cache_hit_bytes_total"),
+        stack.proxy_metric("imagewarm_proxy_cache_miss_bytes_total"),
+    )
 
 
 def _blob_gets(registry: Any) -> int:

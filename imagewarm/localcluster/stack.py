@@ -5,6 +5,10 @@ The local nodes share the host's network, so one proxy on 127.0.0.1:<port> is ev
 (HARNESS.md §7) and registers itself with the configuration `imagewarm webhook
 --print-configuration` gives. Both run through the real `imagewarm` command, as users run them.
 Used by `imagewarm demo` and the end-to-end tests.
+
+With `peer`, a second proxy (another node's DaemonSet pod, in a real cluster) listens on 127.0.0.2
+with the node proxy's port, and the node proxy lists it in the nodes' hosts.toml: pulls fall back to
+it while the node proxy is down.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from pathlib import Path
 import requests
 
 from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.processes import Daemon, free_ports
+from imagewarm.localcluster.processes import Daemon, free_port_on, free_ports
 from imagewarm.localcluster.registry import Registry
 
 NAMESPACE = "imagewarm-system"
 WEBHOOK_SERVICE = "imagewarm-webhook"
 WEBHOOK_CONFIGURATION = "imagewarm"
+PEER_IP = "127.0.0.2"  # loopback, like 127.0.0.1: every local node reaches it
 
 Progress = Callable[[str], None]
 
@@ -52,6 +57,7 @@ class Stack:
     proxy_port: int
     proxy: Daemon
     webhook: Daemon | None = None
+    peer: Daemon | None = None
     webhook_address: tuple[str, int] | None = None
     progress: Progress = print
     _stopped: bool = field(default=False, repr=False)
@@ -64,6 +70,10 @@ class Stack:
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.proxy_port}"
 
+    @property
+    def peer_url(self) -> str:
+        return f"http://{PEER_IP}:{self.proxy_port}"
+
     @classmethod
     def start(
         cls,
@@ -75,24 +85,30 @@ class Stack:
         webhook: bool = True,
         proxy_args: list[str] | None = None,
         progress: Progress = print,
+        peer: bool = False,
     ) -> Stack:
         """Start the proxy (allowed to fetch from `upstreams`, plain HTTP) and, with `webhook`, the
-        webhook registered with the cluster. Returns when both serve and the webhook's caBundle is in
-        place. Raises StackError with the failing program's log tail."""
+        webhook registered with the cluster; with `peer`, first a peer proxy on PEER_IP (same port,
+        same upstreams, its own cache), given to the proxy as `--peer`. Returns when all serve and the
+        webhook's caBundle is in place. Raises StackError with the failing program's log tail."""
         workdir.mkdir(parents=True, exist_ok=True)
-        port = proxy_port or free_ports(1)[0]
+        port = proxy_port or (free_port_on("127.0.0.1", PEER_IP) if peer else free_ports(1)[0])
+        insecure = [arg for registry in upstreams for arg in ("--insecure-upstream", registry.host)]
         argv = _imagewarm("proxy", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(workdir / "cache"))
-        for registry in upstreams:
-            argv += ["--insecure-upstream", registry.host]
+        argv += insecure
         # The proxy writes the runtime's hosts.toml for localhost:<port> itself (plain HTTP, then any
         # peers), as the DaemonSet does with containerd's config_path mounted.
         certs_dir = cluster.nodes[0].containerd.certs_dir
         argv += ["--containerd-hosts-dir", str(certs_dir), "--proxy-prefix", f"localhost:{port}"]
+        if peer:
+            argv += ["--peer", f"http://{PEER_IP}:{port}"]
         argv += ["--workers", "2", "--log-format", "json", *(proxy_args or [])]
         env = {**_env(), "PROMETHEUS_MULTIPROC_DIR": str(_fresh_dir(workdir / "proxy-metrics"))}
         proxy = Daemon("imagewarm-proxy", argv, workdir / "proxy.log", env=env)
         stack = cls(cluster, workdir, port, proxy, progress=progress)
         try:
+            if peer:
+                stack._start_peer(insecure)
             progress(f"starting the node proxy on 127.0.0.1:{port}")
             proxy.start()
             _wait(proxy, lambda: proxy.wait_http(f"{stack.proxy_url}/readyz", timeout=30))
@@ -102,6 +118,27 @@ class Stack:
             stack.stop()
             raise
         return stack
+
+    def _start_peer(self, insecure: list[str]) -> None:
+        # No --containerd-hosts-dir: the local nodes share one hosts directory, and the file for
+        # localhost:<port> is the node proxy's to write.
+        argv = _imagewarm(
+            "proxy", "--listen", f"{PEER_IP}:{self.proxy_port}",
+            "--cache-dir", str(self.workdir / "peer-cache"), *insecure,
+            "--workers", "1", "--log-format", "json",
+        )  # fmt: skip
+        env = {**_env(), "PROMETHEUS_MULTIPROC_DIR": str(_fresh_dir(self.workdir / "peer-metrics"))}
+        self.progress(f"starting a peer proxy on {PEER_IP}:{self.proxy_port}")
+        self.peer = Daemon("imagewarm-peer-proxy", argv, self.workdir / "peer.log", env=env).start()
+        peer = self.peer
+        _wait(peer, lambda: peer.wait_http(f"{self.peer_url}/readyz", timeout=30))
+
+    def restart_proxy(self) -> None:
+        """Start the node proxy again after `proxy.stop()` and wait until it is ready. Its metrics
+        start from zero (the proxy empties its metrics directory at start). Raises StackError."""
+        self.progress(f"restarting the node proxy on 127.0.0.1:{self.proxy_port}")
+        self.proxy.start()
+        _wait(self.proxy, lambda: self.proxy.wait_http(f"{self.proxy_url}/readyz", timeout=30))
 
     def _start_webhook(self) -> None:
         ip = self.cluster.nodes[0].ip
@@ -153,16 +190,11 @@ class Stack:
 
     def proxy_metric(self, name: str, **labels: str) -> float:
         """The sum of the proxy's samples of metric `name` whose labels include `labels`."""
-        text = requests.get(f"{self.proxy_url}/metrics", timeout=10).text
-        total = 0.0
-        for line in text.splitlines():
-            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
-            if not m or m.group(1) != name:
-                continue
-            found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            if all(found.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-        return total
+        return _metric(self.proxy_url, name, labels)
+
+    def peer_metric(self, name: str, **labels: str) -> float:
+        """As proxy_metric, for the peer proxy (started with `peer=True`)."""
+        return _metric(self.peer_url, name, labels)
 
     def stop(self) -> None:
         """Stop the programs and unregister the webhook (idempotent)."""
@@ -176,6 +208,21 @@ class Stack:
             )  # fmt: skip
             self.webhook.stop()
         self.proxy.stop()
+        if self.peer is not None:
+            self.peer.stop()
+
+
+def _metric(url: str, name: str, labels: dict[str, str]) -> float:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
 
 
 def _wait(daemon: Daemon, wait: Callable[[], object]) -> None:

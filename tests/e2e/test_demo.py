@@ -23,19 +23,10 @@ def test_the_demo_steps_pull_from_the_cache_through_a_peer_and_with_the_upstream
     lines: list[str] = []
     try:
         with ExitStack() as teardown:
-            outcome = steps(cluster, upstream, Demo(out=lines.append), teardown, image_size=2 << 20)
+            outcome = steps(cluster, upstream, Demo(out=lines.append), teardown, image_size=5 << 20)
     finally:
         upstream.stop()
-        cluster.kubectl(
-            "delete",
-            "pod",
-            "demo-1",
-            "demo-2",
-            "demo-peer",
-            "demo-offline",
-            "--ignore-not-found",
-            "--wait=false",
-        )
+        _remove_demo_pods_and_images(cluster)
     progress = "\n".join(lines)
     assert outcome.ok, progress
 
@@ -55,3 +46,17 @@ def test_the_demo_steps_pull_from_the_cache_through_a_peer_and_with_the_upstream
     assert int(served.split()[0]) >= 1 and int(fetched.split()[0]) >= 1, facts
     assert facts["upstream blob GETs for 2 pods"] == "0", facts
     assert facts["pod with the upstream down"].startswith(f"Running: hello from {first}"), facts
+
+
+def _remove_demo_pods_and_images(cluster: Cluster) -> None:
+    """Leave the session cluster as found: the local images are deterministic, so a later test's
+    image could otherwise share this one's blobs and find them already on a node."""
+    pods = ("demo-1", "demo-2", "demo-peer", "demo-offline")
+    cluster.kubectl("delete", "pod", *pods, "--ignore-not-found", "--wait=true", "--grace-period=1")
+    for node in cluster.nodes:
+        listing = node.containerd.ctr("images", "ls", namespace="k8s.io").stdout.splitlines()[1:]
+        rows = [line.split() for line in listing]
+        digests = {row[2] for row in rows if "/demo/app:" in row[0]}
+        names = [row[0] for row in rows if row[2] in digests]
+        if names:
+            node.containerd.ctr("images", "rm", "--sync", *names, namespace="k8s.io")

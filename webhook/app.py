@@ -103,14 +103,14 @@ def create_app(
             try:
                 req = admission.parse_review(request.get_data(cache=False))
             except admission.BadReview as exc:
-                metrics.DECISIONS.labels("invalid").inc()
-                metrics.REQUESTS.labels(operation, "400").inc()
+                metrics.decisions("invalid").inc()
+                metrics.requests(operation, "400").inc()
                 return jsonify(error=f"bad AdmissionReview: {exc}"), 400
             operation = (
                 req.operation if req.operation in ("CREATE", "UPDATE", "DELETE", "CONNECT") else "other"
             )
             answer = _answer(req, rule, parsed_sidecarsets, namespaces, config.sync_wait)
-            metrics.REQUESTS.labels(operation, "200").inc()
+            metrics.requests(operation, "200").inc()
             return Response(json.dumps(answer, separators=(",", ":")), mimetype="application/json"), 200
         finally:
             metrics.DURATION.observe(time.perf_counter() - started)
@@ -148,14 +148,14 @@ def _answer(
     try:
         decision = decide(req, rule, sidecarsets, namespaces, sync_wait)
     except InvalidPod as exc:
-        metrics.DECISIONS.labels("invalid").inc()
+        metrics.decisions("invalid").inc()
         return admission.response(req.uid, warnings=[f"imagewarm: pod left unchanged: {exc}"])
     except Exception:
         # Never a 5xx: the pod goes through unchanged, as it would with the webhook down.
         log.exception("unexpected failure deciding a pod; allowed unchanged", extra={"uid": req.uid})
-        metrics.DECISIONS.labels("error").inc()
+        metrics.decisions("error").inc()
         return admission.response(req.uid, warnings=["imagewarm: internal error; pod left unchanged"])
-    metrics.DECISIONS.labels(decision.reason).inc()
+    metrics.decisions(decision.reason).inc()
     if decision.rewrites and not req.dry_run:
         metrics.REWRITES.inc(decision.rewrites)
     for name in decision.injected if not req.dry_run else ():

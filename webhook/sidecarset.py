@@ -9,11 +9,14 @@ already mounts that name or path); `transferEnv` copies named variables from an 
 A container whose name the pod already has is not injected again, which makes reinvocation safe.
 The pod records what was injected in `imagewarm.io/sidecarset-hash` (name -> {hash, sidecarSetName},
 kruise's `kruise.io/sidecarset-hash` layout) and `imagewarm.io/sidecarset-injected-list`.
+
+Injected containers are new dicts, and so are their `env` and `volumeMounts` lists; what they hold
+(variables, mounts, volumes, the rest of a template) is shared, read only, with the SidecarSet and
+the pod, like `mutation.editable_copy`'s copy: deep copies were half the cost of an injection.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -153,7 +156,7 @@ def _transfer_env(
             if var is None:
                 warnings.append(f"sidecar {sidecar.get('name')!r}: transferEnv {source}/{name} not found")
             else:
-                found.append(copy.deepcopy(var))
+                found.append(var)
     return found
 
 
@@ -169,19 +172,24 @@ def _shared_mounts(
         for mount in app.get("volumeMounts") or []:
             if not isinstance(mount, dict):
                 continue
-            mounts.append(copy.deepcopy(mount))
+            mounts.append(mount)
             # A subPathExpr refers to the app container's variables: the sidecar needs them too.
             for var in _SUBPATH_VAR.findall(str(mount.get("subPathExpr") or "")):
                 value = _app_env([app], app.get("name"), var)  # type: ignore[arg-type]
                 if value is not None:
-                    envs.append(copy.deepcopy(value))
+                    envs.append(value)
     return mounts, envs
+
+
+def _container(template: dict[str, Any]) -> dict[str, Any]:
+    """A new container dict from a sidecar template (rewriting edits its `image` in place)."""
+    return {k: v for k, v in template.items() if k not in _SIDECAR_ONLY}
 
 
 def _build_sidecar(
     template: dict[str, Any], app_containers: Sequence[dict[str, Any]], warnings: list[str]
 ) -> dict[str, Any]:
-    container = {k: copy.deepcopy(v) for k, v in template.items() if k not in _SIDECAR_ONLY}
+    container = _container(template)
     env = list(container.get("env") or [])
     extra_env = [{"name": INJECTED_ENV, "value": "true"}, *_transfer_env(template, app_containers, warnings)]
     mounts = list(container.get("volumeMounts") or [])
@@ -214,7 +222,7 @@ def _merge_named(existing: list[Any], additions: Iterable[dict[str, Any]]) -> li
     merged = list(existing)
     for item in additions:
         if item.get("name") not in names:
-            merged.append(copy.deepcopy(item))
+            merged.append(item)
             names.add(item.get("name"))
     return merged
 
@@ -264,7 +272,7 @@ def inject(
         for template in sidecar_set.init_containers:
             if template["name"] in taken:
                 continue
-            init.append({k: copy.deepcopy(v) for k, v in template.items() if k not in _SIDECAR_ONLY})
+            init.append(_container(template))
             taken.add(template["name"])
             added = True
         if added:

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from imagewarm import containerd_hosts
+from proxy import metrics
 
 log = logging.getLogger("imagewarm.proxy.fallback")
 
@@ -40,9 +41,14 @@ def choose(peers: Iterable[str], owner: str, limit: int) -> list[str]:
     return sorted(unique, key=lambda url: hashlib.sha256(f"{owner}\n{url}".encode()).digest())[:limit]
 
 
+def fallback_hosts(local_url: str, peers: Iterable[str], owner: str, limit: int) -> list[str]:
+    """The hosts the runtime tries, in order: this proxy, then up to `limit` peers."""
+    return [local_url, *(url for url in choose(peers, owner, limit) if url != local_url)]
+
+
 def render(name: str, local_url: str, peers: Iterable[str], owner: str, limit: int) -> str:
-    chosen = [url for url in choose(peers, owner, limit) if url != local_url]
-    return containerd_hosts.render(local_url, [local_url, *chosen], header=HEADER.format(name=name))
+    hosts = fallback_hosts(local_url, peers, owner, limit)
+    return containerd_hosts.render(local_url, hosts, header=HEADER.format(name=name))
 
 
 class RuntimeHosts:
@@ -59,15 +65,16 @@ class RuntimeHosts:
 
     def write(self, peers: Iterable[str]) -> bool:
         """Returns True when the file changed. Never raises: a failure is logged with what to do."""
-        text = render(self.name, self.local_url, peers, self.owner, self.limit)
+        hosts = fallback_hosts(self.local_url, peers, self.owner, self.limit)
+        chosen = hosts[1:]
+        text = containerd_hosts.render(self.local_url, hosts, header=HEADER.format(name=self.name))
         with self._lock:
             try:
                 if self.path.read_text() == text:
+                    metrics.RUNTIME_FALLBACK_PEERS.set(len(chosen))
                     return False
-            except FileNotFoundError:
-                pass
             except OSError:
-                pass  # unreadable: rewrite it
+                pass  # absent or unreadable: (re)write it
             temporary = self.path.with_name(f".hosts.toml.{os.getpid()}.{threading.get_ident()}")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +83,7 @@ class RuntimeHosts:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     temporary.unlink(missing_ok=True)
+                metrics.RUNTIME_HOSTS_WRITE_FAILURES.inc()
                 log.error(
                     "cannot write the runtime's hosts.toml: pulls will not fall back to peers when this "
                     "proxy is down; mount containerd's config_path (e.g. /etc/containerd/certs.d) "
@@ -83,8 +91,6 @@ class RuntimeHosts:
                     extra={"path": str(self.path), "error": str(exc)},
                 )
                 return False
-        log.info(
-            "runtime fallback written",
-            extra={"path": str(self.path), "hosts": [self.local_url, *choose(peers, self.owner, self.limit)]},
-        )
+        metrics.RUNTIME_FALLBACK_PEERS.set(len(chosen))
+        log.info("runtime fallback written", extra={"path": str(self.path), "hosts": hosts})
         return True

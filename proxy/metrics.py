@@ -56,3 +56,13 @@ PEERS = gauge(
     unitless_ok=True,
     multiprocess_mode="livemax",
 )
+RUNTIME_FALLBACK_PEERS = gauge(
+    "proxy_runtime_fallback_peers",
+    "Peer proxies the runtime's hosts.toml lists after this proxy (--containerd-hosts-dir)",
+    unitless_ok=True,
+    multiprocess_mode="livemostrecent",
+)
+RUNTIME_HOSTS_WRITE_FAILURES = counter(
+    "proxy_runtime_hosts_write_failures_total",
+    "Failed writes of the runtime's hosts.toml: pulls cannot fall back to peers (see the log)",
+)

@@ -45,6 +45,8 @@ def test_containerd_falls_back_to_a_peer_while_the_nodes_proxy_is_down(
     hosts = containerd.certs_dir / name / "hosts.toml"
     text = hosts.read_text()
     assert text.index(f'[host."http://{name}"]') < text.index(f'[host."{peer.url}"]'), text
+    assert local.metric("imagewarm_proxy_runtime_fallback_peers") == 1
+    assert local.metric("imagewarm_proxy_runtime_hosts_write_failures_total") == 0
     rewritten = f"{name}/{registry_segment(registry.host)}/ctr/fallback"
 
     # Up: the node's own proxy serves, the peer is not asked.

@@ -7,8 +7,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from imagewarm.config import ConfigError
+from proxy import metrics  # noqa: F401  (declares the metrics read below)
 from proxy.fallback import RuntimeHosts, choose, render
 from tests.unit.test_peer_discovery import config
 
@@ -55,9 +57,15 @@ def test_an_unwritable_directory_is_logged_with_what_to_do_and_never_raises(tmp_
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     hosts = RuntimeHosts(blocker, "localhost:7439", owner="node-a", limit=2)
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value("imagewarm_proxy_runtime_hosts_write_failures_total") or 0.0
+
+    before = failures()
     with caplog.at_level(logging.ERROR, logger="imagewarm.proxy.fallback"):
         assert not hosts.write(PEERS)
     assert "mount containerd's config_path" in caplog.text
+    assert failures() == before + 1
 
 
 def test_proxy_prefix_defaults_to_localhost_and_the_listen_port_and_is_checked():

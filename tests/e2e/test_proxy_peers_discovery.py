@@ -75,7 +75,7 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 def test_a_new_proxy_finds_its_peers_through_the_services_endpointslices(
-    cluster: Cluster, namespace: str, registry_factory, images, proxy_factory
+    cluster: Cluster, namespace: str, registry_factory, images, proxy_factory, tmp_path
 ):
     upstream = registry_factory()
     image = images.synthetic(layers=2, layer_size=1 << 20, seed=90)
@@ -87,6 +87,10 @@ def test_a_new_proxy_finds_its_peers_through_the_services_endpointslices(
         assert requests.get(blob_url(neighbour, upstream, "peers/discovered", layer.digest), timeout=30).ok
     apply(cluster, endpoint_slice(namespace, ip, neighbour.port, ready=True))
     discovering = ("--peers-from", f"{namespace}/{SERVICE}", "--kubeconfig", str(cluster.kubeconfig))
+    discovering += ("--containerd-hosts-dir", str(tmp_path / "certs.d"), "--proxy-prefix", "localhost:7439")
+    hosts = tmp_path / "certs.d" / "localhost:7439" / "hosts.toml"
+    neighbour_entry = f'[host."http://{ip}:{neighbour.port}"]'
+
     new_node = proxy_factory(insecure=(upstream.host,), workers=1, ip=ip, extra=discovering)
     try:
         eventually(lambda: new_node.metric("imagewarm_proxy_peers") == 1, "the neighbour to be discovered")
@@ -98,9 +102,13 @@ def test_a_new_proxy_finds_its_peers_through_the_services_endpointslices(
         assert len(upstream.blob_gets("peers/discovered", digest=first.digest)) == 1
         assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="hit") == 1
         assert "discovered peer set changed" in new_node.log_tail(200)
+        # The runtime's fallback list follows the discovered peers.
+        eventually(lambda: neighbour_entry in hosts.read_text(), "the neighbour in the runtime's hosts.toml")
 
         apply(cluster, endpoint_slice(namespace, ip, neighbour.port, ready=False))
         eventually(lambda: new_node.metric("imagewarm_proxy_peers") == 0, "the neighbour to be dropped")
+        eventually(lambda: neighbour_entry not in hosts.read_text(), "the neighbour out of hosts.toml")
+        assert '[host."http://localhost:7439"]' in hosts.read_text()
 
         # The neighbour has this blob cached too, but is no longer a peer: the upstream serves it.
         got = requests.get(blob_url(new_node, upstream, "peers/discovered", second.digest), timeout=30)

@@ -180,8 +180,8 @@ class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
         try:
             return bool(super().handle_request(listener_name, req, response_socket, addr))
         finally:
-            response_socket.flush()  # a response without body: its header block
             with contextlib.suppress(OSError):  # closed when a response failed mid-way
+                response_socket.flush()  # a response without body: its header block
                 sock.settimeout(self._idle_timeout)
             if connection is not None:
                 connection.busy = False

@@ -136,6 +136,8 @@ class AccessControl:
     def _known(self, registry: str, repository: str, credentials: Credentials | None) -> Decision | None:
         with self._lock:
             remembered = self._decisions.get((cache_key(credentials), registry, repository))
+        if remembered is not None and remembered.allowed and within(remembered, self._now(), self._ttl):
+            return remembered  # the common case on the blob path: no grant file to stat, no HMAC
         stored = None
         if credentials is not None:
             at = self._grants.granted_at(credentials, registry, repository)

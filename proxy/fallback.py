@@ -43,12 +43,12 @@ def choose(peers: Iterable[str], owner: str, limit: int) -> list[str]:
 
 def fallback_hosts(local_url: str, peers: Iterable[str], owner: str, limit: int) -> list[str]:
     """The hosts the runtime tries, in order: this proxy, then up to `limit` peers."""
-    return [local_url, *(url for url in choose(peers, owner, limit) if url != local_url)]
+    return [local_url, *choose((url for url in peers if url != local_url), owner, limit)]
 
 
-def render(name: str, local_url: str, peers: Iterable[str], owner: str, limit: int) -> str:
-    hosts = fallback_hosts(local_url, peers, owner, limit)
-    return containerd_hosts.render(local_url, hosts, header=HEADER.format(name=name))
+def render(name: str, hosts: list[str]) -> str:
+    """The hosts.toml for pulls of `name`: `hosts` in order (the first, this proxy, also as server)."""
+    return containerd_hosts.render(hosts[0], hosts, header=HEADER.format(name=name))
 
 
 class RuntimeHosts:
@@ -66,12 +66,11 @@ class RuntimeHosts:
     def write(self, peers: Iterable[str]) -> bool:
         """Returns True when the file changed. Never raises: a failure is logged with what to do."""
         hosts = fallback_hosts(self.local_url, peers, self.owner, self.limit)
-        chosen = hosts[1:]
-        text = containerd_hosts.render(self.local_url, hosts, header=HEADER.format(name=self.name))
+        text = render(self.name, hosts)
         with self._lock:
             try:
                 if self.path.read_text() == text:
-                    metrics.RUNTIME_FALLBACK_PEERS.set(len(chosen))
+                    metrics.RUNTIME_FALLBACK_PEERS.set(len(hosts) - 1)
                     return False
             except OSError:
                 pass  # absent or unreadable: (re)write it
@@ -91,6 +90,6 @@ class RuntimeHosts:
                     extra={"path": str(self.path), "error": str(exc)},
                 )
                 return False
-        metrics.RUNTIME_FALLBACK_PEERS.set(len(chosen))
+        metrics.RUNTIME_FALLBACK_PEERS.set(len(hosts) - 1)
         log.info("runtime fallback written", extra={"path": str(self.path), "hosts": hosts})
         return True

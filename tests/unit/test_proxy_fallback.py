@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from imagewarm.config import ConfigError
 from proxy import metrics  # noqa: F401  (declares the metrics read below)
-from proxy.fallback import RuntimeHosts, choose, render
+from proxy.fallback import RuntimeHosts, choose, fallback_hosts, render
 from tests.unit.test_peer_discovery import config
 
 PEERS = [f"http://10.0.0.{i}:7439" for i in range(1, 21)]
@@ -31,16 +31,16 @@ def test_choose_is_stable_for_a_node_and_spreads_across_nodes():
 
 
 def test_render_lists_this_proxy_first_then_its_peers():
-    text = render("localhost:7439", "http://localhost:7439", [*PEERS, "http://localhost:7439"], "node-a", 3)
+    hosts = fallback_hosts("http://localhost:7439", [*PEERS, "http://localhost:7439"], "node-a", 3)
+    text = render("localhost:7439", hosts)
     parsed = tomllib.loads(text)
     assert parsed["server"] == "http://localhost:7439"
     hosts = list(parsed["host"])
     assert hosts == ["http://localhost:7439", *choose(PEERS, "node-a", 3)]
     assert all(parsed["host"][h]["capabilities"] == ["pull", "resolve"] for h in hosts)
     assert text.startswith("# Written by imagewarm proxy: pulls of localhost:7439")
-    assert list(tomllib.loads(render("localhost:7439", "http://localhost:7439", [], "n", 3))["host"]) == [
-        "http://localhost:7439"
-    ]
+    alone = fallback_hosts("http://localhost:7439", [], "n", 3)
+    assert list(tomllib.loads(render("localhost:7439", alone))["host"]) == ["http://localhost:7439"]
 
 
 def test_write_replaces_the_file_only_when_it_changes(tmp_path: Path):

@@ -36,14 +36,6 @@ def crds(cluster: Cluster) -> Cluster:
     return cluster
 
 
-@pytest.fixture
-def namespace(crds: Cluster) -> Iterator[str]:
-    name = f"crds-{uuid.uuid4().hex[:8]}"
-    crds.kubectl("create", "namespace", name)
-    yield name
-    crds.kubectl("delete", "namespace", name, "--wait=false")
-
-
 def get(cluster: Cluster, *args: str) -> dict[str, Any]:
     return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)  # type: ignore[no-any-return]
 

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,8 @@ NOT_SYNCED = "imagewarm: SidecarSet cache not synced yet; no SidecarSet injected
 
 
 @pytest.fixture
-def other_namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"wh-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
+def other_namespace(namespaces: Callable[[], str]) -> str:
+    return namespaces()
 
 
 def printed_configuration(*flags: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ sys.exit(imagewarm.__path__[0] != sys.argv[1])' "$PWD/imagewarm" 2>/dev/null \
 setup_binaries() {
     command -v go >/dev/null || { echo "Go is not on PATH: install Go >= 1.25 (it builds Kubernetes, etcd, containerd and helm)" >&2; exit 1; }
     say "checking the Go-built cluster binaries (the first build takes ~10 minutes; cached afterwards)"
-    "$PYTHON" -m imagewarm.localcluster.binaries
+    "$PYTHON" -m localcluster.binaries
 }
 
 setup() { setup_debian; setup_python; setup_binaries; }
@@ -51,7 +51,7 @@ run_tests() {
     "$PYTHON" -m ruff check .
     say "import-linter (layers: the core imports no program, no program imports another)"
     lint-imports
-    say "mypy (the shared core)"
+    say "mypy --strict (the core, the programs and the local cluster)"
     "$PYTHON" -m mypy
     say "pytest (unit, component, end-to-end; skipped tests fail the run)"
     IMAGEWARM_REQUIRE_E2E=1 "$PYTHON" -m pytest "$@"

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import requests
 
-from imagewarm.localcluster.images import Blob, ImageBuilder, push
-from imagewarm.localcluster.processes import free_ports
-from imagewarm.localcluster.registry import Registry, start_registry
+from localcluster.images import Blob, ImageBuilder, push
+from localcluster.processes import free_ports
+from localcluster.registry import Registry, start_registry
 
 MiB = 1 << 20
 

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from imagewarm import certs  # noqa: E402
-from imagewarm.localcluster.processes import free_ports  # noqa: E402
+from localcluster.processes import free_ports  # noqa: E402
 
 SIDECARSET = {
     "apiVersion": "imagewarm.io/v1alpha1",

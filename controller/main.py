@@ -1,5 +1,5 @@
 """`imagewarm controller`: not built yet; it says so rather than pretending."""
 
-from imagewarm.cli import not_landed
+from imagewarm.command import not_landed
 
 command = not_landed("imagewarm controller", "the controller issue")

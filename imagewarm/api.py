@@ -24,6 +24,12 @@ DEFAULT_PARALLELISM = 1
 DEFAULT_BACKOFF_LIMIT = 3
 DEFAULT_TIMEOUT_SECONDS = 600
 
+# Labels and annotations of other objects that the components read and write.
+ENABLED_LABEL = f"{GROUP}/enabled"  # on a namespace: "false" opts out, "true" opts in (opt-in mode)
+SKIP_ANNOTATION = f"{GROUP}/skip"  # on a pod: "true" leaves it unchanged
+ORIGINAL_IMAGES_ANNOTATION = f"{GROUP}/original-images"  # on a pod: container name -> original image
+SIDECARSET_HASH_ANNOTATION = f"{GROUP}/sidecarset-hash"
+
 # SidecarSet annotations tuning the ImagePullJob made for its images (OpenKruise's
 # apps.kruise.io/image-predownload-* in our group).
 PREDOWNLOAD_PARALLELISM_ANNOTATION = f"{GROUP}/image-predownload-parallelism"

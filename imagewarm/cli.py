@@ -8,52 +8,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Any
 
 from imagewarm import __version__
+from imagewarm.command import Command, not_landed
 from imagewarm.config import ConfigError, add_arguments, from_arguments
 
-
-@dataclass(frozen=True)
-class Command:
-    """A subcommand: its one-line help, its config dataclass, and what runs it (returns exit code)."""
-
-    help: str
-    config: type[Any] | None
-    run: Callable[[Any], int]
-    description: str = ""
-
-
-def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table under `title`, columns padded to their widest cell (summaries on stdout)."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-
-    def render(row: Sequence[str]) -> str:
-        return "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
-
-    return "\n".join([title, render(header), line, *(render(r) for r in rows)])
-
-
-def not_landed(what: str, issue: str) -> Command:
-    """A subcommand whose program does not exist yet: it says so and exits 2, never pretends."""
-
-    def run(_: object) -> int:
-        print(f"imagewarm: `{what}` is not implemented yet ({issue}); nothing was done.", file=sys.stderr)
-        return 2
-
-    return Command(help=f"(not implemented yet: {issue})", config=None, run=run)
+# Subcommands registered by other packages: the three programs and the local-cluster demo.
+REGISTERED = ("proxy", "webhook", "controller", "demo")
 
 
 def _builtin_commands() -> dict[str, Command]:
-    # Imported here so `imagewarm --help` stays fast and the demo's dependencies load only for it.
-    from imagewarm import demo, warmcommand
+    # Imported here so `imagewarm --help` stays fast.
+    from imagewarm import warmcommand
 
     return {
-        "demo": demo.command,
         "warm": warmcommand.command,
         "status": not_landed("imagewarm status", "the controller issue"),
     }
@@ -62,7 +32,7 @@ def _builtin_commands() -> dict[str, Command]:
 def _commands() -> dict[str, Command]:
     commands = {ep.name: ep for ep in entry_points(group="imagewarm.commands")}
     loaded: dict[str, Command] = {}
-    for name in ("proxy", "webhook", "controller"):
+    for name in REGISTERED:
         ep = commands.get(name)
         loaded[name] = ep.load() if ep else not_landed(f"imagewarm {name}", "not installed")
     loaded.update(_builtin_commands())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagewarm import dockerconfig, platforms
-from imagewarm.cli import Command, table
+from imagewarm.command import Command, table
 from imagewarm.config import setting
 from imagewarm.platforms import Platform
 from imagewarm.reference import DEFAULT_PROXY_PREFIX, Reference, parse

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from imagewarm import logs
-from imagewarm.cli import Command
+from imagewarm.command import Command
 from imagewarm.config import ConfigError
 from proxy.config import ProxyConfig
 

@@ -10,7 +10,7 @@ import logging
 import threading
 from typing import Any, Protocol
 
-from webhook.sidecarset import InvalidSidecarSet, SidecarSet
+from imagewarm.sidecarset import InvalidSidecarSet, SidecarSet
 
 log = logging.getLogger("imagewarm.webhook")
 

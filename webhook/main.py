@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from imagewarm import logs
-from imagewarm.cli import Command
+from imagewarm.command import Command
 from imagewarm.kube import KubeError
 from webhook.config import WebhookConfig
 

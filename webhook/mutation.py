@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from imagewarm.api import ORIGINAL_IMAGES_ANNOTATION as ORIGINAL_IMAGES
+from imagewarm.api import SKIP_ANNOTATION as SKIP
+from imagewarm.sidecarset import SidecarSet
 from webhook import sidecarset
 from webhook.patch import SPEC_FIELDS, Op, diff_pod
 from webhook.rewrite import Rule, decide
 
-ORIGINAL_IMAGES = "imagewarm.io/original-images"
-SKIP = "imagewarm.io/skip"
 CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
 
 
@@ -127,7 +128,7 @@ def on_create(
     pod: object,
     rule: Rule,
     *,
-    sidecarsets: Sequence[sidecarset.SidecarSet] = (),
+    sidecarsets: Sequence[SidecarSet] = (),
     namespace: str = "",
     namespace_labels: dict[str, str] | None = None,
 ) -> Decision:

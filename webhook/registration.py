@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from imagewarm.api import ENABLED_LABEL
+
 # Pods of imagewarm itself carry this label and are never sent to the webhook (the proxy must be
 # able to start even when the webhook is down, and must not be rewritten onto itself).
 COMPONENT_LABEL = "app.kubernetes.io/part-of"
 COMPONENT_VALUE = "imagewarm"
-ENABLED_LABEL = "imagewarm.io/enabled"
 
 
 def mutating_webhook_configuration(

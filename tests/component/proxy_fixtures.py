@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from imagewarm.localcluster.processes import free_ports
+from localcluster.processes import free_ports
 
 
 @dataclass

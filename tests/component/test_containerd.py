@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from imagewarm.localcluster.containerd import Containerd, render_hosts
-from imagewarm.localcluster.images import ImageBuilder, push
-from imagewarm.localcluster.registry import Registry
+from localcluster.containerd import Containerd, render_hosts
+from localcluster.images import ImageBuilder, push
+from localcluster.registry import Registry
 
 pytestmark = pytest.mark.component
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagewarm.localcluster.images import push
+from localcluster.images import push
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.component

@@ -20,14 +20,14 @@ import pytest
 import requests
 from flask import Response, request
 
-from imagewarm.localcluster.images import (
+from imagewarm.reference import registry_segment
+from localcluster.images import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     OCI_MANIFEST,
     push,
 )
-from imagewarm.reference import registry_segment
 from proxy.paths import Layout
 from tests.component import proxy_fixtures
 from tests.component.test_proxy_hostile import BLOB_DIGEST, MANIFEST, MANIFEST_DIGEST, Hostile

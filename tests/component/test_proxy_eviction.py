@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from imagewarm.localcluster.images import push
+from localcluster.images import push
 from proxy.paths import Layout
 from tests.component import proxy_fixtures
 

@@ -17,8 +17,8 @@ import requests
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
-from imagewarm.localcluster.images import push
-from imagewarm.localcluster.processes import free_ports
+from localcluster.images import push
+from localcluster.processes import free_ports
 from proxy.paths import Layout
 from tests.component import proxy_fixtures
 from tests.small_disk import small_tmpfs

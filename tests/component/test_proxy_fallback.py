@@ -10,9 +10,9 @@ import signal
 
 import pytest
 
-from imagewarm.localcluster.images import push
-from imagewarm.localcluster.processes import free_port_on
 from imagewarm.reference import registry_segment
+from localcluster.images import push
+from localcluster.processes import free_port_on
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.component

@@ -16,7 +16,7 @@ import requests
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
-from imagewarm.localcluster.processes import free_ports
+from localcluster.processes import free_ports
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.component

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from imagewarm.localcluster.images import OCI_MANIFEST, push
 from imagewarm.reference import registry_segment
+from localcluster.images import OCI_MANIFEST, push
 from proxy.access import AccessControl
 from proxy.auth import Credentials
 from proxy.errors import RegistryError, UpstreamUnavailable

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from imagewarm.localcluster.images import push
-from imagewarm.localcluster.processes import free_ports
 from imagewarm.reference import registry_segment
+from localcluster.images import push
+from localcluster.processes import free_ports
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.component

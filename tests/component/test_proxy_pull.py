@@ -8,8 +8,8 @@ import time
 import pytest
 import requests
 
-from imagewarm.localcluster.images import push
 from imagewarm.reference import registry_segment
+from localcluster.images import push
 from tests.component import proxy_fixtures
 from tests.oci_checks import assert_dir_matches, copy_to_dir
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from imagewarm.localcluster.images import OCI_MANIFEST, push
+from localcluster.images import OCI_MANIFEST, push
 from tests.component import proxy_fixtures
 from tests.fixtures.registries import SkopeoError
 from tests.oci_checks import assert_dir_matches, copy_to_dir

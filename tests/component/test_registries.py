@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from imagewarm.localcluster import images as image_types
-from imagewarm.localcluster import tokenserver
-from imagewarm.localcluster.images import ImageBuilder, push
-from imagewarm.localcluster.processes import Daemon, DaemonError, free_ports, live_daemons
-from imagewarm.localcluster.registry import start_registry
+from localcluster import images as image_types
+from localcluster import tokenserver
+from localcluster.images import ImageBuilder, push
+from localcluster.processes import Daemon, DaemonError, free_ports, live_daemons
+from localcluster.registry import start_registry
 from tests.fixtures.registries import SkopeoError
 from tests.oci_checks import assert_dir_matches, copy_to_dir
 
@@ -88,7 +88,7 @@ def test_large_layers_are_streamed_not_held_in_memory(tmp_path):
     """A 96 MiB layer builds in a child process whose memory grows far less than the layer's size."""
     script = (
         "import resource, sys\n"
-        "from imagewarm.localcluster.images import ImageBuilder\n"
+        "from localcluster.images import ImageBuilder\n"
         "builder = ImageBuilder(sys.argv[1])\n"
         "baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "image = builder.synthetic(layers=1, layer_size=96 << 20, seed=99)\n"
@@ -357,7 +357,7 @@ def test_daemon_reports_early_exit_with_its_log(tmp_path):
 DAEMON_OWNER = """
 import sys
 from pathlib import Path
-from imagewarm.localcluster.processes import Daemon
+from localcluster.processes import Daemon
 daemon = Daemon("sleeper", ["sleep", "300"], Path(sys.argv[1]) / "log").start()
 print(daemon.pid, flush=True)
 sys.stdin.readline()  # exit normally when the test closes our stdin (or die by its signal)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from imagewarm.localcluster.images import push
-from imagewarm.localcluster.processes import free_ports
 from imagewarm.platforms import this_platform
 from imagewarm.reference import registry_segment
+from localcluster.images import push
+from localcluster.processes import free_ports
 from tests.component import proxy_fixtures
 from tests.oci_checks import assert_dir_matches, copy_to_dir
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imagewarm import certs
-from imagewarm.localcluster.processes import free_ports
+from localcluster.processes import free_ports
 
 pytestmark = pytest.mark.component
 

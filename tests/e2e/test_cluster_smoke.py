@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.images import ImageBuilder, push
-from imagewarm.localcluster.registry import Registry
+from localcluster.cluster import Cluster
+from localcluster.images import ImageBuilder, push
+from localcluster.registry import Registry
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from imagewarm import api
-from imagewarm.localcluster.cluster import Cluster
+from localcluster.cluster import Cluster
 
 pytestmark = pytest.mark.e2e
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from imagewarm.demo import SERVED_BY_PEER, Demo, steps
-from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.registry import start_registry
+from localcluster.cluster import Cluster
+from localcluster.demo import SERVED_BY_PEER, Demo, steps
+from localcluster.registry import start_registry
 
 pytestmark = pytest.mark.e2e
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import requests
 
-from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.images import push
 from imagewarm.reference import registry_segment
+from localcluster.cluster import Cluster
+from localcluster.images import push
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from imagewarm.localcluster.cluster import Cluster
+from localcluster.cluster import Cluster
 from tests.component.proxy_fixtures import start_proxy
 
 pytestmark = pytest.mark.e2e

@@ -1,6 +1,6 @@
 """The whole path on the real cluster: a pod written with its upstream image is rewritten by the
 webhook, and the real kubelet pulls it through the node proxy, from the cache once warm, even with
-the upstream down. The proxy and webhook run as `imagewarm` processes (imagewarm.localcluster.stack).
+the upstream down. The proxy and webhook run as `imagewarm` processes (localcluster.stack).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.images import ImageBuilder, push
-from imagewarm.localcluster.registry import Registry, start_registry
-from imagewarm.localcluster.stack import Stack
 from imagewarm.warmup import warm
+from localcluster.cluster import Cluster
+from localcluster.images import ImageBuilder, push
+from localcluster.registry import Registry, start_registry
+from localcluster.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

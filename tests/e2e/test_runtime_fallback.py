@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.images import ImageBuilder, push
-from imagewarm.localcluster.registry import Registry, start_registry
-from imagewarm.localcluster.stack import Stack
 from imagewarm.reference import registry_segment
+from localcluster.cluster import Cluster
+from localcluster.images import ImageBuilder, push
+from localcluster.registry import Registry, start_registry
+from localcluster.stack import Stack
 from tests.e2e.test_pull_through import run_pod
 
 pytestmark = pytest.mark.e2e

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.images import push
+from localcluster.cluster import Cluster
+from localcluster.images import push
 from tests.component import proxy_fixtures
 from tests.component.test_warm import warm_cli
 

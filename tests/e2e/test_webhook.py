@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from imagewarm import certs
 from imagewarm.informer import Informer
 from imagewarm.kube import Kube
-from imagewarm.localcluster.cluster import Cluster
+from localcluster.cluster import Cluster
 from tests.e2e import webhook_harness
 from tests.e2e.webhook_harness import (
     CONFIG_PATH,

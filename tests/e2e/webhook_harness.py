@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from imagewarm.kube import Kube
-from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.processes import free_ports
+from localcluster.cluster import Cluster
+from localcluster.processes import free_ports
 from webhook.registration import mutating_webhook_configuration
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,9 +11,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from imagewarm import certs
+from imagewarm.selectors import LabelSelector
 from webhook import selfcert
 from webhook.registration import mutating_webhook_configuration
-from webhook.selectors import LabelSelector
 
 NAMES = ("svc", "svc.ns", "svc.ns.svc", "svc.ns.svc.cluster.local")
 

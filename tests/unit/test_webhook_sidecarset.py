@@ -9,10 +9,12 @@ from typing import Any
 import jsonpatch
 import pytest
 
+from imagewarm.api import SIDECARSET_HASH_ANNOTATION as HASH_ANNOTATION
+from imagewarm.selectors import InvalidSelector, LabelSelector
+from imagewarm.sidecarset import InvalidSidecarSet, SidecarSet
 from webhook.mutation import ORIGINAL_IMAGES, on_create
 from webhook.rewrite import Rule
-from webhook.selectors import InvalidSelector, LabelSelector
-from webhook.sidecarset import HASH_ANNOTATION, INJECTED_LIST_ANNOTATION, InvalidSidecarSet, SidecarSet
+from webhook.sidecarset import INJECTED_LIST_ANNOTATION
 
 RULE = Rule(proxy_prefix="localhost:7439", excluded_registries=frozenset({"localhost"}))
 

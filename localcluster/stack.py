@@ -25,9 +25,9 @@ from pathlib import Path
 
 import requests
 
-from imagewarm.localcluster.cluster import Cluster
-from imagewarm.localcluster.processes import Daemon, free_port_on, free_ports
-from imagewarm.localcluster.registry import Registry
+from localcluster.cluster import Cluster
+from localcluster.processes import Daemon, free_port_on, free_ports
+from localcluster.registry import Registry
 
 NAMESPACE = "imagewarm-system"
 WEBHOOK_SERVICE = "imagewarm-webhook"

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagewarm.localcluster import binaries, controlplane, kubelet, machine, network, pki
-from imagewarm.localcluster.containerd import Containerd
-from imagewarm.localcluster.processes import Daemon, DaemonError, free_ports
-from imagewarm.localcluster.registry import Registry, start_registry
+from localcluster import binaries, controlplane, kubelet, machine, network, pki
+from localcluster.containerd import Containerd
+from localcluster.processes import Daemon, DaemonError, free_ports
+from localcluster.registry import Registry, start_registry
 
 PAUSE_REPOSITORY, PAUSE_TAG = "pause", "3.10"
 Progress = Callable[[str], None]
@@ -226,7 +226,7 @@ class Cluster:
             self._containerd_error = f"containerd failed to start: {exc}"
 
     def _push_pause_image(self) -> str:
-        from imagewarm.localcluster.images import ImageBuilder, push
+        from localcluster.images import ImageBuilder, push
 
         builder = ImageBuilder(binaries.cache_root() / "images")  # shared: built once per machine
         push(self.registry, PAUSE_REPOSITORY, PAUSE_TAG, builder.pause())

@@ -29,7 +29,7 @@ from urllib.parse import urljoin
 
 import requests
 
-from imagewarm.localcluster.registryauth import RegistryAuth
+from localcluster.registryauth import RegistryAuth
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

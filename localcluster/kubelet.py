@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagewarm.localcluster import binaries
+from localcluster import binaries
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagewarm import containerd_hosts
-from imagewarm.localcluster import binaries, host
-from imagewarm.localcluster.processes import Daemon
+from localcluster import binaries, host
+from localcluster.processes import Daemon
 
 CNI_BIN_DIR = "/usr/lib/cni"
 RUNC = "/usr/sbin/runc"

@@ -2,7 +2,7 @@
 
 Kubernetes, etcd, containerd and helm are built from their Go modules (the machine reaches the Go
 module proxy, not release downloads). Each tool lands in ``<cache>/bin/<tool>-<version>/`` and a
-later run finds it there and builds nothing. ``python -m imagewarm.localcluster.binaries`` builds
+later run finds it there and builds nothing. ``python -m localcluster.binaries`` builds
 whatever is missing, with progress on stderr.
 """
 

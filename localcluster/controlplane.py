@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagewarm.localcluster import binaries, network
-from imagewarm.localcluster.pki import ClusterPKI
+from localcluster import binaries, network
+from localcluster.pki import ClusterPKI
 
 ADMISSION_PLUGINS = (
     "NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,"

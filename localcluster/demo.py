@@ -27,15 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imagewarm.cli import Command, table
+from imagewarm.command import Command, table
 from imagewarm.config import parse_bool, parse_bytes, parse_positive_int, setting
 
 if TYPE_CHECKING:
-    from imagewarm.localcluster.cluster import Cluster
-    from imagewarm.localcluster.registry import Registry
-    from imagewarm.localcluster.stack import Stack
+    from localcluster.cluster import Cluster
+    from localcluster.registry import Registry
+    from localcluster.stack import Stack
 
-ORIGINAL_IMAGES = "imagewarm.io/original-images"
+from imagewarm.api import ORIGINAL_IMAGES_ANNOTATION as ORIGINAL_IMAGES
+
 SERVED_BY_PEER = "peer proxy (node proxy down)"
 
 
@@ -144,10 +145,10 @@ class Outcome:
 
 def run(config: DemoConfig) -> int:
     # Imported here: `imagewarm --help` must not pay for the cluster modules.
-    from imagewarm.localcluster import binaries
-    from imagewarm.localcluster.cluster import Cluster, ClusterError
-    from imagewarm.localcluster.registry import start_registry
-    from imagewarm.localcluster.stack import StackError
+    from localcluster import binaries
+    from localcluster.cluster import Cluster, ClusterError
+    from localcluster.registry import start_registry
+    from localcluster.stack import StackError
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
@@ -209,10 +210,10 @@ def steps(
     upstream outage, which stops `upstream`). Programs it starts are stopped by `teardown`. Pods go
     to the `default` namespace. Raises StackError, RuntimeError or CalledProcessError when a step
     fails."""
-    from imagewarm.localcluster import binaries
-    from imagewarm.localcluster.images import ImageBuilder, push
-    from imagewarm.localcluster.stack import Stack
     from imagewarm.warmup import describe, warm
+    from localcluster import binaries
+    from localcluster.images import ImageBuilder, push
+    from localcluster.stack import Stack
 
     pulls: list[tuple[str, str, str, str]] = []
     with demo.phase("imagewarm start: node proxy, a peer proxy and the webhook"):

@@ -5,7 +5,7 @@ log; ``Registry.requests()`` reads its access log so tests can assert what was f
 ``stop()``/``start()`` restart it on the same port with the same content.
 
 ``start_registry(workdir, token=True)`` runs it with ``auth.token``: distribution only *verifies*
-bearer tokens, so our own ``TokenServer`` (imagewarm.localcluster.tokenserver) issues them, started
+bearer tokens, so our own ``TokenServer`` (localcluster.tokenserver) issues them, started
 and stopped with the registry.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagewarm.localcluster.processes import Daemon, free_ports
-from imagewarm.localcluster.tokenserver import TokenServer
+from localcluster.processes import Daemon, free_ports
+from localcluster.tokenserver import TokenServer
 
 REGISTRY_BINARY = "docker-registry"
 

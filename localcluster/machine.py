@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from imagewarm.localcluster import host, network
+from localcluster import host, network
 
 LOCK_PATH = Path(os.environ.get("IMAGEWARM_CLUSTER_LOCK", "/tmp/imagewarm-cluster.lock"))
 DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")

@@ -150,7 +150,7 @@ class LinkShaper:
 def recovery_seconds(root: Path, blobs: int) -> float:
     """Seconds for a proxy's store to open after a restart with `blobs` blobs cached (the store
     recounts bytes with one stat per blob and hashes nothing; the files here are small stand-ins)."""
-    from proxy.store import BlobStore
+    from proxy.cache.store import BlobStore
 
     store = BlobStore(root)
     for i in range(blobs):

@@ -12,21 +12,21 @@ from imagewarm.config import ConfigError
 from imagewarm.kube import ConfigurationError, Kube
 from imagewarm.metrics import exposition
 from proxy import metrics, routes
-from proxy.access import AccessControl
-from proxy.auth import credentials_from_header
 from proxy.blobs import Blobs
+from proxy.cache.manifest_store import ManifestStore
+from proxy.cache.store import BlobStore
+from proxy.cache.tags import TagIndex
 from proxy.config import ProxyConfig
-from proxy.discovery import PeerDiscovery
 from proxy.errors import RegistryError
-from proxy.fallback import RuntimeHosts
-from proxy.manifest_store import ManifestStore
 from proxy.manifests import Manifests
-from proxy.peers import Peers
+from proxy.peers.discovery import PeerDiscovery
+from proxy.peers.fallback import RuntimeHosts
+from proxy.peers.lookup import Peers
 from proxy.routes import Kind
-from proxy.store import BlobStore
-from proxy.tags import TagIndex
 from proxy.tee import Tee
-from proxy.upstream import Upstream
+from proxy.upstream.access import AccessControl
+from proxy.upstream.auth import credentials_from_header
+from proxy.upstream.registry import Upstream
 
 log = logging.getLogger("imagewarm.proxy")
 

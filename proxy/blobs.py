@@ -12,12 +12,12 @@ from werkzeug.wsgi import FileWrapper
 
 from imagewarm import protocol
 from proxy import metrics
-from proxy.auth import Credentials
+from proxy.cache.store import BlobStore, CachedBlob, DiskFull, Follower, NotCached, Writer
 from proxy.errors import RegistryError
 from proxy.ranges import parse_range
 from proxy.routes import Target
-from proxy.store import BlobStore, CachedBlob, DiskFull, Follower, NotCached, Writer
 from proxy.tee import Tee
+from proxy.upstream.auth import Credentials
 
 SEND_BLOCK = 1 << 20
 

@@ -8,7 +8,7 @@ import logging
 import threading
 
 from proxy import metrics
-from proxy.store_errors import DiskFull
+from proxy.cache.errors import DiskFull
 
 log = logging.getLogger("imagewarm.proxy.disk")
 

@@ -17,15 +17,15 @@ from flask import Response
 
 from imagewarm import protocol
 from proxy import metrics
-from proxy.access import AccessControl
-from proxy.auth import Credentials
+from proxy.cache.errors import DiskFull
+from proxy.cache.manifest_store import ManifestStore
+from proxy.cache.tags import TagIndex
 from proxy.disk_state import CacheDiskState
 from proxy.errors import RegistryError, UpstreamUnavailable
-from proxy.manifest_store import ManifestStore
 from proxy.routes import Target
-from proxy.store_errors import DiskFull
-from proxy.tags import TagIndex
-from proxy.upstream import Manifest, Upstream
+from proxy.upstream.access import AccessControl
+from proxy.upstream.auth import Credentials
+from proxy.upstream.registry import Manifest, Upstream
 
 log = logging.getLogger("imagewarm.proxy.manifests")
 

@@ -12,10 +12,10 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from proxy import metrics
+from proxy.cache.eviction import Evictor
+from proxy.cache.store import BlobStore
 from proxy.config import ProxyConfig
-from proxy.eviction import Evictor
 from proxy.readiness import start_taint_removal
-from proxy.store import BlobStore
 
 log = logging.getLogger("imagewarm.proxy.serve")
 

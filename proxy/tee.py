@@ -1,5 +1,5 @@
-"""Blob misses: the client gets bytes while the cache fills (tee, see `proxy.fetch`), and concurrent
-misses in any worker follow the one fetch instead of starting their own.
+"""Blob misses: the client gets bytes while the cache fills (tee, see `proxy.upstream.fetch`), and
+concurrent misses in any worker follow the one fetch instead of starting their own.
 
 Whatever streams, the end is held back until the blob's digest is verified: on a mismatch (or a
 truncated, stalled or aborted fetch) the body raises before it, so gunicorn drops the connection and
@@ -18,14 +18,14 @@ from flask import Response
 
 from imagewarm import protocol
 from proxy import metrics
-from proxy.access import AccessControl, Unverifiable
-from proxy.auth import Credentials
-from proxy.fetch import Fetch, TransferFailed
-from proxy.paths import hasher
-from proxy.peers import Peers
+from proxy.cache.paths import hasher
+from proxy.cache.store import FetchAborted, Follower, Writer
+from proxy.peers.lookup import Peers
 from proxy.routes import Target
-from proxy.store import FetchAborted, Follower, Writer
-from proxy.upstream import Upstream
+from proxy.upstream.access import AccessControl, Unverifiable
+from proxy.upstream.auth import Credentials
+from proxy.upstream.fetch import Fetch, TransferFailed
+from proxy.upstream.registry import Upstream
 
 log = logging.getLogger("imagewarm.proxy.tee")
 
@@ -70,8 +70,8 @@ class Tee:
         self.peers = peers
 
     def check_access(self, target: Target, credentials: Credentials | None) -> None:
-        """Raise RegistryError unless the client may read this blob (see `proxy.access`); the probe is
-        a HEAD upstream with its credentials."""
+        """Raise RegistryError unless the client may read this blob (see `proxy.upstream.access`);
+        the probe is a HEAD upstream with its credentials."""
 
         def probe(creds: Credentials | None) -> None:
             self.upstream.head_blob(target.registry, target.repository, target.reference, creds)
@@ -148,7 +148,7 @@ class Tee:
 
     def write(self, target: Target, credentials: Credentials | None, writer: Writer) -> Response:
         """This request holds the claim: fetch (from a peer or the upstream) on a thread of its own
-        (see `proxy.fetch`) that fills the cache while this response streams what it wrote."""
+        (see `proxy.upstream.fetch`) that fills the cache while this response streams what it wrote."""
         try:
             upstream, source, on_failure = self._open(target, credentials)
         except BaseException:

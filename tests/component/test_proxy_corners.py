@@ -28,7 +28,7 @@ from localcluster.images import (
     OCI_MANIFEST,
     push,
 )
-from proxy.paths import Layout
+from proxy.cache.paths import Layout
 from tests.component import proxy_fixtures
 from tests.component.test_proxy_hostile import BLOB_DIGEST, MANIFEST, MANIFEST_DIGEST, Hostile
 from tests.oci_checks import assert_dir_matches, copy_to_dir

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from localcluster.images import push
-from proxy.paths import Layout
+from proxy.cache.paths import Layout
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.component

@@ -19,7 +19,7 @@ from werkzeug.serving import make_server
 
 from localcluster.images import push
 from localcluster.processes import free_ports
-from proxy.paths import Layout
+from proxy.cache.paths import Layout
 from tests.component import proxy_fixtures
 from tests.small_disk import small_tmpfs
 

@@ -15,7 +15,7 @@ import requests
 
 from imagewarm.reference import registry_segment
 from localcluster.images import push
-from proxy.paths import Layout
+from proxy.cache.paths import Layout
 from tests.component import proxy_fixtures
 from tests.oci_checks import assert_dir_matches, copy_to_dir
 from tests.small_disk import small_tmpfs

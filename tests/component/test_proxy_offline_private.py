@@ -14,9 +14,9 @@ import requests
 
 from imagewarm.reference import registry_segment
 from localcluster.images import OCI_MANIFEST, push
-from proxy.access import AccessControl
-from proxy.auth import Credentials
 from proxy.errors import RegistryError, UpstreamUnavailable
+from proxy.upstream.access import AccessControl
+from proxy.upstream.auth import Credentials
 from tests.component import proxy_fixtures
 from tests.fixtures.registries import SkopeoError
 from tests.oci_checks import assert_dir_matches, copy_to_dir

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from proxy.eviction import Evictor
-from proxy.flight import Follower, Writer
-from proxy.manifest_store import ManifestStore
-from proxy.store import BlobStore, CachedBlob, DiskFull, FetchAborted, NotCached, StoreError
+from proxy.cache.eviction import Evictor
+from proxy.cache.flight import Follower, Writer
+from proxy.cache.manifest_store import ManifestStore
+from proxy.cache.store import BlobStore, CachedBlob, DiskFull, FetchAborted, NotCached, StoreError
 from tests.small_disk import small_tmpfs
 
 pytestmark = pytest.mark.component

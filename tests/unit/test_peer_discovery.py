@@ -1,4 +1,4 @@
-"""`proxy.discovery.peer_urls`: EndpointSlices in, peer proxy URLs out; `--peers-from` parsing."""
+"""`proxy.peers.discovery.peer_urls`: EndpointSlices in, peer proxy URLs out; `--peers-from` parsing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from imagewarm.config import ConfigError, add_arguments, from_arguments
 from proxy.config import ProxyConfig
-from proxy.discovery import peer_urls
+from proxy.peers.discovery import peer_urls
 
 
 def endpoint(*addresses: str, ready: bool | None = True, node: str = "") -> dict[str, Any]:

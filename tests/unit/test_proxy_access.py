@@ -1,6 +1,7 @@
-"""Access decisions for private images (`proxy.access`, `proxy.grants`): grants shared on disk between
-workers and restarts, honoured offline for a grace period, revoked by a refusal. The upstream is a
-probe function (the decision is pure logic); the grants live on a real filesystem (tmp_path)."""
+"""Access decisions for private images (`proxy.upstream.access`, `proxy.upstream.grants`): grants
+shared on disk between workers and restarts, honoured offline for a grace period, revoked by a
+refusal. The upstream is a probe function (the decision is pure logic); the grants live on a real
+filesystem (tmp_path)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from proxy.access import CLOCK_SLACK, AccessControl, Decision, Unverifiable, newest, offline_answer, within
-from proxy.auth import Credentials
 from proxy.errors import RegistryError, UpstreamUnavailable
-from proxy.grants import KEY_BYTES, GrantStore, grant_name
+from proxy.upstream.access import (
+    CLOCK_SLACK,
+    AccessControl,
+    Decision,
+    Unverifiable,
+    newest,
+    offline_answer,
+    within,
+)
+from proxy.upstream.auth import Credentials
+from proxy.upstream.grants import KEY_BYTES, GrantStore, grant_name
 
 REGISTRY, REPOSITORY = "registry.corp:5000", "team/private"
 ALICE = Credentials("alice-user", "alice-secret-password")

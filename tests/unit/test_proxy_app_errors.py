@@ -13,8 +13,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from proxy.app import create_app
+from proxy.cache.paths import Layout
 from proxy.config import ProxyConfig
-from proxy.paths import Layout
 
 DIGEST = "sha256:" + "b" * 64
 PATH = f"/v2/registry.example/team/app/manifests/{DIGEST}"

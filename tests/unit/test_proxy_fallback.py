@@ -1,4 +1,4 @@
-"""The runtime fallback list (proxy.fallback): which peers a node lists, the hosts.toml it writes."""
+"""The runtime fallback list (proxy.peers.fallback): which peers a node lists, the hosts.toml it writes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from imagewarm.config import ConfigError
 from proxy import metrics  # noqa: F401  (declares the metrics read below)
-from proxy.fallback import RuntimeHosts, choose, fallback_hosts, render
+from proxy.peers.fallback import RuntimeHosts, choose, fallback_hosts, render
 from tests.unit.test_peer_discovery import config
 
 PEERS = [f"http://10.0.0.{i}:7439" for i in range(1, 21)]

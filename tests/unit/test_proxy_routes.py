@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import routes
-from proxy.auth import TokenCache, credentials_from_header, parse_challenge
 from proxy.errors import RegistryError
 from proxy.ranges import parse_range
+from proxy.upstream.auth import TokenCache, credentials_from_header, parse_challenge
 
 DIGEST = "sha256:" + "a" * 64
 

@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.eviction import Evictor
-from proxy.flight import Follower, Writer
-from proxy.hashing import PipelinedHash
-from proxy.manifest_store import ManifestStore
-from proxy.paths import InvalidDigest
-from proxy.store import (
+from proxy.cache.eviction import Evictor
+from proxy.cache.flight import Follower, Writer
+from proxy.cache.hashing import PipelinedHash
+from proxy.cache.manifest_store import ManifestStore
+from proxy.cache.paths import InvalidDigest
+from proxy.cache.store import (
     BlobStore,
     CachedBlob,
     DigestMismatch,
@@ -33,7 +33,7 @@ from proxy.store import (
     SizeMismatch,
     StoreError,
 )
-from proxy.tags import TagIndex
+from proxy.cache.tags import TagIndex
 
 IMPLEMENTATIONS = [pytest.param(BlobStore, id="disk")]
 MakeStore = Callable[..., BlobStore]

@@ -2,7 +2,7 @@
 
 Contract (DESIGN.md, "Rules"): a digest names a file only once its bytes were verified; a blob
 appears by an atomic rename after fsync; a process killed at any instant leaves no half blob
-visible. Concurrent misses share one fetch across threads and processes (see `proxy.flight`).
+visible. Concurrent misses share one fetch across threads and processes (see `proxy.cache.flight`).
 Readers hold a shared flock on the blob they serve, so eviction (an exclusive, non-blocking flock)
 never removes a blob in use. The store keeps no in-memory state that other processes would need:
 several gunicorn workers open the same root, before or after fork.
@@ -19,11 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from proxy import durable
-from proxy.flight import Follower, Writer
-from proxy.manifest_store import ManifestStore
-from proxy.paths import NEW_SUFFIX, PARTIAL_SUFFIX, Layout, hasher, split_digest
-from proxy.store_errors import (
+from proxy.cache import durable
+from proxy.cache.errors import (
     DigestMismatch,
     DiskFull,
     FetchAborted,
@@ -31,6 +28,9 @@ from proxy.store_errors import (
     SizeMismatch,
     StoreError,
 )
+from proxy.cache.flight import Follower, Writer
+from proxy.cache.manifest_store import ManifestStore
+from proxy.cache.paths import NEW_SUFFIX, PARTIAL_SUFFIX, Layout, hasher, split_digest
 
 __all__ = [
     "BlobInfo",
@@ -111,7 +111,7 @@ class BlobInfo:
 
 
 class BlobStore:
-    """Blobs by digest under `root` (see `proxy.paths` for the layout).
+    """Blobs by digest under `root` (see `proxy.cache.paths` for the layout).
 
     Opening the store creates its directories; the first process to open it (no other live store
     holds the open lock) recovers: it deletes every leftover partial and temporary file and recounts

@@ -5,7 +5,7 @@ A peer request carries `X-Imagewarm-Peer` (see `imagewarm.protocol`): the peer a
 only, checking the forwarded client credentials as for any client. What a peer sends is teed into the
 cache and verified against the digest like upstream bytes, so a faulty peer cannot plant content.
 A peer that does not answer is skipped for `retry_after` seconds. The list of peers is read per miss
-(`--peer` plus those `proxy.discovery` finds), so it may change while the proxy runs.
+(`--peer` plus those `proxy.peers.discovery` finds), so it may change while the proxy runs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import requests
 from imagewarm import protocol
 from imagewarm.reference import registry_segment
 from proxy import metrics
-from proxy.auth import Credentials
 from proxy.routes import Target
+from proxy.upstream.auth import Credentials
 
 log = logging.getLogger("imagewarm.proxy.peers")
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from proxy import durable
-from proxy.paths import Layout, hasher
-from proxy.store_errors import DigestMismatch
+from proxy.cache import durable
+from proxy.cache.errors import DigestMismatch
+from proxy.cache.paths import Layout, hasher
 
 
 class ManifestStore:

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy import durable
-from proxy.paths import Layout, split_digest
+from proxy.cache import durable
+from proxy.cache.paths import Layout, split_digest
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 import struct
 from pathlib import Path
 
-from proxy.store_errors import DiskFull
+from proxy.cache.errors import DiskFull
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -3,8 +3,8 @@
 A repository is public once an anonymous client fetched from it upstream (remembered on disk, shared
 by every worker). Otherwise cached content is served only to a client whose credentials the upstream
 accepts (a HEAD of the same manifest or blob). The upstream's answer is trusted for `ttl` without
-asking again: a denial in this worker's memory, a grant also on disk (`proxy.grants`), so every worker
-and every later process of this cache knows it.
+asking again: a denial in this worker's memory, a grant also on disk (`proxy.upstream.grants`), so
+every worker and every later process of this cache knows it.
 
 Offline grants, the trade-off. When the upstream cannot answer (unreachable, timeouts, 429/5xx after
 the retries), a grant for the exact same credential and repository stays valid for `offline_ttl` after
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy import metrics
-from proxy.auth import Credentials, cache_key
 from proxy.errors import RegistryError, UpstreamUnavailable
-from proxy.grants import GrantStore
+from proxy.upstream.auth import Credentials, cache_key
+from proxy.upstream.grants import GrantStore
 
 log = logging.getLogger("imagewarm.proxy.access")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.store import BlobStore
+from proxy.cache.store import BlobStore
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from proxy import durable
-from proxy.hashing import PipelinedHash
-from proxy.paths import Layout, split_digest
-from proxy.store_errors import DigestMismatch, DiskFull, FetchAborted, SizeMismatch
+from proxy.cache import durable
+from proxy.cache.errors import DigestMismatch, DiskFull, FetchAborted, SizeMismatch
+from proxy.cache.hashing import PipelinedHash
+from proxy.cache.paths import Layout, split_digest
 
 FOLLOW_CHUNK = 1 << 20
 # Followers poll the growing file: start fast so the first bytes go out at once, back off when idle.

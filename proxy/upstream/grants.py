@@ -1,7 +1,7 @@
 """Access grants on disk: which (credential, registry, repository) the upstream last accepted, and when.
 
 Shared by every worker and kept across restarts, so a private image stays pullable by a client that
-proved access, whichever worker answers (see `proxy.access` for how grants are trusted).
+proved access, whichever worker answers (see `proxy.upstream.access` for how grants are trusted).
 
 ```
 <cache>/access/grant.key          32 random bytes (mode 0600), made once per cache
@@ -26,7 +26,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from proxy.auth import Credentials
+from proxy.upstream.auth import Credentials
 
 log = logging.getLogger("imagewarm.proxy.grants")
 

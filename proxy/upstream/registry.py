@@ -19,9 +19,9 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from imagewarm import reference as references
-from proxy.auth import Challenge, Credentials, TokenCache, cache_key, parse_challenge
 from proxy.config import ProxyConfig
 from proxy.errors import RegistryError, UpstreamUnavailable
+from proxy.upstream.auth import Challenge, Credentials, TokenCache, cache_key, parse_challenge
 
 log = logging.getLogger("imagewarm.proxy.upstream")
 

@@ -30,7 +30,7 @@ import requests
 import urllib3
 
 from proxy import metrics
-from proxy.store import DigestMismatch, DiskFull, Writer
+from proxy.cache.store import DigestMismatch, DiskFull, Writer
 
 log = logging.getLogger("imagewarm.proxy.fetch")
 

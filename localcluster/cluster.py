@@ -211,12 +211,11 @@ class Cluster:
         self.progress(f"cluster up in {time.monotonic() - started:.1f}s (kubeconfig {self.kubeconfig})")
 
     def _start_containerds(self, names: Sequence[str], pause: str) -> None:
-        certs_dir = self.workdir / "certs.d"
         try:
             for i, name in enumerate(names, start=1):
                 directory = self.workdir / f"n{i}"
                 runtime = Containerd.start(
-                    directory / "containerd", certs_dir=certs_dir, sandbox_image=pause,
+                    directory / "containerd", certs_dir=self.certs_root / name, sandbox_image=pause,
                     cni_conf_dir=directory / "cni" / "net.d", namespace="k8s.io",
                 )  # fmt: skip
                 self.nodes.append(Node(name, network.node_ip(i), i, directory, runtime))
@@ -308,10 +307,19 @@ class Cluster:
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
 
+    @property
+    def certs_root(self) -> Path:
+        """Parent of the nodes' registry hosts directories: node ``N``'s containerd reads
+        ``<certs_root>/N`` (its ``config_path``), as a real node reads ``/etc/containerd/certs.d``.
+        Each node has its own, so each can pull from its own node proxy (a DaemonSet mounts
+        ``certs_root`` with ``subPathExpr: $(NODE_NAME)``)."""
+        return self.workdir / "certs.d"
+
     def trust_registry(self, registry: Registry) -> None:
-        """Let every node pull from ``registry`` over plain HTTP (its ``hosts.toml`` in the shared
+        """Let every node pull from ``registry`` over plain HTTP (its ``hosts.toml`` in each node's
         registry hosts directory; containerd re-reads it on each pull)."""
-        self.nodes[0].containerd.set_hosts(registry.host, registry.url)
+        for node in self.nodes:
+            node.containerd.set_hosts(registry.host, registry.url)
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -100,6 +101,7 @@ class Stack:
         # peers), as the DaemonSet does with containerd's config_path mounted.
         certs_dir = cluster.nodes[0].containerd.certs_dir
         argv += ["--containerd-hosts-dir", str(certs_dir), "--proxy-prefix", f"localhost:{port}"]
+        share_hosts_entry(cluster, f"localhost:{port}")
         if peer:
             argv += ["--peer", f"http://{PEER_IP}:{port}"]
         argv += ["--workers", "2", "--log-format", "json", *(proxy_args or [])]
@@ -210,6 +212,20 @@ class Stack:
         self.proxy.stop()
         if self.peer is not None:
             self.peer.stop()
+
+
+def share_hosts_entry(cluster: Cluster, name: str) -> None:
+    """Make every node read node 1's ``hosts.toml`` for ``name``: this stack's one proxy serves all
+    local nodes (they share the host's network), and it writes only node 1's hosts directory."""
+    target = cluster.nodes[0].containerd.certs_dir / name
+    target.mkdir(parents=True, exist_ok=True)
+    for node in cluster.nodes[1:]:
+        link = node.containerd.certs_dir / name
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        link.symlink_to(target, target_is_directory=True)
 
 
 def _metric(url: str, name: str, labels: dict[str, str]) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
+from imagewarm import serving
 from proxy import metrics
 from proxy.cache.eviction import Evictor
 from proxy.cache.store import BlobStore
@@ -18,10 +19,6 @@ from proxy.config import ProxyConfig
 from proxy.readiness import start_taint_removal
 
 log = logging.getLogger("imagewarm.proxy.serve")
-
-
-def bind_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def run_evictor(store: BlobStore, max_bytes: int, interval: float, stop: threading.Event) -> None:
@@ -54,23 +51,21 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         super().__init__()
 
     def load_config(self) -> None:
-        settings: dict[str, Any] = {
-            "bind": [bind_address(*self.config.listen)],
-            "workers": self.config.workers,
-            "worker_connections": self.config.connections,
-            "worker_class": "imagewarm.worker.ConnectionThreadWorker",
-            # The worker's heartbeat, and how long a client may take no bytes mid-transfer; long
-            # transfers run on their connection's thread and are not cut by it.
-            "timeout": 120,
-            "graceful_timeout": 10,
-            "keepalive": 30,
-            "accesslog": None,
-            "errorlog": "-",
-            "loglevel": self.config.log_level,
-            "child_exit": _child_exit,
-            "when_ready": self._when_ready,
-            "post_worker_init": self._post_worker_init,
-        }
+        config = self.config
+        settings = serving.base_settings(
+            config.listen, workers=config.workers, connections=config.connections, log_level=config.log_level
+        )
+        settings.update(
+            {
+                # The worker's heartbeat, and how long a client may take no bytes mid-transfer; long
+                # transfers run on their connection's thread and are not cut by it.
+                "timeout": 120,
+                "graceful_timeout": 10,
+                "keepalive": 30,
+                "when_ready": self._when_ready,
+                "post_worker_init": self._post_worker_init,
+            }
+        )
         for key, value in settings.items():
             self.cfg.set(key, value)
 
@@ -85,7 +80,8 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
 
     def _when_ready(self, _server: Any) -> None:
         log.info(
-            "serving", extra={"listen": bind_address(*self.config.listen), "workers": self.config.workers}
+            "serving",
+            extra={"listen": serving.bind_address(*self.config.listen), "workers": self.config.workers},
         )
         if self.config.max_cache_bytes:
             threading.Thread(
@@ -98,9 +94,3 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         self.app.extensions["imagewarm.proxy"].write_runtime_hosts()
         if self.config.node_name:
             start_taint_removal(self.config.node_name, self.config.kubeconfig)
-
-
-def _child_exit(_server: Any, worker: Any) -> None:
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -84,6 +84,15 @@ class ProxyConfig:
         help="the registry host pods pull from, as the webhook writes it; empty: localhost:<--listen port>",
         metavar="HOST:PORT",
     )
+    mirror_registry: tuple[str, ...] = setting(
+        (),
+        help="mirror mode: also write <--containerd-hosts-dir>/<REGISTRY>/hosts.toml (this proxy, then "
+        "peers, then the registry itself), so unrewritten pulls from REGISTRY go through the cache; "
+        "REGISTRY must be an --upstream or --insecure-upstream",
+        parse=_registry,
+        repeated=True,
+        metavar="REGISTRY",
+    )
     fallback_peers: int = setting(
         3, help="how many peers the runtime may fall back to (--containerd-hosts-dir)", parse=int, metavar="N"
     )
@@ -143,6 +152,14 @@ class ProxyConfig:
                 "give at least one --upstream REGISTRY (or --insecure-upstream HOST:PORT): "
                 "the proxy never fetches from registries it was not told about"
             )
+        unknown = [r for r in self.mirror_registry if not self.allowed(r)]
+        if unknown:
+            raise ValueError(
+                f"--mirror-registry {', '.join(unknown)}: mirror only registries this proxy may fetch "
+                "from (add them with --upstream or --insecure-upstream)"
+            )
+        if self.mirror_registry and not self.containerd_hosts_dir:
+            raise ValueError("--mirror-registry needs --containerd-hosts-dir (containerd's config_path)")
         if self.retries < 0:
             raise ValueError("--retries must be 0 or more")
         if self.fallback_peers < 0:

@@ -21,7 +21,7 @@ from localcluster.cluster import Cluster
 
 CHART = Path(__file__).resolve().parent.parent / "charts" / "imagewarm"
 RELEASE = "imagewarm"
-NAMESPACE = "imagewarm-system"
+NAMESPACE = "imagewarm"  # not imagewarm-system: the host-process Stack and the webhook tests use that one
 PROXY_PORT = 7439
 
 

@@ -247,7 +247,7 @@ def test_cert_manager_issues_the_webhook_certificate_and_injects_its_ca():
     issuer = one(objects, "Issuer")
     assert issuer["spec"] == {"selfSigned": {}}
     assert certificate["spec"]["issuerRef"] == {"kind": "Issuer", "name": issuer["metadata"]["name"]}
-    assert "imagewarm-webhook.imagewarm-system.svc" in certificate["spec"]["dnsNames"]
+    assert f"imagewarm-webhook.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
     webhook = one(objects, "Deployment", "imagewarm-webhook")["spec"]["template"]["spec"]
     [tls_dir] = flags(webhook["containers"][0]["args"], "--tls-dir")
     mount = next(m for m in webhook["containers"][0]["volumeMounts"] if m["mountPath"] == tls_dir)

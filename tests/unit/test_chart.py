@@ -339,3 +339,16 @@ def test_the_schema_rejects_a_misspelt_key_at_install():
         template({"mode": "mirrors"})
     with pytest.raises(HelmError, match="tagTTL"):
         template({"proxy": {"tagTTL": "five minutes"}})
+
+
+def test_the_dashboard_queries_only_metrics_the_components_declare():
+    import importlib
+
+    from prometheus_client import REGISTRY
+
+    for module in ("proxy.metrics", "webhook.metrics", "controller.metrics"):
+        importlib.import_module(module)
+    declared = set(REGISTRY._names_to_collectors)  # every sample name: x_total, x_bucket, ...
+    dashboard = (CHART / "dashboards" / "imagewarm.json").read_text()
+    queried = set(re.findall(r"\bimagewarm_[a-z_]+", dashboard))
+    assert queried and queried <= declared, sorted(queried - declared)

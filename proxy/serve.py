@@ -1,6 +1,7 @@
 """gunicorn serving the proxy: worker processes with a thread per client connection
 (`imagewarm.worker`), metrics aggregated across them, the evictor and the startup-taint removal
-running in the master once it listens, peer discovery in each worker."""
+running in the master once it listens, and with `--node-name` the node agent there too (one per
+node); peer discovery in each worker."""
 
 from __future__ import annotations
 
@@ -98,6 +99,27 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         self.app.extensions["imagewarm.proxy"].write_runtime_hosts()
         if self.config.node_name:
             start_taint_removal(self.config.node_name, self.config.kubeconfig)
+            self._start_agent()
+
+    def _start_agent(self) -> None:
+        # One agent per node: here, in the master, never in the workers (it pulls through them).
+        from imagewarm.kube import ConfigurationError, Kube
+        from proxy.agent.agent import Agent, Settings
+
+        config = self.config
+        try:
+            kube = Kube.load(config.kubeconfig or None)
+        except ConfigurationError as exc:
+            log.error("the node agent cannot start: %s", exc, extra={"node": config.node_name})
+            return
+        settings = Settings(
+            node=config.node_name,
+            proxy_url=config.own_url,
+            parallel_pulls=config.agent_parallel_pulls,
+            progress_interval=config.agent_progress_interval,
+            status_delay=config.agent_status_delay,
+        )
+        self.agent = Agent(kube, self.store, config.cache_dir, settings).start()
 
 
 def _child_exit(_server: Any, worker: Any) -> None:

@@ -57,6 +57,7 @@ class Proxy:
                 config.runtime_name,
                 owner=config.node_name or f"{host}:{port}",
                 limit=config.fallback_peers,
+                local_url=config.runtime_local_url,
             )
             if config.containerd_hosts_dir
             else None

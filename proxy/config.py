@@ -185,6 +185,15 @@ class ProxyConfig:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    @property
+    def runtime_local_url(self) -> str:
+        """How the runtime reaches this proxy in its hosts.toml: empty (the runtime name, e.g.
+        localhost:7439) when it listens on a wildcard or loopback address, else its own address."""
+        host = self.listen[0]
+        if host in ("", "0.0.0.0", "::", "::1", "localhost") or host.startswith("127."):
+            return ""
+        return self.own_url
+
     def allowed(self, registry: str) -> bool:
         """Whether `registry` (host[:port], normalised) may be proxied."""
         return registry in self.upstream or registry in self.insecure_upstream

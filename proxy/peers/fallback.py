@@ -55,10 +55,11 @@ class RuntimeHosts:
     """`<directory>/<name>/hosts.toml`, rewritten (atomically, only when it changes) by `write`.
     Safe to call from several threads and processes: every writer renames a complete file."""
 
-    def __init__(self, directory: Path, name: str, owner: str, limit: int) -> None:
+    def __init__(self, directory: Path, name: str, owner: str, limit: int, local_url: str = "") -> None:
         self.path = Path(directory) / name / "hosts.toml"
         self.name = name
-        self.local_url = f"http://{name}"
+        # This proxy as the runtime reaches it: `name` itself, unless it listens on one address only.
+        self.local_url = local_url or f"http://{name}"
         self.owner = owner
         self.limit = limit
         self._lock = threading.Lock()

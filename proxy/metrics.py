@@ -83,6 +83,6 @@ AGENT_WARMED_BYTES = counter("agent_warmed_bytes_total", "Bytes of images pulled
 AGENT_STATUS_WRITES = counter("agent_status_writes_total", "NodeImage status writes")
 AGENT_STATUS_WRITE_ERRORS = counter(
     "agent_status_write_errors_total",
-    "Failed NodeImage status writes by reason (throttled: 429; unavailable; rejected)",
+    "Failed NodeImage status writes by reason (throttled: 429; unavailable; rejected; local)",
     ["reason"],
 )

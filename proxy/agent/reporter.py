@@ -142,7 +142,7 @@ class Reporter:
         except NotFound:  # the NodeImage is gone (its Node was deleted): nothing to report on
             self._written = None
             return
-        except KubeError as exc:
+        except Exception as exc:  # KubeError, or a local fault (e.g. an unreadable CA file): retry
             with held():
                 metrics.AGENT_STATUS_WRITE_ERRORS.labels(reason=_reason(exc)).inc()
             self._failures += 1
@@ -167,7 +167,9 @@ class Reporter:
             self._progress_gap = self._gap()
 
 
-def _reason(exc: KubeError) -> str:
+def _reason(exc: Exception) -> str:
+    if not isinstance(exc, KubeError):
+        return "local"
     if exc.status == 429:
         return "throttled"
     if exc.temporary:

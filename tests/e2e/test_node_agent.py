@@ -28,9 +28,11 @@ from tests.e2e.node_agent_harness import (
     tag_status,
     wait_phase,
 )
+from tests.e2e.test_crds import crds
 from tests.e2e.test_pull_through import run_pod
 
 pytestmark = pytest.mark.e2e
+with_crds = crds  # the fixture, used by name
 
 RELEASE_NAMESPACE = "imagewarm-system"
 SLOW_BYTES_PER_SECOND = 4 << 20
@@ -59,6 +61,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> ImageBuilder:
 
 @pytest.fixture(scope="module")
 def nodes(
+    crds: Cluster,
     cluster: Cluster,
     upstream: Registry,
     slow: SlowLink,

@@ -194,6 +194,6 @@ class TaskRun:
         )
         (log.info if phase == SUCCEEDED else log.warning)(
             "pull task finished",
-            extra={"node": self.context.node, "image": self.task.image, "phase": phase, "message": message},
+            extra={"node": self.context.node, "image": self.task.image, "phase": phase, "detail": message},
         )
         self._publish(state, True)

@@ -30,7 +30,7 @@ def _forget_parents_temp_files() -> None:
     then fails every request with "invalid path")."""
     module = sys.modules.get("kubernetes.config.kube_config")
     if module is not None:
-        module._temp_files = {}  # the library's own list; the child keeps its own
+        module.__dict__["_temp_files"] = {}  # the library's own list; the child keeps its own
 
 
 os.register_at_fork(after_in_child=_forget_parents_temp_files)

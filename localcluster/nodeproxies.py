@@ -71,6 +71,21 @@ class NodeProxy:
         if self.daemon is not None:
             self.daemon.kill()
 
+    def agent_pids(self) -> list[int]:
+        """The node agent processes its master started (there must be exactly one)."""
+        found = []
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                fields = dict(
+                    line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+                )
+                cmdline = (status.parent / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if self.daemon and int(fields.get("PPid", "0")) == self.daemon.pid and b"proxy.agent" in cmdline:
+                found.append(int(status.parent.name))
+        return found
+
     def metric(self, name: str, **labels: str) -> float:
         """The sum of its samples of metric `name` whose labels include `labels`."""
         total = 0.0

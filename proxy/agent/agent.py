@@ -1,4 +1,5 @@
-"""The node agent: one per node, in the proxy's gunicorn master (`imagewarm proxy --node-name N`).
+"""The node agent: one per node, in its own process started by the proxy's gunicorn master
+(`imagewarm proxy --node-name N`, see proxy.agent.process).
 
 It watches only its own NodeImage (an informer with `fieldSelector=metadata.name=N`) and keeps it
 level-triggered: on every change, and once a second, it compares the spec's tasks with what runs
@@ -22,7 +23,6 @@ from imagewarm.kube import Conflict, Kube, KubeError
 from imagewarm.platforms import Platform
 from proxy import metrics
 from proxy.agent import nodeimage
-from proxy.agent.forkguard import held
 from proxy.agent.nodeimage import Key, TagState, Task
 from proxy.agent.pins import Pins
 from proxy.agent.reporter import Reporter, Schedule
@@ -228,9 +228,8 @@ class Agent:
                 previous["firstSyncStatus"] = self._first_sync
             status = nodeimage.status_document(self._tasks, self._states, previous, _now())
             self._first_sync = status.get("firstSyncStatus")
-        with held():
-            for phase in ("waiting", "pulling", "succeeded", "failed"):
-                metrics.AGENT_TASKS.labels(phase=phase.capitalize()).set(status[phase])
+        for phase in ("waiting", "pulling", "succeeded", "failed"):
+            metrics.AGENT_TASKS.labels(phase=phase.capitalize()).set(status[phase])
         return status
 
     def _write_status(self, status: dict[str, Any]) -> None:

@@ -28,7 +28,6 @@ from typing import Any
 
 from imagewarm.kube import KubeError, NotFound
 from proxy import metrics
-from proxy.agent.forkguard import held
 
 log = logging.getLogger("imagewarm.proxy.agent.reporter")
 
@@ -143,8 +142,7 @@ class Reporter:
             self._written = None
             return
         except Exception as exc:  # KubeError, or a local fault (e.g. an unreadable CA file): retry
-            with held():
-                metrics.AGENT_STATUS_WRITE_ERRORS.labels(reason=_reason(exc)).inc()
+            metrics.AGENT_STATUS_WRITE_ERRORS.labels(reason=_reason(exc)).inc()
             self._failures += 1
             delay = retry_delay(self._failures, self.rng.uniform(0.5, 1.5))
             log.warning(
@@ -157,8 +155,7 @@ class Reporter:
                     self._urgent_since = time.monotonic()
                 self._progress_pending = True
             return
-        with held():
-            metrics.AGENT_STATUS_WRITES.inc()
+        metrics.AGENT_STATUS_WRITES.inc()
         self._written = status
         self._failures = 0
         with self._cond:

@@ -23,7 +23,6 @@ from imagewarm.platforms import Platform
 from imagewarm.reference import InvalidReference, Reference
 from proxy import metrics
 from proxy.agent import nodeimage, secrets
-from proxy.agent.forkguard import held
 from proxy.agent.nodeimage import FAILED, SUCCEEDED, Key, TagState, Task
 from proxy.agent.pins import Pins
 
@@ -102,8 +101,7 @@ class TaskRun:
                 break
             delay = nodeimage.backoff_delay(attempt - 1)
             left = nodeimage.attempt_limit(policy, started, time.monotonic())
-            with held():
-                metrics.AGENT_PULLS.labels(result="retried").inc()
+            metrics.AGENT_PULLS.labels(result="retried").inc()
             self._publish(
                 replace(self.state, message=f"attempt {attempt} of {attempts} failed: {error}; retrying"),
                 True,
@@ -155,8 +153,7 @@ class TaskRun:
         finally:
             timer.cancel()
         self.context.pins.pin(task.pin_owner, result.blob_digests)
-        with held():
-            metrics.AGENT_WARMED_BYTES.inc(result.bytes)
+        metrics.AGENT_WARMED_BYTES.inc(result.bytes)
         cached = f", {result.cached} of {result.blobs} blobs already cached" if result.cached else ""
         self._finish(
             SUCCEEDED,
@@ -182,8 +179,7 @@ class TaskRun:
     def _finish(self, phase: str, message: str, image_id: str = "") -> None:
         if self.cancelled.is_set():
             return
-        with held():
-            metrics.AGENT_PULLS.labels(result=phase.lower()).inc()
+        metrics.AGENT_PULLS.labels(result=phase.lower()).inc()
         state = replace(
             self.state,
             phase=phase,

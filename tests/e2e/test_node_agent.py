@@ -111,9 +111,11 @@ def test_a_direct_task_is_pulled_by_the_nodes_agent_and_a_pod_then_starts_from_i
     fetched = upstream.blob_gets("agent/app", since=before)
     assert sorted(fetched) == sorted(b.digest for b in image.blobs), "each blob fetched upstream once"
     proxy = nodes[node]
+    assert len(proxy.agent_pids()) == 1, "one agent per node, not one per worker"
     assert all(pins(proxy.cache_dir, b.digest) == {f"nodeimage/{name}:1"} for b in image.blobs)
     assert proxy.metric("imagewarm_agent_pulls_total", result="succeeded") >= 1
-    assert proxy.metric("imagewarm_agent_status_writes_total") >= 2  # Pulling, then Succeeded
+    # Pulling, progress and Succeeded: coalesced (a pull this fast is one write), never one per chunk.
+    assert 1 <= proxy.metric("imagewarm_agent_status_writes_total") <= 10
     assert proxy.metric("imagewarm_agent_warmed_bytes_total") >= sum(b.size for b in image.blobs)
 
     # The real kubelet of that node pulls the rewritten image from its own node's proxy: no upstream.

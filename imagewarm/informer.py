@@ -45,7 +45,8 @@ def key_of(obj: dict[str, Any]) -> str:
 
 class Informer:
     """Cache of the objects at the collection `path` (e.g. `/api/v1/namespaces` or
-    `/apis/imagewarm.io/v1alpha1/sidecarsets`). `handlers` are called on the informer's thread with
+    `/apis/imagewarm.io/v1alpha1/sidecarsets`), optionally only those matching `label_selector`
+    and `field_selector`. `handlers` are called on the informer's thread with
     ("ADDED"|"MODIFIED"|"DELETED", object) for every change, including those a relist reveals."""
 
     def __init__(
@@ -57,6 +58,7 @@ class Informer:
         watch_timeout: int = 300,
         max_backoff: float = 30.0,
         label_selector: str = "",
+        field_selector: str = "",
         handlers: tuple[Handler, ...] = (),
     ) -> None:
         self.source = source
@@ -64,7 +66,12 @@ class Informer:
         self.name = name or path
         self.watch_timeout = watch_timeout
         self.max_backoff = max_backoff
-        self.params = {"labelSelector": label_selector} if label_selector else {}
+        # Both selectors go to the list and to every watch (e.g. one object: `metadata.name=<name>`).
+        self.params = {
+            key: value
+            for key, value in (("labelSelector", label_selector), ("fieldSelector", field_selector))
+            if value
+        }
         self.handlers = handlers
         self.resource_version = ""
         self.lists = 0  # how many times the collection was listed (1 + relists)

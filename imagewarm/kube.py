@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,19 @@ from typing import Any
 import requests
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def _forget_parents_temp_files() -> None:
+    """In a forked child: the kubernetes client wrote a kubeconfig's CA, certificate and key data to
+    temporary files for its parent and deletes them at exit; a child (a gunicorn worker) inherits
+    that list, and its exit would delete files the parent still uses (the node agent in the master
+    then fails every request with "invalid path")."""
+    module = sys.modules.get("kubernetes.config.kube_config")
+    if module is not None:
+        module.__dict__["_temp_files"] = {}  # the library's own list; the child keeps its own
+
+
+os.register_at_fork(after_in_child=_forget_parents_temp_files)
 
 
 class KubeError(Exception):

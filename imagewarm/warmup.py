@@ -66,6 +66,10 @@ class NoMatchingPlatform(WarmError, LookupError):
     """A multi-platform image has no image for the wanted platform."""
 
 
+class WarmCancelled(WarmError):
+    """The caller's `cancel` event was set before the warm-up finished (what was verified stays cached)."""
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where a warm-up stands. `finished` is the digest of the blob that just completed, or None for
@@ -102,6 +106,7 @@ class WarmResult:
     blobs: int
     seconds: float
     cached: int = 0  # of `blobs`, how many the proxy already had (its X-Imagewarm-Cache: hit)
+    blob_digests: tuple[str, ...] = ()  # the config and layer blobs, each once, in pull order
 
     @property
     def mib_per_second(self) -> float:
@@ -376,13 +381,16 @@ def warm(
     parallel: int = PARALLEL_BLOBS,
     timeout: float = 60.0,
     progress_interval: float = 1.0,
+    cancel: threading.Event | None = None,
 ) -> WarmResult:
     """Pull `image` through the proxy at `proxy_url` so the proxy caches it: its manifest, the manifest
     for `platform` (this machine's by default; `platforms.ALL` for every one) when it is an index, then
     the config and layer blobs, `parallel` at a time. `authorization` is sent on every request.
 
     Raises WarmError (ProxyUnreachable, CredentialsRefused, ManifestUnknown, NoMatchingPlatform or
-    the base class) with a message that says what to do; InvalidReference for invalid text."""
+    the base class) with a message that says what to do; InvalidReference for invalid text.
+    Setting `cancel` ends the warm-up at the next chunk with WarmCancelled (a stalled transfer ends
+    at its `timeout`); the blobs the proxy verified so far stay in its cache."""
     ref = parse(image) if isinstance(image, str) else image
     wanted = platform if platform is not None else platforms.this_platform()
     report = progress or (lambda _: None)
@@ -400,8 +408,15 @@ def warm(
 
         hits: list[str] = []
 
+        def received(count: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise WarmCancelled(f"warm-up of {ref.familiar} cancelled")
+            tracker.received(count)
+
         def fetch(blob: _Blob) -> None:
-            if proxy.blob(blob, tracker.received, stop):
+            if cancel is not None and cancel.is_set():
+                raise WarmCancelled(f"warm-up of {ref.familiar} cancelled")
+            if proxy.blob(blob, received, stop):
                 hits.append(blob.digest)
             if not stop.is_set():
                 tracker.finished(blob.digest)
@@ -426,6 +441,7 @@ def warm(
         len(blobs),
         time.monotonic() - started,
         cached=len(hits),
+        blob_digests=tuple(b.digest for b in blobs),
     )
     log.info(
         "image warmed",

@@ -102,23 +102,13 @@ class Proxy:
         )
 
 
-def local_url(listen: tuple[str, int], runtime_name: str) -> str:
-    """How the node's runtime reaches this proxy: by the name pods pull from when the proxy listens on
-    every address or loopback, else at the one address it listens on (e.g. the node's IP, when nodes
-    share one network namespace as in the local cluster)."""
-    host, port = listen
-    if host in ("0.0.0.0", "::", "127.0.0.1", "localhost", "::1"):
-        return f"http://{runtime_name}"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 def _runtime_hosts(config: ProxyConfig) -> list[RuntimeHosts]:
     if not config.containerd_hosts_dir:
         return []
     directory = Path(config.containerd_hosts_dir)
     host, port = config.listen
     owner = config.node_name or f"{host}:{port}"
-    own = local_url(config.listen, config.runtime_name)
+    own = config.runtime_local_url or f"http://{config.runtime_name}"  # as the runtime reaches it
     prefix = RuntimeHosts(directory, config.runtime_name, owner, config.fallback_peers, local_url=own)
     mirrors = [
         RuntimeHosts(

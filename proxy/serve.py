@@ -1,12 +1,13 @@
 """gunicorn serving the proxy: worker processes with a thread per client connection
 (`imagewarm.worker`), metrics aggregated across them, the evictor and the startup-taint removal
-running in the master once it listens, peer discovery in each worker."""
+running in the master once it listens, and with `--node-name` the node agent's process started by
+the master (one per node); peer discovery in each worker."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
@@ -15,6 +16,9 @@ from proxy import metrics
 from proxy.cache.eviction import Evictor
 from proxy.cache.store import BlobStore
 from proxy.config import ProxyConfig
+
+if TYPE_CHECKING:
+    from proxy.agent.process import AgentProcess
 from proxy.readiness import start_taint_removal
 
 log = logging.getLogger("imagewarm.proxy.serve")
@@ -51,6 +55,7 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         self.config = config
         self.store = store
         self.stop = threading.Event()
+        self.agent: AgentProcess | None = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -69,6 +74,7 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
             "loglevel": self.config.log_level,
             "child_exit": _child_exit,
             "when_ready": self._when_ready,
+            "on_exit": self._on_exit,
             "post_worker_init": self._post_worker_init,
         }
         for key, value in settings.items():
@@ -98,6 +104,17 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         self.app.extensions["imagewarm.proxy"].write_runtime_hosts()
         if self.config.node_name:
             start_taint_removal(self.config.node_name, self.config.kubeconfig)
+            self._start_agent()
+
+    def _start_agent(self) -> None:
+        # One agent per node: its own process, started by the master (never by a worker).
+        from proxy.agent.process import AgentProcess
+
+        self.agent = AgentProcess(self.config).start()
+
+    def _on_exit(self, _server: Any) -> None:
+        if self.agent is not None:
+            self.agent.stop()
 
 
 def _child_exit(_server: Any, worker: Any) -> None:

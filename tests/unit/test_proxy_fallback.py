@@ -94,10 +94,10 @@ def test_a_mirrored_registry_lists_this_proxy_then_peers_then_the_registry_itsel
     assert "then https://ghcr.io itself" in text
 
 
-def test_the_runtime_reaches_the_proxy_by_the_prefix_unless_it_listens_on_one_address():
-    from proxy.app import local_url
-
-    assert local_url(("0.0.0.0", 7439), "localhost:7439") == "http://localhost:7439"
-    assert local_url(("127.0.0.1", 7439), "localhost:7439") == "http://localhost:7439"
-    assert local_url(("10.244.2.1", 7439), "localhost:7439") == "http://10.244.2.1:7439"
-    assert local_url(("fd00::2", 7439), "localhost:7439") == "http://[fd00::2]:7439"
+def test_a_proxy_on_one_address_is_listed_at_that_address_and_the_agent_pulls_from_itself():
+    on_node = config("--listen", "10.244.2.1:7500")
+    assert on_node.runtime_local_url == "http://10.244.2.1:7500" == on_node.own_url
+    for wildcard in ("0.0.0.0:7500", "127.0.0.1:7500"):
+        assert config("--listen", wildcard).runtime_local_url == ""  # localhost:7500 reaches it
+        assert config("--listen", wildcard).own_url == "http://127.0.0.1:7500"
+    assert config("--listen", "[::]:7500").own_url == "http://[::1]:7500"

@@ -79,4 +79,3 @@ class ControllerConfig:
     @property
     def lease_namespace(self) -> str:
         return self.leader_election_namespace or pod_namespace()
-

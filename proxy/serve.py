@@ -75,6 +75,7 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
             "child_exit": _child_exit,
             "when_ready": self._when_ready,
             "on_exit": self._on_exit,
+            "pre_fork": self._pre_fork,
             "post_worker_init": self._post_worker_init,
         }
         for key, value in settings.items():
@@ -111,6 +112,10 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         from proxy.agent.process import AgentProcess
 
         self.agent = AgentProcess(self.config).start()
+
+    def _pre_fork(self, _server: Any, _worker: Any) -> None:
+        if self.agent is not None:
+            self.agent.before_fork()
 
     def _on_exit(self, _server: Any) -> None:
         if self.agent is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
@@ -68,8 +69,9 @@ ENV = (
 # proxy (--listen 0.0.0.0:7439), webhook (8443, TLS), metrics and health (8080).
 PORTS = ("7439/tcp", "8080/tcp", "8443/tcp")
 LICENSE = "Apache-2.0"
-_FORMAT = "1"  # bump when the layers a given set of inputs produces change
-_GZIP_LEVEL = 9  # ~8% smaller than 6 for this content; costs seconds once per input change
+_FORMAT = "2"  # bump when the layers a given set of inputs produces change
+# gzip 9 makes the dependencies layer 1.8% smaller than 6, and takes 5 times longer (19 s vs 4 s).
+_GZIP_LEVEL = 6
 Progress = Callable[[str], None]
 
 
@@ -385,6 +387,27 @@ def write_tree(tar: tarfile.TarFile, root: Path) -> None:
                 tar.addfile(tar_info(name, tarfile.REGTYPE, mode, path.stat().st_size), file)
 
 
+def runtime_tree(entries: Sequence[pythonruntime.Entry], tree: Path) -> None:
+    """Layer 1 below ``tree``: the runtime ``entries``, the standard library compiled."""
+    stage(entries, tree)
+    compile_tree(tree, "usr/lib/python3.11")
+
+
+def dependencies_tree(wheels: Sequence[Path], tree: Path) -> None:
+    """Layer 2 below ``tree``: ``wheels`` installed and compiled."""
+    for wheel in wheels:
+        install_wheel(wheel, tree)
+    compile_tree(tree, pythonruntime.SITE_PACKAGES)
+
+
+def imagewarm_tree(root: Path, files: Sequence[str], tree: Path) -> None:
+    """Layer 3 below ``tree``: the wheel of ``files`` of ``root`` installed, with its console script,
+    and compiled."""
+    with tempfile.TemporaryDirectory(prefix="iw-wheel-") as out:
+        install_wheel(build_wheel(root, files, Path(out)), tree, console_scripts=True)
+    compile_tree(tree, pythonruntime.SITE_PACKAGES)
+
+
 def _tree_layer(builder: ImageBuilder, key: str, fill: Callable[[Path], None]) -> Layer:
     def write(tar: tarfile.TarFile) -> None:
         with tempfile.TemporaryDirectory(prefix="iw-layer-") as tmp:
@@ -441,34 +464,16 @@ def build_product_image(
     with tempfile.TemporaryDirectory(prefix="iw-so-") as tmp:
         entries = pythonruntime.runtime_entries(_extension_modules(wheels, Path(tmp)), provided=[Path(tmp)])
 
-    def fill_runtime(tree: Path) -> None:
-        stage(entries, tree)
-        compile_tree(tree, "usr/lib/python3.11")
-
     runtime_key = f"product-runtime-{_digest(e.signature() for e in entries)}"
-    make("runtime", runtime_key, f"{pythonruntime.PYTHON} and {len(entries)} files", fill_runtime)
-
-    def fill_dependencies(tree: Path) -> None:
-        for wheel in wheels:
-            install_wheel(wheel, tree)
-        compile_tree(tree, pythonruntime.SITE_PACKAGES)
-
+    runtime = functools.partial(runtime_tree, entries)
+    make("runtime", runtime_key, f"{pythonruntime.PYTHON} and {len(entries)} files", runtime)
     wheel_hashes = [f"{w.name} {hashlib.sha256(w.read_bytes()).hexdigest()}" for w in wheels]
-    make("dependencies", f"product-deps-{_digest(wheel_hashes)}", f"{len(wheels)} wheels", fill_dependencies)
+    dependencies = functools.partial(dependencies_tree, wheels)
+    make("dependencies", f"product-deps-{_digest(wheel_hashes)}", f"{len(wheels)} wheels", dependencies)
     files = source_files(root)
-
-    def fill_imagewarm(tree: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="iw-wheel-") as out:
-            install_wheel(build_wheel(root, files, Path(out)), tree, console_scripts=True)
-        compile_tree(tree, pythonruntime.SITE_PACKAGES)
-
     source_hashes = [f"{n} {hashlib.sha256((root / n).read_bytes()).hexdigest()}" for n in files]
-    make(
-        "imagewarm",
-        f"product-app-{_digest(source_hashes)}",
-        f"its wheel ({len(files)} files)",
-        fill_imagewarm,
-    )
+    app = functools.partial(imagewarm_tree, root, files)
+    make("imagewarm", f"product-app-{_digest(source_hashes)}", f"its wheel ({len(files)} files)", app)
     image = builder.assemble(layers, image_config(version, revision(root)))
     archive = builder.workdir / "product" / f"imagewarm-{version}-{image.digest[7:19]}.tar"
     product = ProductImage(archive=archive, repository=REPOSITORY, tag=version, digest=image.digest,

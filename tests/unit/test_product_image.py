@@ -52,7 +52,8 @@ def test_layer_entries_are_sorted_root_owned_and_have_normalised_modes(tmp_path:
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         productimage.write_tree(tar, root)
     buffer.seek(0)
-    members = {m.name: m for m in tarfile.open(fileobj=buffer)}
+    with tarfile.open(fileobj=buffer) as tar:
+        members = {m.name: m for m in tar}
     names = list(members)
     assert names == sorted(names)
     assert members["usr/bin/tool"].mode == 0o755 and members["etc/passwd"].mode == 0o644

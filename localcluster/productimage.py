@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.requirements import Requirement
 from packaging.tags import sys_tags
@@ -51,6 +51,9 @@ from packaging.version import Version
 from imagewarm.command import table
 from localcluster import binaries, pythonruntime
 from localcluster.images import Image, ImageBuilder, Layer, tar_info, write_oci_archive
+
+if TYPE_CHECKING:
+    from localcluster.cluster import Cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = "imagewarm"
@@ -481,6 +484,7 @@ def build_product_image(
                            uncompressed_sizes=tuple(layer.tar_size for layer in layers))  # fmt: skip
     if not archive.exists():
         write_oci_archive(image, archive, product.name)
+        _prune_archives(archive.parent, keep=archive)
     if output is not None:
         target = Path(output).resolve()
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -490,7 +494,17 @@ def build_product_image(
     return product
 
 
-def import_into(cluster: Any, image: ProductImage) -> None:
+def _prune_archives(directory: Path, keep: Path, newest: int = 4, older_than: float = 3600) -> None:
+    """Delete cached archives but the ``newest`` few (each commit makes one: its revision label),
+    sparing any written in the last ``older_than`` seconds (another build may be importing it)."""
+    archives = sorted(directory.glob("imagewarm-*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
+    cutoff = time.time() - older_than
+    for old in archives[newest:]:
+        if old != keep and old.stat().st_mtime < cutoff:
+            old.unlink(missing_ok=True)
+
+
+def import_into(cluster: Cluster, image: ProductImage) -> None:
     """Import ``image`` into the ``k8s.io`` namespace of every node's containerd of
     ``cluster`` (a ``localcluster.cluster.Cluster``), unpacked for the native snapshotter, so pods
     with ``image: <image.reference>`` and ``imagePullPolicy: IfNotPresent`` (or Never) start without

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import dataclasses
 import functools
 import hashlib
@@ -69,7 +70,7 @@ ENV = (
     "PYTHONUNBUFFERED=1",
     "PYTHONDONTWRITEBYTECODE=1",
 )
-# proxy (--listen 0.0.0.0:7439), webhook (8443, TLS), metrics and health (8080).
+# proxy (--listen 0.0.0.0:7439), webhook (8443, TLS), the controller's metrics and health (8080).
 PORTS = ("7439/tcp", "8080/tcp", "8443/tcp")
 LICENSE = "Apache-2.0"
 _FORMAT = "2"  # bump when the layers a given set of inputs produces change
@@ -219,7 +220,8 @@ def pinned_dependencies(requires: Sequence[str]) -> dict[str, str]:
             child = Requirement(text)
             contexts = ["", *sorted(extras)]
             if child.marker is None or any(child.marker.evaluate({"extra": e}) for e in contexts):
-                queue.append((Requirement(str(child).split(";")[0]), ""))
+                child.marker = None  # evaluated here, in its parent's extras
+                queue.append((child, ""))
     return dict(sorted(pins.items()))
 
 
@@ -271,10 +273,8 @@ def install_wheel(wheel: Path, root: Path, *, console_scripts: bool = False) -> 
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         dist_info = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
-        record = {}
-        for line in archive.read(f"{dist_info}/RECORD").decode().splitlines():
-            path, _, rest = line.partition(",")
-            record[path] = rest.partition(",")[0]
+        rows = csv.reader(archive.read(f"{dist_info}/RECORD").decode().splitlines())
+        record = {row[0]: row[1] for row in rows if len(row) >= 2}
         for info in archive.infolist():
             name = info.filename
             if name.endswith("/"):

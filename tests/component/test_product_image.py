@@ -8,6 +8,9 @@ import gzip
 import hashlib
 import io
 import marshal
+import os
+import subprocess
+import sys
 import tarfile
 import time
 import uuid
@@ -193,3 +196,17 @@ def test_each_layers_diff_id_is_the_sha256_of_its_uncompressed_tar(product_image
                 digest.update(chunk)
                 total += len(chunk)
         assert ("sha256:" + digest.hexdigest(), total) == (diff_id, size)
+
+
+def test_dev_sh_image_writes_the_archive_where_asked_and_prints_a_summary(
+    product_image: ProductImage, tmp_path: Path
+) -> None:
+    output = tmp_path / "out" / "image.tar"
+    env = {**os.environ, "PYTHONPATH": str(productimage.ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "localcluster.productimage", "--output", str(output)],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert output.read_bytes() == product_image.archive.read_bytes()
+    assert f"reference        {product_image.reference}" in proc.stdout
+    assert product_image.digest in proc.stdout and str(output) in proc.stdout
+    assert "layer 3/3 imagewarm" in proc.stderr  # progress on stderr, the summary on stdout

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from localcluster import productimage
+from localcluster import binaries, productimage
 from localcluster.containerd import Containerd
 from localcluster.images import Blob, ImageBuilder, push
 from localcluster.processes import free_ports
@@ -210,3 +210,49 @@ def test_dev_sh_image_writes_the_archive_where_asked_and_prints_a_summary(
     assert f"reference        {product_image.reference}" in proc.stdout
     assert product_image.digest in proc.stdout and str(output) in proc.stdout
     assert "layer 3/3 imagewarm" in proc.stderr  # progress on stderr, the summary on stdout
+
+
+def test_the_containerfiles_build_script_gives_the_same_trees_as_dev_sh_image(tmp_path: Path) -> None:
+    """The Containerfile's build stage, run here as it would run in debian:12-slim (Debian's
+    python3.11 and pip, the dependency versions pinned to the ones ./dev.sh image uses), installs
+    byte for byte the files ./dev.sh image does, but for pip's own records and script template."""
+    from tests.unit.test_containerfile import CONTAINERFILE, parse
+
+    _, stages = parse(CONTAINERFILE.read_text())
+    (script,) = [a for i, a in stages[0].instructions if i == "RUN" and "pip wheel" in a]
+    for directory in ("/wheels", "/deps", "/app"):
+        script = script.replace(f" {directory}", f" {tmp_path}{directory}").replace(
+            f'"{directory}', f'"{tmp_path}{directory}'
+        )
+    source = tmp_path / "src"
+    files = productimage.source_files()
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((productimage.ROOT / name).read_bytes())
+    pins = productimage.pinned_dependencies(productimage.project()["dependencies"])
+    (tmp_path / "constraints.txt").write_text("".join(f"{n}=={v}\n" for n, v in pins.items()))
+    wheelhouse = binaries.cache_root() / "images" / "wheels"
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "PIP_CONSTRAINT": str(tmp_path / "constraints.txt"),
+           "PIP_FIND_LINKS": str(wheelhouse), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # fmt: skip
+    proc = subprocess.run(
+        ["sh", "-ec", script], cwd=source, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ours = tmp_path / "ours"
+    productimage.dependencies_tree(productimage.dependency_wheels(pins, wheelhouse, print), ours / "deps")
+    productimage.imagewarm_tree(productimage.ROOT, files, ours / "app")
+    pip_records = {"INSTALLER", "RECORD", "REQUESTED", "direct_url.json"}
+    for tree in ("deps", "app"):
+        theirs = {str(p.relative_to(tmp_path / tree)): p for p in (tmp_path / tree).rglob("*") if p.is_file()}
+        mine = {str(p.relative_to(ours / tree)): p for p in (ours / tree).rglob("*") if p.is_file()}
+        compared = {n for n in theirs if Path(n).name not in pip_records and n != "usr/local/bin/imagewarm"}
+        assert compared == {
+            n for n in mine if Path(n).name not in pip_records and n != "usr/local/bin/imagewarm"
+        }
+        different = [n for n in sorted(compared) if theirs[n].read_bytes() != mine[n].read_bytes()]
+        assert not different, f"{tree}: {different[:10]}"
+    script_text = (tmp_path / "app/usr/local/bin/imagewarm").read_text()
+    assert (
+        script_text.startswith("#!/usr/bin/python3.11\n") and "from imagewarm.cli import main" in script_text
+    )

@@ -39,6 +39,7 @@ import time
 import tomllib
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -54,7 +55,7 @@ from localcluster import binaries, pythonruntime
 from localcluster.images import Image, ImageBuilder, Layer, tar_info, write_oci_archive
 
 if TYPE_CHECKING:
-    from localcluster.cluster import Cluster
+    from localcluster.cluster import Cluster, Node
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = "imagewarm"
@@ -505,17 +506,22 @@ def _prune_archives(directory: Path, keep: Path, newest: int = 4, older_than: fl
 
 
 def import_into(cluster: Cluster, image: ProductImage) -> None:
-    """Import ``image`` into the ``k8s.io`` namespace of every node's containerd of
-    ``cluster`` (a ``localcluster.cluster.Cluster``), unpacked for the native snapshotter, so pods
-    with ``image: <image.reference>`` and ``imagePullPolicy: IfNotPresent`` (or Never) start without
-    a pull. Raises ContainerdError when a node refuses it."""
-    for node in cluster.nodes:
+    """Import ``image`` into the ``k8s.io`` namespace of every node's containerd (all nodes at once;
+    unpacked for the native snapshotter, about 7 s each here), so pods with
+    ``image: <image.reference>`` and ``imagePullPolicy: IfNotPresent`` (or Never) start without a
+    pull. Raises ContainerdError when a node refuses it, ProductImageError when it is not listed."""
+
+    def one(node: Node) -> None:
         node.containerd.ctr(
             "images", "import", "--snapshotter", "native", str(image.archive), namespace="k8s.io"
         )
         listed = node.containerd.ctr("images", "ls", "-q", namespace="k8s.io").stdout.split()
         if image.name not in listed:
             raise ProductImageError(f"{node.name}: {image.name} not listed after the import: {listed}")
+
+    with ThreadPoolExecutor(max_workers=len(cluster.nodes) or 1) as pool:
+        for done in [pool.submit(one, node) for node in cluster.nodes]:
+            done.result()
 
 
 def summary(image: ProductImage) -> str:

@@ -358,11 +358,11 @@ def desired_status(
     tasks = tuple(tasks)
     succeeded = [t for t in tasks if t.phase == "Succeeded"]
     nodes = sorted(usage.nodes | {t.node for t in succeeded})
-    digest = reference.digest
+    digest: str | None = reference.digest
     if digest is None:
         from_tasks = sorted({t.image_id for t in succeeded if t.image_id})
         from_pods = sorted(usage.digests)
-        digest = (from_tasks or from_pods or [stored.get("digest")])[0]
+        digest = (from_tasks or from_pods or [str(stored.get("digest") or "")])[0] or None
     status: dict[str, Any] = {
         "usedBy": {"count": usage.count, "pods": list(usage.pods[:LISTED_PODS])},
         "nodes": nodes,

@@ -32,7 +32,8 @@ def slim_node(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
-    """namespace, name, uid, labels, annotations the controller reads, node, phase, images."""
+    """namespace, name, uid, labels, annotations the controller reads, node, phase, images, and
+    the imageID (digest) of each container status."""
     spec = pod.get("spec") or {}
     metadata = _metadata(pod, "namespace", "name", "uid", "resourceVersion", "labels", "deletionTimestamp")
     original = ((pod.get("metadata") or {}).get("annotations") or {}).get(api.ORIGINAL_IMAGES_ANNOTATION)
@@ -42,15 +43,24 @@ def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
     def images(key: str) -> list[dict[str, str]]:
         return [{"name": c.get("name", ""), "image": c.get("image", "")} for c in spec.get(key) or []]
 
-    return {
+    status = pod.get("status") or {}
+    slim = {
         "metadata": metadata,
         "spec": {
             "nodeName": spec.get("nodeName", ""),
             "containers": images("containers"),
             "initContainers": images("initContainers"),
         },
-        "status": {"phase": (pod.get("status") or {}).get("phase", "")},
+        "status": {"phase": status.get("phase", "")},
     }
+    if spec.get("ephemeralContainers"):
+        slim["spec"]["ephemeralContainers"] = images("ephemeralContainers")
+    for key in ("containerStatuses", "initContainerStatuses"):
+        if status.get(key):  # the digest each image resolved to (CachedImage status.digest)
+            slim["status"][key] = [
+                {"name": c.get("name", ""), "imageID": c.get("imageID", "")} for c in status[key]
+            ]
+    return slim
 
 
 @dataclass(frozen=True)

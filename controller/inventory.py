@@ -2,8 +2,8 @@
 
 Pure logic for the CachedImage reconciler (`controller.cachedimages`): no API calls here.
 
-- `slim_pod` is the Pod informer's transform: only the fields the inventory reads are kept, so
-  50,000 pods cost a few MiB, not whole objects.
+- The Pod cache holds `controller.caches.slim_pod` (what `pod_use` reads: images, the
+  original-images annotation, node, phase, container statuses' imageIDs), not whole objects.
 - `PodIndex` and `TaskIndex` map an image reference to its users and to its NodeImage tasks. They
   are *derived from the informer caches*: each event replaces everything known about one object
   (set semantics), so a count is always the number of pods in the cache, whatever events came,
@@ -31,30 +31,6 @@ LISTED_PODS = 10
 _CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 _STATUS_LISTS = ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses")
 _TERMINAL_PHASES = ("Succeeded", "Failed")
-
-
-def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
-    """The Pod informer's transform: namespace, name, uid, resourceVersion, deletionTimestamp, the
-    original-images annotation, nodeName, phase, every container's name and image, and each
-    container status's name and imageID (the digest the kubelet pulled)."""
-    metadata = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    status = pod.get("status") or {}
-    slim_metadata = {k: metadata[k] for k in ("namespace", "name", "uid", "resourceVersion") if k in metadata}
-    if metadata.get("deletionTimestamp"):
-        slim_metadata["deletionTimestamp"] = metadata["deletionTimestamp"]
-    original = (metadata.get("annotations") or {}).get(api.ORIGINAL_IMAGES_ANNOTATION)
-    if original is not None:
-        slim_metadata["annotations"] = {api.ORIGINAL_IMAGES_ANNOTATION: original}
-    slim_spec: dict[str, Any] = {"nodeName": spec.get("nodeName") or ""}
-    for field in _CONTAINER_LISTS:
-        if spec.get(field):
-            slim_spec[field] = [{"name": c.get("name"), "image": c.get("image")} for c in spec[field]]
-    slim_status: dict[str, Any] = {"phase": status.get("phase") or ""}
-    for field in _STATUS_LISTS:
-        if status.get(field):
-            slim_status[field] = [{"name": c.get("name"), "imageID": c.get("imageID")} for c in status[field]]
-    return {"metadata": slim_metadata, "spec": slim_spec, "status": slim_status}
 
 
 @dataclass(frozen=True)
@@ -228,6 +204,14 @@ class PodIndex:
 # NodeImage tasks
 
 
+def _discard(index: dict[Any, set[str]], key: Any, member: str) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(member)
+        if not members:
+            del index[key]
+
+
 def task_reference(name: str, tag: str) -> str | None:
     """The canonical reference of NodeImage entry `name` (`docker.io/library/nginx`) with tag `tag`
     (a digest for a digest-pinned image, DESIGN.md "Control plane"); None when it does not parse."""
@@ -290,7 +274,12 @@ class TaskIndex:
     def __init__(self) -> None:
         self._nodes: dict[str, dict[str, NodeTask]] = {}
         self._by_image: dict[str, set[str]] = {}
+        self._by_owner: dict[tuple[str, str], set[str]] = {}  # (kind, name) -> nodes
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _owners(tasks: Mapping[str, NodeTask]) -> set[tuple[str, str]]:
+        return {(str(o.get("kind")), str(o.get("name"))) for t in tasks.values() for o in t.owners}
 
     def apply(self, kind: str, nodeimage: Mapping[str, Any]) -> set[str]:
         """Record the NodeImage as the event leaves it; returns the references whose tasks changed."""
@@ -299,15 +288,15 @@ class TaskIndex:
         with self._lock:
             old = self._nodes.pop(node, {})
             for reference in old:
-                nodes = self._by_image.get(reference)
-                if nodes is not None:
-                    nodes.discard(node)
-                    if not nodes:
-                        del self._by_image[reference]
+                _discard(self._by_image, reference, node)
+            for owner in self._owners(old):
+                _discard(self._by_owner, owner, node)
             if tasks:
                 self._nodes[node] = tasks
             for reference in tasks:
                 self._by_image.setdefault(reference, set()).add(node)
+            for owner in self._owners(tasks):
+                self._by_owner.setdefault(owner, set()).add(node)
         return {r for r in old.keys() | tasks.keys() if old.get(r) != tasks.get(r)}
 
     def tasks(self, reference: str) -> tuple[NodeTask, ...]:
@@ -318,10 +307,11 @@ class TaskIndex:
     def owned_by(self, kind: str, name: str) -> list[tuple[str, str, Mapping[str, Any]]]:
         """(node, reference, owner) for every task owned by an object of `kind` named `name`."""
         with self._lock:
+            nodes = sorted(self._by_owner.get((kind, name), ()))
             return [
                 (node, reference, owner)
-                for node, tasks in sorted(self._nodes.items())
-                for reference, task in tasks.items()
+                for node in nodes
+                for reference, task in self._nodes[node].items()
                 for owner in task.owners
                 if owner.get("kind") == kind and owner.get("name") == name
             ]

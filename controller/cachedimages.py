@@ -39,6 +39,7 @@ log = logging.getLogger("imagewarm.controller.cachedimages")
 
 NAME = "cachedimages"
 MISSING_NODEIMAGE_RECHECK = 5.0
+POD_EVENT_DELAY = 1.0
 MEASURE_RETRY = 300.0  # a failed size lookup is tried again after this long
 MANAGED_BY = {"app.kubernetes.io/managed-by": "imagewarm-controller"}
 
@@ -306,15 +307,19 @@ class CachedImageReconciler:
 def create(ctx: Context) -> CachedImageReconciler:
     reconciler = CachedImageReconciler(ctx)
 
-    def feed(keys: Callable[[str, dict[str, Any]], list[str]]) -> Callable[[str, dict[str, Any]], None]:
+    def feed(
+        keys: Callable[[str, dict[str, Any]], list[str]], after: float = 0.0
+    ) -> Callable[[str, dict[str, Any]], None]:
         def handler(kind: str, obj: dict[str, Any]) -> None:
             for key in keys(kind, obj):
-                ctx.runner.enqueue(NAME, key)
+                ctx.runner.enqueue(NAME, key, after)
 
         return handler
 
-    # The indexes are updated on the informers' threads before the keys are queued.
-    ctx.caches["pods"].add_handler(feed(reconciler.on_pod))
+    # The indexes are updated on the informers' threads before the keys are queued. Pod events
+    # wait POD_EVENT_DELAY: a key already waiting is not queued twice, so a Deployment's burst of
+    # pod events is one reconcile of its image per delay, not one per pod.
+    ctx.caches["pods"].add_handler(feed(reconciler.on_pod, POD_EVENT_DELAY))
     ctx.caches["nodeimages"].add_handler(feed(reconciler.on_nodeimage))
     ctx.caches["cachedimages"].add_handler(feed(reconciler.on_cached_image))
     ctx.resync[NAME] = reconciler.all_keys

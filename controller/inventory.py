@@ -17,7 +17,9 @@ original in the `imagewarm.io/original-images` annotation (container name -> ori
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -41,6 +43,12 @@ class ImageUse:
     reference: str
     proxied: bool
     digest: str | None = None
+
+
+@functools.lru_cache(maxsize=65536)
+def _image_use(reference: str, proxied: bool, digest: str | None) -> ImageUse:
+    """One shared ImageUse per distinct value (a Deployment's pods all hold the same one)."""
+    return ImageUse(reference, proxied, digest)
 
 
 @dataclass(frozen=True)
@@ -119,10 +127,10 @@ def pod_use(pod: Mapping[str, Any]) -> PodUse | None:
             if found is None:
                 continue
             ref, proxied = found
-            key = str(ref)
+            key = sys.intern(str(ref))  # thousands of pods share one reference: one copy
             previous = uses.get(key)
             digest = digests.get(name) or (previous.digest if previous else None)
-            uses[key] = ImageUse(key, proxied or bool(previous and previous.proxied), digest)
+            uses[key] = _image_use(key, proxied or bool(previous and previous.proxied), digest)
     if not uses:
         return None
     key = f"{metadata.get('namespace')}/{metadata.get('name')}"

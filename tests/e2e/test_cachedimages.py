@@ -191,6 +191,13 @@ def test_counts_follow_a_deployment_scaling_and_the_unused_image_expires(
     unused = used_by(cluster, image, 0)
     assert unused["status"]["usedBy"]["pods"] == []
     wait_for("the unused CachedImage deleted after its TTL", lambda: cached_image(cluster, image) is None)
+    name = unused["metadata"]["name"]
+
+    def reasons() -> set[str]:
+        events = get(cluster, "-n", "default", "events", "--field-selector", f"involvedObject.name={name}")
+        return {e["reason"] for e in (events or {}).get("items", [])}
+
+    wait_for("the Unused and Expired Events of the CachedImage", lambda: {"Unused", "Expired"} <= reasons())
 
 
 def test_expires_at_is_set_once_kept_across_a_restart_and_a_returning_pod_clears_it(

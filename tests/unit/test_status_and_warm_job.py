@@ -181,3 +181,20 @@ def test_the_exit_rule_is_every_node_of_every_job_succeeded() -> None:
     nothing = {"status": {"completionTime": "t", "desired": 0}}
     assert not warmjob.succeeded([nothing], [])
     assert not warmjob.finished([done, {"status": {"desired": 1}}])
+
+
+def test_status_without_a_usable_kubeconfig_exits_2_saying_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["status", "--kubeconfig", "/nonexistent/kubeconfig"]) == 2
+    assert "cannot use kubeconfig /nonexistent/kubeconfig" in capsys.readouterr().err
+
+
+def test_cluster_mode_refuses_direct_mode_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["warm", "nginx", "--kubeconfig", "/k", "--docker-config", "/d"]
+    assert cli.main(argv) == 2
+    assert "--docker-config is for direct mode" in capsys.readouterr().err
+    argv = ["warm", "nginx", "--kubeconfig", "/k", "--namespace", "a", "--pull-secret", "b/cred"]
+    assert cli.main(argv) == 2
+    assert "a job's pull secrets are Secrets in its own namespace (a)" in capsys.readouterr().err
+    argv = ["warm", "nginx", "--proxy", "http://127.0.0.1:1", "--nodes", "n1"]
+    assert cli.main(argv) == 2
+    assert "are for cluster mode" in capsys.readouterr().err

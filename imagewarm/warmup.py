@@ -192,6 +192,8 @@ class _Proxy:
         self.headers = {"User-Agent": f"imagewarm/{__version__} (warm)"}
         if authorization:
             self.headers["Authorization"] = authorization
+        self.answered = False
+        self.first_cache: str | None = None
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -241,11 +243,15 @@ class _Proxy:
             yield response
 
     def manifest(self, identifier: str, expected: str | None) -> tuple[str, str, dict[str, Any]]:
-        """(digest, media type, document) of a manifest, its bytes checked against `expected`."""
+        """(digest, media type, document) of a manifest, its bytes checked against `expected`.
+        The first manifest's X-Imagewarm-Cache answer is kept in `first_cache`."""
         what = f"manifest {identifier}"
         with self.get("manifests", identifier, what, ", ".join(MANIFEST_TYPES)) as response:
             data = self._read(response, what)
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            if not self.answered:
+                self.answered = True
+                self.first_cache = response.headers.get(protocol.CACHE_HEADER)
         digest = _digest_of(data, expected)
         if expected and digest != expected:
             raise WarmError(
@@ -455,3 +461,40 @@ def warm(
         },
     )
     return result
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What an image's manifests say, read through a proxy: `digest` what the reference resolved
+    to, `size` the bytes of config and layers for the platform, `cache` the proxy's
+    X-Imagewarm-Cache answer for the first manifest (`stale`: the upstream failed; `miss`: it
+    answered just now; `hit`: the proxy did not ask it)."""
+
+    digest: str
+    size: int
+    cache: str | None
+
+
+def measure(
+    image: Reference | str,
+    proxy_url: str,
+    *,
+    platform: Platform | str | None = None,
+    authorization: str | None = None,
+    timeout: float = 30.0,
+) -> Measurement:
+    """Read `image`'s manifest (and, for an index, the platform's) through the proxy, without its
+    blobs. Raises WarmError as `warm` does."""
+    ref = parse(image) if isinstance(image, str) else image
+    wanted = platform if platform is not None else platforms.this_platform()
+    try:
+        proxied_path(ref, "manifests", manifest_identifier(ref))
+    except Unproxiable as exc:
+        raise WarmError(f"{ref.familiar} cannot be pulled through the proxy: {exc}") from None
+    proxy = _Proxy(proxy_url, ref, authorization, timeout)
+    try:
+        digest, manifests = _resolve(proxy, manifest_identifier(ref), ref.digest, wanted)
+        size = sum(blob.size for blob in _blobs(ref, manifests))
+    finally:
+        proxy.close()
+    return Measurement(digest, size, proxy.first_cache)

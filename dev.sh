@@ -4,12 +4,15 @@
 #   ./dev.sh test [ARGS]   lint, type and layer checks, then the whole test suite (unit, component, e2e)
 #   ./dev.sh setup         only the set-up: Debian packages, the Python package, the Go-built binaries
 #   ./dev.sh bench         the benchmarks in bench/ (ratio tables)
+#   ./dev.sh image [--output FILE]  the product image, built here without pulling, as an OCI archive
+#                          for `ctr -n k8s.io images import` (default: dist/imagewarm-<version>.tar)
 # Needs root (bridges, mounts and iptables for the local cluster) and Go >= 1.25 on PATH.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DEBIAN_PACKAGES=(runc docker-registry skopeo busybox-static containernetworking-plugins openssl
-                 iproute2 iptables conntrack nginx-light apache2-utils strace)
+                 iproute2 iptables conntrack nginx-light apache2-utils strace
+                 python3.11 ca-certificates)  # the last two: the product image's runtime (./dev.sh image)
 PYTHON=${PYTHON:-python3}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -61,6 +64,7 @@ case "${1:-}" in
     setup) setup ;;
     demo) shift; setup; exec "$PYTHON" -m imagewarm demo "$@" ;;
     test) shift; setup; run_tests "$@" ;;
+    image) shift; setup_debian; setup_python; exec "$PYTHON" -m localcluster.productimage "$@" ;;
     bench) shift; setup; for b in bench/*_bench.py; do say "$b"; "$PYTHON" "$b" "$@"; done ;;
-    *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -21,12 +21,9 @@ REGISTERED = ("proxy", "webhook", "controller", "demo")
 
 def _builtin_commands() -> dict[str, Command]:
     # Imported here so `imagewarm --help` stays fast.
-    from imagewarm import warmcommand
+    from imagewarm import statuscommand, warmcommand
 
-    return {
-        "warm": warmcommand.command,
-        "status": not_landed("imagewarm status", "the controller issue"),
-    }
+    return {"warm": warmcommand.command, "status": statuscommand.command}
 
 
 def _commands() -> dict[str, Command]:

@@ -66,6 +66,10 @@ class NoMatchingPlatform(WarmError, LookupError):
     """A multi-platform image has no image for the wanted platform."""
 
 
+class WarmCancelled(WarmError):
+    """The caller's `cancel` event was set before the warm-up finished (what was verified stays cached)."""
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where a warm-up stands. `finished` is the digest of the blob that just completed, or None for
@@ -102,6 +106,7 @@ class WarmResult:
     blobs: int
     seconds: float
     cached: int = 0  # of `blobs`, how many the proxy already had (its X-Imagewarm-Cache: hit)
+    blob_digests: tuple[str, ...] = ()  # the config and layer blobs, each once, in pull order
 
     @property
     def mib_per_second(self) -> float:
@@ -187,6 +192,8 @@ class _Proxy:
         self.headers = {"User-Agent": f"imagewarm/{__version__} (warm)"}
         if authorization:
             self.headers["Authorization"] = authorization
+        self.answered = False
+        self.first_cache: str | None = None
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -236,11 +243,15 @@ class _Proxy:
             yield response
 
     def manifest(self, identifier: str, expected: str | None) -> tuple[str, str, dict[str, Any]]:
-        """(digest, media type, document) of a manifest, its bytes checked against `expected`."""
+        """(digest, media type, document) of a manifest, its bytes checked against `expected`.
+        The first manifest's X-Imagewarm-Cache answer is kept in `first_cache`."""
         what = f"manifest {identifier}"
         with self.get("manifests", identifier, what, ", ".join(MANIFEST_TYPES)) as response:
             data = self._read(response, what)
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            if not self.answered:
+                self.answered = True
+                self.first_cache = response.headers.get(protocol.CACHE_HEADER)
         digest = _digest_of(data, expected)
         if expected and digest != expected:
             raise WarmError(
@@ -376,13 +387,16 @@ def warm(
     parallel: int = PARALLEL_BLOBS,
     timeout: float = 60.0,
     progress_interval: float = 1.0,
+    cancel: threading.Event | None = None,
 ) -> WarmResult:
     """Pull `image` through the proxy at `proxy_url` so the proxy caches it: its manifest, the manifest
     for `platform` (this machine's by default; `platforms.ALL` for every one) when it is an index, then
     the config and layer blobs, `parallel` at a time. `authorization` is sent on every request.
 
     Raises WarmError (ProxyUnreachable, CredentialsRefused, ManifestUnknown, NoMatchingPlatform or
-    the base class) with a message that says what to do; InvalidReference for invalid text."""
+    the base class) with a message that says what to do; InvalidReference for invalid text.
+    Setting `cancel` ends the warm-up at the next chunk with WarmCancelled (a stalled transfer ends
+    at its `timeout`); the blobs the proxy verified so far stay in its cache."""
     ref = parse(image) if isinstance(image, str) else image
     wanted = platform if platform is not None else platforms.this_platform()
     report = progress or (lambda _: None)
@@ -400,8 +414,15 @@ def warm(
 
         hits: list[str] = []
 
+        def received(count: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise WarmCancelled(f"warm-up of {ref.familiar} cancelled")
+            tracker.received(count)
+
         def fetch(blob: _Blob) -> None:
-            if proxy.blob(blob, tracker.received, stop):
+            if cancel is not None and cancel.is_set():
+                raise WarmCancelled(f"warm-up of {ref.familiar} cancelled")
+            if proxy.blob(blob, received, stop):
                 hits.append(blob.digest)
             if not stop.is_set():
                 tracker.finished(blob.digest)
@@ -426,6 +447,7 @@ def warm(
         len(blobs),
         time.monotonic() - started,
         cached=len(hits),
+        blob_digests=tuple(b.digest for b in blobs),
     )
     log.info(
         "image warmed",
@@ -439,3 +461,40 @@ def warm(
         },
     )
     return result
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What an image's manifests say, read through a proxy: `digest` what the reference resolved
+    to, `size` the bytes of config and layers for the platform, `cache` the proxy's
+    X-Imagewarm-Cache answer for the first manifest (`stale`: the upstream failed; `miss`: it
+    answered just now; `hit`: the proxy did not ask it)."""
+
+    digest: str
+    size: int
+    cache: str | None
+
+
+def measure(
+    image: Reference | str,
+    proxy_url: str,
+    *,
+    platform: Platform | str | None = None,
+    authorization: str | None = None,
+    timeout: float = 30.0,
+) -> Measurement:
+    """Read `image`'s manifest (and, for an index, the platform's) through the proxy, without its
+    blobs. Raises WarmError as `warm` does."""
+    ref = parse(image) if isinstance(image, str) else image
+    wanted = platform if platform is not None else platforms.this_platform()
+    try:
+        proxied_path(ref, "manifests", manifest_identifier(ref))
+    except Unproxiable as exc:
+        raise WarmError(f"{ref.familiar} cannot be pulled through the proxy: {exc}") from None
+    proxy = _Proxy(proxy_url, ref, authorization, timeout)
+    try:
+        digest, manifests = _resolve(proxy, manifest_identifier(ref), ref.digest, wanted)
+        size = sum(blob.size for blob in _blobs(ref, manifests))
+    finally:
+        proxy.close()
+    return Measurement(digest, size, proxy.first_cache)

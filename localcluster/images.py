@@ -173,13 +173,17 @@ class _SeededBytes(io.RawIOBase):
 
 
 @dataclass(frozen=True)
-class _Layer:
+class Layer:
+    """A built layer blob: ``digest`` and ``size`` of the blob as stored, ``diff_id`` and
+    ``tar_size`` of its uncompressed tar (0 when recorded by an older build)."""
+
     digest: str
     size: int
     diff_id: str
+    tar_size: int = 0
 
 
-def _tar_info(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:
+def tar_info(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:
     """A tar header with everything that could vary between machines pinned (mtime 0, root)."""
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.size, info.linkname = kind, mode, size, link
@@ -294,6 +298,27 @@ class ImageBuilder:
         self._store_bytes(manifest)
         return Index(manifest, str(document["mediaType"]), _sha256(manifest), dict(images))
 
+    def _layer_record(self, key: str, compressed: bool) -> Path:
+        return self.workdir / "layers" / f"v{_FORMAT}-{key}-{'gz' if compressed else 'tar'}.json"
+
+    def has_layer(self, key: str) -> bool:
+        """Whether :meth:`layer` has built ``key`` already (so asking again costs nothing)."""
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            return self.blob_path(json.loads(self._layer_record(key, True).read_text())["digest"]).is_file()
+        return False
+
+    def layer(self, key: str, write_tree: Callable[[tarfile.TarFile], None], *, level: int = 6) -> Layer:
+        """A gzipped layer whose tar ``write_tree`` writes (entries made with :func:`tar_info`), built
+        once per ``key``: the key must change whenever the tree would."""
+        return self._layer(key, write_tree, True, level)
+
+    def assemble(
+        self, layers: Sequence[Layer], config: dict[str, Any], *, platform: str | None = None
+    ) -> Image:
+        """An OCI image of gzipped ``layers`` (bottom first) with this image ``config`` (Entrypoint,
+        Env, User, Labels, ...)."""
+        return self._image(list(layers), True, True, platform or host_platform_name(), config)
+
     # --- caching ---------------------------------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:
@@ -355,12 +380,12 @@ class ImageBuilder:
 
     def _layer(
         self, key: str, write_tree: Callable[[tarfile.TarFile], None], compressed: bool, level: int
-    ) -> _Layer:
+    ) -> Layer:
         """Build (or reuse) one layer blob: a tar written by ``write_tree``, gzipped if asked."""
-        record = self.workdir / "layers" / f"v{_FORMAT}-{key}-{'gz' if compressed else 'tar'}.json"
+        record = self._layer_record(key, compressed)
         with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
             cached = json.loads(record.read_text())
-            layer = _Layer(cached["digest"], cached["size"], cached["diff_id"])
+            layer = Layer(cached["digest"], cached["size"], cached["diff_id"], cached.get("tar_size", 0))
             if self.blob_path(layer.digest).is_file():
                 return layer
         fd, tmp = tempfile.mkstemp(dir=self._tmp)
@@ -379,7 +404,7 @@ class ImageBuilder:
                     gzipped.close()
                 file.flush()
                 os.fsync(file.fileno())
-            layer = _Layer(blob.digest, blob.size, tar_stream.digest)
+            layer = Layer(blob.digest, blob.size, tar_stream.digest, tar_stream.size)
             os.replace(tmp, self.blob_path(layer.digest))
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -387,13 +412,13 @@ class ImageBuilder:
         self._atomic_write(record, _canonical_json(layer.__dict__))
         return layer
 
-    def _synthetic_layer(self, seed: int, index: int, size: int, compressed: bool) -> _Layer:
+    def _synthetic_layer(self, seed: int, index: int, size: int, compressed: bool) -> Layer:
         name = f"imagewarm/synthetic-{seed}-{index}.bin"
 
         def write_tree(tar: tarfile.TarFile) -> None:
-            tar.addfile(_tar_info("imagewarm", tarfile.DIRTYPE, 0o755))
+            tar.addfile(tar_info("imagewarm", tarfile.DIRTYPE, 0o755))
             stream = _SeededBytes(f"imagewarm/{seed}/{index}/{size}", size)
-            tar.addfile(_tar_info(name, tarfile.REGTYPE, 0o644, size), stream)
+            tar.addfile(tar_info(name, tarfile.REGTYPE, 0o644, size), stream)
 
         level = _SYNTHETIC_GZIP_LEVEL
         return self._layer(f"synthetic-s{seed}-i{index}-b{size}", write_tree, compressed, level)
@@ -414,24 +439,24 @@ class ImageBuilder:
                 "var": 0o755,
             }.items()
         ):
-            tar.addfile(_tar_info(directory, tarfile.DIRTYPE, mode))
+            tar.addfile(tar_info(directory, tarfile.DIRTYPE, mode))
         with BUSYBOX.open("rb") as binary:
             size = BUSYBOX.stat().st_size
-            tar.addfile(_tar_info("bin/busybox", tarfile.REGTYPE, 0o755, size), binary)
+            tar.addfile(tar_info("bin/busybox", tarfile.REGTYPE, 0o755, size), binary)
         for applet in applets:
-            tar.addfile(_tar_info(f"bin/{applet}", tarfile.SYMTYPE, 0o777, link="busybox"))
+            tar.addfile(tar_info(f"bin/{applet}", tarfile.SYMTYPE, 0o777, link="busybox"))
         files = {
             "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n"
             b"nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
             "etc/group": b"root:x:0:\nnobody:x:65534:\n",
         }
         for name, content in files.items():
-            tar.addfile(_tar_info(name, tarfile.REGTYPE, 0o644, len(content)), io.BytesIO(content))
+            tar.addfile(tar_info(name, tarfile.REGTYPE, 0o644, len(content)), io.BytesIO(content))
 
     # --- config and manifest ---------------------------------------------------------------------
 
     def _image(
-        self, layers: list[_Layer], compressed: bool, oci: bool, platform: str, config: dict[str, Any]
+        self, layers: list[Layer], compressed: bool, oci: bool, platform: str, config: dict[str, Any]
     ) -> Image:
         document = {
             **_platform_fields(platform),
@@ -586,3 +611,53 @@ def push(
             if isinstance(image, Index):
                 _put_manifest(session, base, child.digest, child.manifest, child.media_type)
         return _put_manifest(session, base, tag or image.digest, image.manifest, image.media_type)
+
+
+# --- OCI image layout archives -------------------------------------------------------------------
+
+
+def write_oci_archive(image: Image, path: Path, name: str) -> None:
+    """Write ``image`` to ``path`` as an OCI image layout tar, named ``name`` (a full reference such as
+    ``docker.io/library/imagewarm:0.1.0``) in its index the way containerd's own export does:
+    ``io.containerd.image.name`` = ``name`` (what ``ctr images import`` names the image; a bare tag
+    would be prefixed with ``import-<date>``) and ``org.opencontainers.image.ref.name`` = its tag.
+    Deterministic (mtime 0, fixed order); written to a temporary file and renamed into place."""
+    tag = name.rpartition(":")[2] if ":" in name.rpartition("/")[2] else "latest"
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                **{"mediaType": image.media_type, "digest": image.digest, "size": len(image.manifest)},
+                "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with (
+            os.fdopen(fd, "wb") as file,
+            tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            small = {
+                "oci-layout": _canonical_json({"imageLayoutVersion": "1.0.0"}),
+                "index.json": _canonical_json(index),
+            }
+            for entry, data in small.items():
+                tar.addfile(tar_info(entry, tarfile.REGTYPE, 0o644, len(data)), io.BytesIO(data))
+            for directory in ("blobs", "blobs/sha256"):
+                tar.addfile(tar_info(directory, tarfile.DIRTYPE, 0o755))
+            blobs = {image.digest: image.manifest} | {blob.digest: blob for blob in image.blobs}
+            for digest, blob in sorted(blobs.items()):
+                entry = f"blobs/sha256/{digest.partition(':')[2]}"
+                if isinstance(blob, bytes):
+                    tar.addfile(tar_info(entry, tarfile.REGTYPE, 0o644, len(blob)), io.BytesIO(blob))
+                else:
+                    with blob.path.open("rb") as content:
+                        tar.addfile(tar_info(entry, tarfile.REGTYPE, 0o644, blob.size), content)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -150,6 +150,17 @@ class Daemon:
             _unregister(self)
         return self._popen.returncode
 
+    def kill(self) -> int | None:
+        """SIGKILL the whole process group at once (a crash: nothing gets to clean up) and reap it."""
+        if self._popen is None:
+            return None
+        try:
+            self._signal_group(signal.SIGKILL)
+            self._popen.wait(10)
+        finally:
+            _unregister(self)
+        return self._popen.returncode
+
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self._popen is not None
         pid = self._popen.pid

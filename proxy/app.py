@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 from imagewarm.config import ConfigError
 from imagewarm.kube import ConfigurationError, Kube
 from imagewarm.metrics import exposition
+from imagewarm.reference import registry_endpoint
 from proxy import metrics, routes
 from proxy.blobs import Blobs
 from proxy.cache.manifest_store import ManifestStore
@@ -51,23 +52,16 @@ class Proxy:
         self.own_hosts = frozenset(
             {f"localhost:{port}", f"127.0.0.1:{port}", f"{host}:{port}".lower(), config.runtime_name}
         )
-        self.runtime_hosts = (
-            RuntimeHosts(
-                Path(config.containerd_hosts_dir),
-                config.runtime_name,
-                owner=config.node_name or f"{host}:{port}",
-                limit=config.fallback_peers,
-            )
-            if config.containerd_hosts_dir
-            else None
-        )
+        self.runtime_hosts = _runtime_hosts(config)
         if self.discovery is not None:
             self.discovery.on_change = lambda _urls: self.write_runtime_hosts()
 
     def write_runtime_hosts(self) -> None:
-        """The runtime's fallback list (`--containerd-hosts-dir`) with the peers known now."""
-        if self.runtime_hosts is not None:
-            self.runtime_hosts.write(self._peer_urls())
+        """The runtime's hosts.toml files (`--containerd-hosts-dir`: the proxy prefix's, and each
+        `--mirror-registry`'s) with the peers known now."""
+        peers = self._peer_urls()
+        for hosts in self.runtime_hosts:
+            hosts.write(peers)
 
     def _peer_urls(self) -> tuple[str, ...]:
         discovered = self.discovery.urls() if self.discovery is not None else ()
@@ -106,6 +100,28 @@ class Proxy:
         return Response(
             "{}", mimetype="application/json", headers={"Docker-Distribution-API-Version": "registry/2.0"}
         )
+
+
+def _runtime_hosts(config: ProxyConfig) -> list[RuntimeHosts]:
+    if not config.containerd_hosts_dir:
+        return []
+    directory = Path(config.containerd_hosts_dir)
+    host, port = config.listen
+    owner = config.node_name or f"{host}:{port}"
+    own = config.runtime_local_url or f"http://{config.runtime_name}"  # as the runtime reaches it
+    prefix = RuntimeHosts(directory, config.runtime_name, owner, config.fallback_peers, local_url=own)
+    mirrors = [
+        RuntimeHosts(
+            directory,
+            registry,
+            owner,
+            config.fallback_peers,
+            local_url=own,
+            server=f"{config.scheme(registry)}://{registry_endpoint(registry)}",
+        )
+        for registry in config.mirror_registry
+    ]
+    return [prefix, *mirrors]
 
 
 def _discovery(config: ProxyConfig) -> PeerDiscovery | None:

@@ -84,6 +84,15 @@ class ProxyConfig:
         help="the registry host pods pull from, as the webhook writes it; empty: localhost:<--listen port>",
         metavar="HOST:PORT",
     )
+    mirror_registry: tuple[str, ...] = setting(
+        (),
+        help="mirror mode: also write <--containerd-hosts-dir>/<REGISTRY>/hosts.toml (this proxy, then "
+        "peers, then the registry itself), so unrewritten pulls from REGISTRY go through the cache; "
+        "REGISTRY must be an --upstream or --insecure-upstream",
+        parse=_registry,
+        repeated=True,
+        metavar="REGISTRY",
+    )
     fallback_peers: int = setting(
         3, help="how many peers the runtime may fall back to (--containerd-hosts-dir)", parse=int, metavar="N"
     )
@@ -102,8 +111,28 @@ class ProxyConfig:
         parse=_optional_bytes,
         metavar="BYTES",
     )
-    node_name: str = setting("", help="this node's name: remove its proxy-not-ready taint once serving")
+    node_name: str = setting(
+        "",
+        help="this node's name: remove its proxy-not-ready taint once serving, and run the node agent "
+        "(pull the tasks of the NodeImage of that name through this proxy, report their status)",
+    )
     kubeconfig: str = setting("", help="kubeconfig for the node agent (default: in-cluster)", metavar="PATH")
+    agent_parallel_pulls: int = setting(
+        2, help="node agent: pull tasks run at once on this node", parse=parse_positive_int, metavar="N"
+    )
+    agent_progress_interval: float = setting(
+        10.0,
+        help="node agent: least time between two status writes for progress alone (phase changes are "
+        "written within --agent-status-delay)",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
+    agent_status_delay: float = setting(
+        1.0,
+        help="node agent: how long phase changes are gathered into one status write",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
     workers: int = setting(4, help="gunicorn worker processes", parse=parse_positive_int)
     connections: int = setting(
         1000, help="open client connections per worker process (a thread each)", parse=parse_positive_int
@@ -143,6 +172,14 @@ class ProxyConfig:
                 "give at least one --upstream REGISTRY (or --insecure-upstream HOST:PORT): "
                 "the proxy never fetches from registries it was not told about"
             )
+        unknown = [r for r in self.mirror_registry if not self.allowed(r)]
+        if unknown:
+            raise ValueError(
+                f"--mirror-registry {', '.join(unknown)}: mirror only registries this proxy may fetch "
+                "from (add them with --upstream or --insecure-upstream)"
+            )
+        if self.mirror_registry and not self.containerd_hosts_dir:
+            raise ValueError("--mirror-registry needs --containerd-hosts-dir (containerd's config_path)")
         if self.retries < 0:
             raise ValueError("--retries must be 0 or more")
         if self.fallback_peers < 0:
@@ -156,6 +193,23 @@ class ProxyConfig:
     def runtime_name(self) -> str:
         """The registry host the runtime pulls rewritten images from (`--proxy-prefix`)."""
         return (self.proxy_prefix or f"localhost:{self.listen[1]}").lower()
+
+    @property
+    def own_url(self) -> str:
+        """This proxy's own HTTP endpoint, for the node agent's pulls (a wildcard address becomes
+        loopback)."""
+        host, port = self.listen
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def runtime_local_url(self) -> str:
+        """How the runtime reaches this proxy in its hosts.toml: empty (the runtime name, e.g.
+        localhost:7439) when it listens on a wildcard or loopback address, else its own address."""
+        host = self.listen[0]
+        if host in ("", "0.0.0.0", "::", "::1", "localhost") or host.startswith("127."):
+            return ""
+        return self.own_url
 
     def allowed(self, registry: str) -> bool:
         """Whether `registry` (host[:port], normalised) may be proxied."""

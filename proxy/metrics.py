@@ -66,3 +66,23 @@ RUNTIME_HOSTS_WRITE_FAILURES = counter(
     "proxy_runtime_hosts_write_failures_total",
     "Failed writes of the runtime's hosts.toml: pulls cannot fall back to peers (see the log)",
 )
+# The node agent (gunicorn master, `--node-name`): its NodeImage's pull tasks.
+AGENT_TASKS = gauge(
+    "agent_tasks",
+    "This node's NodeImage pull tasks by phase (Waiting, Pulling, Succeeded, Failed)",
+    ["phase"],
+    unitless_ok=True,
+    multiprocess_mode="livemostrecent",
+)
+AGENT_PULLS = counter(
+    "agent_pulls_total",
+    "Pull tasks finished by result (succeeded, failed), and attempts retried (retried)",
+    ["result"],
+)
+AGENT_WARMED_BYTES = counter("agent_warmed_bytes_total", "Bytes of images pulled by the agent's tasks")
+AGENT_STATUS_WRITES = counter("agent_status_writes_total", "NodeImage status writes")
+AGENT_STATUS_WRITE_ERRORS = counter(
+    "agent_status_write_errors_total",
+    "Failed NodeImage status writes by reason (throttled: 429; unavailable; rejected; local)",
+    ["reason"],
+)

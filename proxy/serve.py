@@ -1,12 +1,13 @@
 """gunicorn serving the proxy: worker processes with a thread per client connection
 (`imagewarm.worker`), metrics aggregated across them, the evictor and the startup-taint removal
-running in the master once it listens, peer discovery in each worker."""
+running in the master once it listens, and with `--node-name` the node agent's process started by
+the master (one per node); peer discovery in each worker."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
@@ -17,6 +18,9 @@ from proxy.cache.eviction import Evictor
 from proxy.cache.store import BlobStore
 from proxy.config import ProxyConfig
 from proxy.readiness import start_taint_removal
+
+if TYPE_CHECKING:
+    from proxy.agent.process import AgentProcess
 
 log = logging.getLogger("imagewarm.proxy.serve")
 
@@ -48,6 +52,7 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         self.config = config
         self.store = store
         self.stop = threading.Event()
+        self.agent: AgentProcess | None = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -63,6 +68,8 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
                 "graceful_timeout": 10,
                 "keepalive": 30,
                 "when_ready": self._when_ready,
+                "on_exit": self._on_exit,
+                "pre_fork": self._pre_fork,
                 "post_worker_init": self._post_worker_init,
             }
         )
@@ -94,3 +101,19 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         self.app.extensions["imagewarm.proxy"].write_runtime_hosts()
         if self.config.node_name:
             start_taint_removal(self.config.node_name, self.config.kubeconfig)
+            self._start_agent()
+
+    def _start_agent(self) -> None:
+        # One agent per node: its own process, started by the master (never by a worker).
+        from proxy.agent.process import AgentProcess
+
+        self.agent = AgentProcess(self.config).start()
+
+    def _pre_fork(self, _server: Any, _worker: Any) -> None:
+        if self.agent is not None:
+            self.agent.before_fork()
+
+    def _on_exit(self, _server: Any) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+

@@ -26,10 +26,13 @@ def mutating_webhook_configuration(
     """The configuration: `failurePolicy: Ignore` (the cluster never stops creating pods because of
     us), a short timeout, no side effects, reinvocation (so pods another webhook changes later are
     rewritten too; the decision is idempotent), pods CREATE and `pods/ephemeralcontainers` UPDATE.
-    Namespaces labelled `imagewarm.io/enabled: "false"` and kube-system are skipped; with `opt_in`
-    only namespaces labelled `"true"` are rewritten."""
+    Namespaces labelled `imagewarm.io/enabled: "false"`, kube-system and `namespace` (imagewarm's
+    own) are skipped; with `opt_in` only namespaces labelled `"true"` are rewritten. The Helm chart
+    renders the same webhook (tests/unit/test_chart.py compares them)."""
+    # imagewarm's own namespace too: its pods must start while the webhook or the proxy is down.
+    skipped = list(dict.fromkeys(["kube-system", namespace]))
     expressions: list[dict[str, Any]] = [
-        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system"]},
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": skipped},
     ]
     if opt_in:
         expressions.append({"key": ENABLED_LABEL, "operator": "In", "values": ["true"]})

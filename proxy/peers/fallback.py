@@ -8,6 +8,11 @@ The file stays when the proxy stops, which is when it matters. A peer answers su
 rewrite mode, because containerd names the host it resolved (`?ns=localhost:7439`), and that name is
 every proxy's own.
 
+Mirror mode (`--mirror-registry`): the proxy also writes `<config_path>/<registry>/hosts.toml` for
+each mirrored upstream registry: itself, then peers, then the registry itself as `server`, so pods
+pulling `registry/repo:tag` unchanged go through the cache and fall back to the registry by
+themselves. Such requests arrive as `/v2/<repository>/...?ns=<registry>`.
+
 Each node lists a different few peers (rendezvous hashing of the peers against the node's own
 name), so one node's outage spreads over the others instead of landing on the first peer in sorted
 order, and a change in the peer set moves few nodes' choices.
@@ -29,7 +34,7 @@ from proxy import metrics
 log = logging.getLogger("imagewarm.proxy.fallback")
 
 HEADER = (
-    "Written by imagewarm proxy: pulls of {name} try this node's proxy, then peer proxies.\n"
+    "Written by imagewarm proxy: pulls of {name} try this node's proxy, then peer proxies{last}.\n"
     "Rewritten whenever the peer set changes; edits are overwritten."
 )
 
@@ -46,19 +51,33 @@ def fallback_hosts(local_url: str, peers: Iterable[str], owner: str, limit: int)
     return [local_url, *choose((url for url in peers if url != local_url), owner, limit)]
 
 
-def render(name: str, hosts: list[str]) -> str:
-    """The hosts.toml for pulls of `name`: `hosts` in order (the first, this proxy, also as server)."""
-    return containerd_hosts.render(hosts[0], hosts, header=HEADER.format(name=name))
+def render(name: str, hosts: list[str], server: str | None = None) -> str:
+    """The hosts.toml for pulls of `name`: `hosts` in order, then `server` (default: the first host,
+    this proxy; a mirrored registry's own URL in mirror mode)."""
+    last = f", then {server} itself" if server else ""
+    return containerd_hosts.render(server or hosts[0], hosts, header=HEADER.format(name=name, last=last))
 
 
 class RuntimeHosts:
     """`<directory>/<name>/hosts.toml`, rewritten (atomically, only when it changes) by `write`.
     Safe to call from several threads and processes: every writer renames a complete file."""
 
-    def __init__(self, directory: Path, name: str, owner: str, limit: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        owner: str,
+        limit: int,
+        *,
+        local_url: str = "",
+        server: str | None = None,
+    ) -> None:
+        """`local_url`: how the runtime reaches this proxy (default `http://<name>`); `server`: the
+        host tried last (default: this proxy; in mirror mode the registry `name` itself)."""
         self.path = Path(directory) / name / "hosts.toml"
         self.name = name
-        self.local_url = f"http://{name}"
+        self.local_url = local_url or f"http://{name}"
+        self.server = server
         self.owner = owner
         self.limit = limit
         self._lock = threading.Lock()
@@ -66,7 +85,7 @@ class RuntimeHosts:
     def write(self, peers: Iterable[str]) -> bool:
         """Returns True when the file changed. Never raises: a failure is logged with what to do."""
         hosts = fallback_hosts(self.local_url, peers, self.owner, self.limit)
-        text = render(self.name, hosts)
+        text = render(self.name, hosts, self.server)
         with self._lock:
             try:
                 if self.path.read_text() == text:

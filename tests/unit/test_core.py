@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 
 from imagewarm import certs, cli, logs, metrics
+from imagewarm.command import not_landed
 from imagewarm.config import (
     ConfigError,
     add_arguments,
@@ -158,5 +159,6 @@ def test_cli_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_a_subcommand_that_has_not_landed_says_so_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["status"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    missing = not_landed("imagewarm example", "some issue")
+    assert missing.run(None) == 2
+    assert "not implemented yet (some issue)" in capsys.readouterr().err

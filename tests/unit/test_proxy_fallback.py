@@ -75,3 +75,29 @@ def test_proxy_prefix_defaults_to_localhost_and_the_listen_port_and_is_checked()
         config("--proxy-prefix", "localhost")
     with pytest.raises(ConfigError, match="--fallback-peers"):
         config("--fallback-peers", "-1")
+
+
+def test_a_mirrored_registry_lists_this_proxy_then_peers_then_the_registry_itself(tmp_path: Path):
+    hosts = RuntimeHosts(
+        tmp_path,
+        "ghcr.io",
+        owner="node-a",
+        limit=2,
+        local_url="http://10.0.0.9:7439",
+        server="https://ghcr.io",
+    )
+    assert hosts.write(PEERS[:5])
+    text = (tmp_path / "ghcr.io" / "hosts.toml").read_text()
+    parsed = tomllib.loads(text)
+    assert list(parsed["host"]) == ["http://10.0.0.9:7439", *choose(PEERS[:5], "node-a", 2)]
+    assert parsed["server"] == "https://ghcr.io"  # containerd tries the server after every host
+    assert "then https://ghcr.io itself" in text
+
+
+def test_a_proxy_on_one_address_is_listed_at_that_address_and_the_agent_pulls_from_itself():
+    on_node = config("--listen", "10.244.2.1:7500")
+    assert on_node.runtime_local_url == "http://10.244.2.1:7500" == on_node.own_url
+    for wildcard in ("0.0.0.0:7500", "127.0.0.1:7500"):
+        assert config("--listen", wildcard).runtime_local_url == ""  # localhost:7500 reaches it
+        assert config("--listen", wildcard).own_url == "http://127.0.0.1:7500"
+    assert config("--listen", "[::]:7500").own_url == "http://[::1]:7500"

@@ -71,13 +71,18 @@ def parse(path: str, ns: str | None = None, own_hosts: frozenset[str] = frozense
     `own_hosts` are the names of this proxy (`localhost:7439`): containerd sends `ns=<host>` for every
     host that has a `hosts.toml`, the proxy's own included, and such a request is in rewrite mode.
 
-    Raises RegistryError: NAME_INVALID / DIGEST_INVALID (400) for malformed names, tags or digests,
+    Raises RegistryError: NAME_INVALID / DIGEST_INVALID (400) for malformed names, tags or digests and
+    for any `.` or `..` segment (wherever it is: no path is resolved against another),
     NAME_UNKNOWN (404) for paths outside the pull API."""
     if path in ("/v2", "/v2/"):
         return Target(Kind.BASE)
     if not path.startswith("/v2/"):
         raise RegistryError("NAME_UNKNOWN", f"{path} is not part of the registry API", status=404)
     parts = path[len("/v2/") :].split("/")
+    if any(part in (".", "..") for part in parts):
+        raise name_invalid(
+            f"{path}: a path segment is '.' or '..' (name the repository and reference as they are)"
+        )
     if len(parts) < 3 or parts[-2] not in ("manifests", "blobs"):
         raise RegistryError(
             "NAME_UNKNOWN",

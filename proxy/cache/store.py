@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +180,32 @@ class BlobStore:
             self._open_fd = -1
 
     # -- reading -------------------------------------------------------------------------------
+
+    def problem(self) -> str | None:
+        """What keeps the store from caching now, saying what to do; None when it can. Every directory
+        of the layout must be a writable directory, and a file must be creatable where fills start.
+        Cheap (a stat per directory, one probe file): `/readyz` asks it on every probe."""
+        for directory in self.layout.directories():
+            try:
+                mode = directory.stat().st_mode
+            except FileNotFoundError:
+                return f"{directory} is missing (was the cache removed? restart the proxy to recreate it)"
+            except OSError as exc:
+                return f"{directory} cannot be read: {exc.strerror} (check the cache volume)"
+            if not stat.S_ISDIR(mode):
+                return f"{directory} is not a directory (remove what is there and restart the proxy)"
+            if not os.access(directory, os.W_OK):
+                return (
+                    f"{directory} is not writable (mount the cache volume read-write and give the proxy's "
+                    "user write access to --cache-dir)"
+                )
+        probe = self.layout.tmp(f"ready-probe-{os.getpid()}-{threading.get_ident()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            probe.unlink()
+        except OSError as exc:
+            return f"{self.layout.partial_dir} is not writable: {exc.strerror} (check the cache volume)"
+        return None
 
     def has(self, digest: str) -> bool:
         return self.layout.blob(digest).is_file()

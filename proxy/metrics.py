@@ -66,3 +66,8 @@ RUNTIME_HOSTS_WRITE_FAILURES = counter(
     "proxy_runtime_hosts_write_failures_total",
     "Failed writes of the runtime's hosts.toml: pulls cannot fall back to peers (see the log)",
 )
+TAINT_REMOVAL_FAILURES = counter(
+    "proxy_taint_removal_failures_total",
+    "Failed attempts to remove the node's startup taint (reason: forbidden = RBAC missing, error)",
+    ["reason"],
+)

@@ -70,7 +70,7 @@ class Blobs:
         if isinstance(claim, Writer):
             return self.tee.write(target, credentials, claim)
         if isinstance(claim, Follower):
-            return self.tee.follow(target, credentials, claim)
+            return self.tee.follow(target, credentials, claim, lambda: self.store.claim(digest))
         return self._checked(claim, target, credentials, head, range_header)
 
     def _for_peer(

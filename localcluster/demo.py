@@ -21,11 +21,12 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from imagewarm.command import Command, table
 from imagewarm.config import parse_bool, parse_bytes, parse_positive_int, setting
@@ -143,12 +144,53 @@ class Outcome:
     ok: bool
 
 
+class DemoError(RuntimeError):
+    """A step of the demo found the cluster not as it should be; the message says what and where."""
+
+
+def step_errors() -> tuple[type[Exception], ...]:
+    """What the demo's steps raise when the machine, the cluster or imagewarm fails (the harness's
+    own error types): reported in one line. Anything else is a bug, reported with its traceback."""
+    # Imported here: `imagewarm --help` must not pay for the cluster modules.
+    from imagewarm.warmup import WarmError
+    from localcluster.binaries import BuildError
+    from localcluster.cluster import ClusterError
+    from localcluster.containerd import ContainerdError
+    from localcluster.images import PushError
+    from localcluster.processes import DaemonError, MissingTool
+    from localcluster.stack import StackError
+
+    return (
+        BuildError,
+        ClusterError,
+        ContainerdError,
+        DaemonError,
+        DemoError,
+        MissingTool,
+        PushError,
+        StackError,
+        WarmError,
+        subprocess.CalledProcessError,  # KubectlError, and the commands the steps run
+    )
+
+
+def failed(exc: Exception, out: TextIO | None = None) -> int:
+    """Report the demo's failure on `out` (stderr): a step's error in one line, any other exception
+    with its traceback. Returns the exit status."""
+    out = out or sys.stderr
+    if isinstance(exc, step_errors()):
+        print(f"imagewarm demo failed: {exc}", file=out)
+        return 1
+    print("imagewarm demo failed unexpectedly (a bug: please report it with this traceback):", file=out)
+    traceback.print_exception(exc, file=out)
+    return 1
+
+
 def run(config: DemoConfig) -> int:
     # Imported here: `imagewarm --help` must not pay for the cluster modules.
     from localcluster import binaries
-    from localcluster.cluster import Cluster, ClusterError
+    from localcluster.cluster import Cluster
     from localcluster.registry import start_registry
-    from localcluster.stack import StackError
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
@@ -177,15 +219,8 @@ def run(config: DemoConfig) -> int:
         except KeyboardInterrupt:
             demo.say("interrupted")
             return 130
-        except (
-            ClusterError,
-            StackError,
-            binaries.BuildError,
-            RuntimeError,
-            subprocess.CalledProcessError,
-        ) as exc:
-            print(f"imagewarm demo failed: {exc}", file=sys.stderr)
-            return 1
+        except Exception as exc:
+            return failed(exc)
         print()
         print(table("phases", ("phase", "seconds"), [(n, f"{s:.2f}") for n, s in demo.phases]))
         print()
@@ -208,8 +243,7 @@ def steps(
 ) -> Outcome:
     """The demo's steps on a running `cluster` with an empty `upstream` (imagewarm start to the
     upstream outage, which stops `upstream`). Programs it starts are stopped by `teardown`. Pods go
-    to the `default` namespace. Raises StackError, RuntimeError or CalledProcessError when a step
-    fails."""
+    to the `default` namespace. Raises one of `step_errors()` when a step fails."""
     from imagewarm.warmup import describe, warm
     from localcluster import binaries
     from localcluster.images import ImageBuilder, push
@@ -254,7 +288,7 @@ def steps(
         stack.proxy.stop()
         hosts = peer_node.containerd.certs_dir / stack.proxy_prefix / "hosts.toml"
         if stack.peer_url not in hosts.read_text():
-            raise RuntimeError(
+            raise DemoError(
                 f"{hosts} does not list the peer proxy {stack.peer_url}: see {stack.proxy.log_path}"
             )
         demo.say(f"node proxy stopped; {hosts} lists the peer proxy {stack.peer_url} after it")
@@ -316,7 +350,7 @@ def _remove_pod_and_image(cluster: Cluster, pod: str, digest: str, node: int) ->
     listing = containerd.ctr("images", "ls", namespace="k8s.io").stdout.splitlines()[1:]
     names = [line.split()[0] for line in listing if digest in line.split()[1:3]]
     if not names:
-        raise RuntimeError(f"no image {digest} on {cluster.nodes[node].name} to remove (ctr images ls)")
+        raise DemoError(f"no image {digest} on {cluster.nodes[node].name} to remove (ctr images ls)")
     containerd.ctr("images", "rm", "--sync", *names, namespace="k8s.io")
 
 

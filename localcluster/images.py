@@ -29,6 +29,7 @@ from urllib.parse import urljoin
 
 import requests
 
+from localcluster.processes import MissingTool
 from localcluster.registryauth import RegistryAuth
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -250,7 +251,7 @@ class ImageBuilder:
         adds a second layer of that many seeded random bytes (a realistically heavy image).
         """
         if not BUSYBOX.is_file():
-            raise RuntimeError(f"{BUSYBOX} not found: install the Debian package busybox-static")
+            raise MissingTool(f"{BUSYBOX} not found: install the Debian package busybox-static")
         platform = platform or host_platform_name()
         stat = BUSYBOX.stat()
         source = f"{stat.st_size}-{stat.st_mtime_ns}"

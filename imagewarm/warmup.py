@@ -14,7 +14,6 @@ Every failure is a `WarmError` whose message says what went wrong and what to do
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import logging
 import threading
@@ -27,8 +26,9 @@ from typing import Any
 import requests
 
 from imagewarm import __version__, platforms, protocol
+from imagewarm.digest import Digest
 from imagewarm.platforms import Platform
-from imagewarm.reference import Reference, Unproxiable, parse, registry_segment, split_digest
+from imagewarm.reference import Reference, Unproxiable, parse, registry_segment
 
 log = logging.getLogger("imagewarm.warmup")
 
@@ -118,7 +118,7 @@ def _descriptor(image: Reference, descriptor: Any) -> _Blob:
     """A manifest's descriptor as a checked (digest, size): it names a path on the proxy."""
     try:
         digest, size = descriptor["digest"], descriptor["size"]
-        split_digest(digest)
+        Digest.parse(digest)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"size {size!r} is not a byte count")
     except (KeyError, TypeError, ValueError) as exc:
@@ -170,11 +170,6 @@ def error_for(image: Reference, status: int, body: bytes, *, credentials_sent: b
         429: f"{host} is rate-limiting the proxy; retry later",
     }.get(status, "see the proxy's log")
     return WarmError(f"{what} of {name}: the proxy answered {status} ({said}); {hint}")
-
-
-def _digest_of(data: bytes, like: str | None) -> str:
-    algorithm = (like or "sha256").partition(":")[0]
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 class _Proxy:
@@ -241,7 +236,8 @@ class _Proxy:
         with self.get("manifests", identifier, what, ", ".join(MANIFEST_TYPES)) as response:
             data = self._read(response, what)
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        digest = _digest_of(data, expected)
+        # `expected` came from a parsed reference or a checked descriptor.
+        digest = str(Digest.of(data, Digest.parse(expected).algorithm if expected else "sha256"))
         if expected and digest != expected:
             raise WarmError(
                 f"{what} of {self.image.familiar}: the proxy sent content with digest {digest}, not "

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from imagewarm import reference as references
+from imagewarm.digest import Digest, InvalidDigest
 from proxy.errors import RegistryError, digest_invalid, name_invalid
 
 
@@ -39,8 +40,8 @@ class Target:
 
 def check_digest(text: str) -> str:
     try:
-        references.split_digest(text)
-    except references.InvalidReference as exc:
+        Digest.parse(text)
+    except InvalidDigest as exc:
         raise digest_invalid(str(exc)) from None
     return text
 

@@ -17,8 +17,8 @@ import requests
 from flask import Response
 
 from imagewarm import protocol
+from imagewarm.digest import Digest
 from proxy import metrics
-from proxy.cache.paths import hasher
 from proxy.cache.store import CachedBlob, DiskFull, FetchAborted, Follower, Writer
 from proxy.errors import UpstreamUnavailable
 from proxy.peers.lookup import Peers
@@ -133,7 +133,8 @@ class Tee:
         )
 
         def body() -> Iterator[bytes]:
-            check = hasher(target.reference)
+            digest = Digest.parse(target.reference)
+            check = digest.hasher()
             with upstream:
                 try:
                     for chunk in upstream.iter_content(CHUNK):
@@ -142,7 +143,7 @@ class Tee:
                         yield chunk
                 except requests.RequestException as exc:
                     raise TransferFailed(f"upstream transfer of {target.reference} failed: {exc}") from None
-            if f"{check.name}:{check.hexdigest()}" != target.reference:
+            if not digest.matches(check):
                 metrics.DIGEST_MISMATCHES.inc()
                 raise TransferFailed(f"upstream bytes do not match {target.reference}")
 

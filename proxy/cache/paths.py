@@ -24,53 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from imagewarm import reference
+from imagewarm.digest import HEX_LENGTHS, Digest, InvalidDigest
 
-# Algorithms we can verify, with the length of their hex encoding. Anything else is refused: a digest
-# we cannot verify must never name a file.
-ALGORITHMS = reference.DIGEST_HEX_LENGTHS
 PARTIAL_SUFFIX = ".partial"
 NEW_SUFFIX = ".new"
 TMP_SUFFIX = ".tmp"
 
-
-class InvalidDigest(ValueError):
-    """A digest string that is not `sha256:<64 hex>` or `sha512:<128 hex>`."""
-
-
-def split_digest(digest: str) -> tuple[str, str]:
-    """Return (algorithm, hex) of a validated digest; raises InvalidDigest naming what is wrong."""
-    try:
-        return reference.split_digest(digest)
-    except reference.InvalidReference as exc:
-        raise InvalidDigest(str(exc)) from None
-
-
-def hasher(digest: str) -> hashlib._Hash:
-    """A fresh hash object of the digest's algorithm (validated)."""
-    algorithm, _ = split_digest(digest)
-    return hashlib.new(algorithm)
-
-
-def digest_of(data: bytes, algorithm: str = "sha256") -> str:
-    """The digest string of `data` with `algorithm`."""
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-def _flat(digest: str) -> str:
-    algorithm, hexpart = split_digest(digest)
-    return f"{algorithm}-{hexpart}"
-
-
-def digest_from_flat(name: str) -> str | None:
-    """Inverse of the flat `<algorithm>-<hex>` file name stem; None when it is not one."""
-    algorithm, _, hexpart = name.partition("-")
-    digest = f"{algorithm}:{hexpart}"
-    try:
-        split_digest(digest)
-    except InvalidDigest:
-        return None
-    return digest
+__all__ = ["NEW_SUFFIX", "PARTIAL_SUFFIX", "TMP_SUFFIX", "InvalidDigest", "Layout"]
 
 
 @dataclass(frozen=True)
@@ -129,27 +89,27 @@ class Layout:
         ]
 
     def blob(self, digest: str) -> Path:
-        algorithm, hexpart = split_digest(digest)
-        return self.blobs_dir / algorithm / hexpart[:2] / hexpart
+        parsed = Digest.parse(digest)
+        return self.blobs_dir / parsed.algorithm / parsed.hex[:2] / parsed.hex
 
     def manifest(self, digest: str) -> Path:
-        algorithm, hexpart = split_digest(digest)
-        return self.manifests_dir / algorithm / hexpart[:2] / hexpart
+        parsed = Digest.parse(digest)
+        return self.manifests_dir / parsed.algorithm / parsed.hex[:2] / parsed.hex
 
     def partial(self, digest: str) -> Path:
-        return self.partial_dir / f"{_flat(digest)}{PARTIAL_SUFFIX}"
+        return self.partial_dir / f"{Digest.parse(digest).flat}{PARTIAL_SUFFIX}"
 
     def new_partial(self, digest: str, token: str) -> Path:
-        return self.partial_dir / f"{_flat(digest)}.{token}{NEW_SUFFIX}"
+        return self.partial_dir / f"{Digest.parse(digest).flat}.{token}{NEW_SUFFIX}"
 
     def tmp(self, token: str) -> Path:
         return self.partial_dir / f"{token}{TMP_SUFFIX}"
 
     def lock(self, digest: str) -> Path:
-        return self.locks_dir / f"{_flat(digest)}.lock"
+        return self.locks_dir / f"{Digest.parse(digest).flat}.lock"
 
     def pin_dir(self, digest: str) -> Path:
-        return self.pins_dir / _flat(digest)
+        return self.pins_dir / Digest.parse(digest).flat
 
     def pin(self, digest: str, owner: str) -> Path:
         if not owner:
@@ -168,7 +128,7 @@ class Layout:
     def blob_entries(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """Every committed blob as (digest, directory entry): one listing per fan-out directory, and
         `entry.stat()` reuses what the listing returned where the filesystem allows."""
-        for algorithm in ALGORITHMS:
+        for algorithm in HEX_LENGTHS:
             top = self.blobs_dir / algorithm
             if not top.is_dir():
                 continue

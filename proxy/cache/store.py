@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from imagewarm.digest import Digest
 from proxy.cache import durable
 from proxy.cache.errors import (
     DigestMismatch,
@@ -32,7 +33,7 @@ from proxy.cache.errors import (
 )
 from proxy.cache.flight import Follower, Writer
 from proxy.cache.manifest_store import ManifestStore
-from proxy.cache.paths import NEW_SUFFIX, PARTIAL_SUFFIX, Layout, hasher, split_digest
+from proxy.cache.paths import NEW_SUFFIX, PARTIAL_SUFFIX, Layout
 
 __all__ = [
     "BlobInfo",
@@ -251,7 +252,7 @@ class BlobStore:
         caller gets the Writer (it must fetch and commit or abort) and concurrent callers get a
         Follower of that writer. Raises FetchAborted if a writer holds the claim but publishes
         nothing within the stall timeout."""
-        split_digest(digest)
+        Digest.parse(digest)
         stall = self.stall_timeout if stall_timeout is None else stall_timeout
         deadline = time.monotonic() + stall
         lock_path = self.layout.lock(digest)
@@ -277,9 +278,7 @@ class BlobStore:
 
     def put_bytes(self, digest: str, data: bytes) -> None:
         """Store a small blob whole: verify, fsync, rename. Raises DigestMismatch, DiskFull."""
-        check = hasher(digest)
-        check.update(data)
-        if f"{check.name}:{check.hexdigest()}" != digest:
+        if Digest.of(data, Digest.parse(digest).algorithm) != Digest.parse(digest):
             raise DigestMismatch(f"bytes do not match {digest}; nothing was kept")
         target = self.layout.blob(digest)
         if target.exists():

@@ -29,6 +29,7 @@ from typing import Any
 import requests
 import urllib3
 
+from imagewarm.digest import Digest
 from proxy import metrics
 from proxy.cache.store import DigestMismatch, DiskFull, Writer
 
@@ -146,8 +147,8 @@ class Fetch:
             self.writer.verify()
         else:
             assert self._check is not None
-            actual = f"{self._check.name}:{self._check.hexdigest()}"
-            if actual != self.digest:
+            if not Digest.parse(self.digest).matches(self._check):
+                actual = f"{self._check.name}:{self._check.hexdigest()}"
                 raise DigestMismatch(f"bytes for {self.digest} hash to {actual}")
         with self._changed:
             self._verified = True  # the client may have the last chunk now, before the slower fsync

@@ -8,7 +8,6 @@ retries of connection errors, timeouts, 429 and 5xx.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -20,6 +19,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from imagewarm import reference as references
+from imagewarm.digest import Digest
 from proxy.config import ProxyConfig
 from proxy.errors import RegistryError, UpstreamUnavailable
 from proxy.upstream.auth import Challenge, Credentials, TokenCache, cache_key, parse_challenge
@@ -50,17 +50,6 @@ class Manifest:
     data: bytes
     media_type: str
     digest: str
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def verify_digest(data: bytes, digest: str) -> bool:
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm not in ("sha256", "sha512"):
-        return False
-    return hashlib.new(algorithm, data).hexdigest() == hexdigest
 
 
 class Upstream:
@@ -283,8 +272,9 @@ class Upstream:
                 "supported: push the image again with a current tool (schema 2 or OCI)",
                 status=502,
             )
-        digest = sha256_digest(data)
-        if ":" in reference and not verify_digest(data, reference):
+        digest = str(Digest.of(data))
+        asked = Digest.parse(reference) if ":" in reference else None  # a Target's: already checked
+        if asked is not None and Digest.of(data, asked.algorithm) != asked:
             raise RegistryError(
                 "MANIFEST_INVALID",
                 f"{name}: the upstream sent a manifest whose digest is "

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imagewarm.digest import InvalidDigest
 from proxy.cache.eviction import Evictor
 from proxy.cache.flight import Follower, Writer
 from proxy.cache.hashing import PipelinedHash
 from proxy.cache.manifest_store import ManifestStore
-from proxy.cache.paths import InvalidDigest
 from proxy.cache.store import (
     BlobStore,
     CachedBlob,

@@ -27,6 +27,7 @@ import requests
 
 from imagewarm import __version__, platforms, protocol
 from imagewarm.digest import Digest
+from imagewarm.mediatypes import INDEX_TYPES, MANIFEST_TYPES
 from imagewarm.platforms import Platform
 from imagewarm.reference import Reference, Unproxiable, parse, registry_segment
 
@@ -34,14 +35,6 @@ log = logging.getLogger("imagewarm.warmup")
 
 DEFAULT_PROXY_URL = "http://localhost:7439"
 PARALLEL_BLOBS = 3  # containerd's default max_concurrent_downloads
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_TYPES = (
-    OCI_INDEX,
-    "application/vnd.oci.image.manifest.v1+json",
-    DOCKER_MANIFEST_LIST,
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
 _CHUNK = 1 << 20
 _MAX_INDEX_DEPTH = 2  # an index may point at indexes; deeper nesting is not something registries serve
 
@@ -289,9 +282,7 @@ class _Proxy:
 
 
 def _is_index(document: Mapping[str, Any], media_type: str) -> bool:
-    return media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST) or (
-        "manifests" in document and "layers" not in document
-    )
+    return media_type in INDEX_TYPES or ("manifests" in document and "layers" not in document)
 
 
 def _resolve(

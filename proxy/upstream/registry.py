@@ -20,6 +20,7 @@ from requests.adapters import HTTPAdapter
 
 from imagewarm import reference as references
 from imagewarm.digest import Digest
+from imagewarm.mediatypes import MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES
 from proxy.config import ProxyConfig
 from proxy.errors import RegistryError, UpstreamUnavailable
 from proxy.upstream.auth import Challenge, Credentials, TokenCache, cache_key, parse_challenge
@@ -31,15 +32,6 @@ MAX_REDIRECTS = 5
 MAX_BACKOFF = 2.0
 MAX_RETRY_AFTER = 5.0
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
-SCHEMA1_TYPES = (
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-)
 ACCEPT = ", ".join(MANIFEST_TYPES)
 # Content types some registries and static file servers put on manifests, saying nothing of the kind.
 GENERIC_TYPES = ("", "application/json", "text/plain", "application/octet-stream")

@@ -6,7 +6,7 @@ Rewrite mode: `/v2/<registry-segment>/<repository>/(manifests|blobs)/<reference>
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from imagewarm import reference as references
@@ -22,12 +22,26 @@ class Kind(Enum):
 
 @dataclass(frozen=True)
 class Target:
-    """What a request asks for. `reference` is a tag or digest for manifests, a digest for blobs."""
+    """What a request asks for. `reference` is a tag or digest for manifests, a digest for blobs
+    (`digest` the parsed digest). Raises InvalidDigest for a blob reference that is not one."""
 
     kind: Kind
     registry: str = ""
     repository: str = ""
     reference: str = ""
+    # Parsed once, when the Target is made: what a blob (or a manifest by digest) names.
+    digest: Digest | None = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind is Kind.BLOB or (self.kind is Kind.MANIFEST and ":" in self.reference):
+            object.__setattr__(self, "digest", Digest.parse(self.reference))
+
+    @property
+    def blob_digest(self) -> Digest:
+        """The digest of a blob Target; raises ValueError for a Target that names none."""
+        if self.digest is None:
+            raise ValueError(f"{self.name}:{self.reference} names no digest")
+        return self.digest
 
     @property
     def by_digest(self) -> bool:

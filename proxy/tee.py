@@ -17,7 +17,6 @@ import requests
 from flask import Response
 
 from imagewarm import protocol
-from imagewarm.digest import Digest
 from proxy import metrics
 from proxy.cache.store import CachedBlob, DiskFull, FetchAborted, Follower, Writer
 from proxy.errors import UpstreamUnavailable
@@ -133,7 +132,7 @@ class Tee:
         )
 
         def body() -> Iterator[bytes]:
-            digest = Digest.parse(target.reference)
+            digest = target.blob_digest
             check = digest.hasher()
             with upstream:
                 try:

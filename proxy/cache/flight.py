@@ -43,7 +43,12 @@ class Writer:
     """
 
     def __init__(
-        self, layout: Layout, digest: str, expected_size: int | None, lock_fd: int, counter: durable.Counter
+        self,
+        layout: Layout,
+        digest: Digest,
+        expected_size: int | None,
+        lock_fd: int,
+        counter: durable.Counter,
     ) -> None:
         self.digest = digest
         self.expected_size = expected_size
@@ -51,8 +56,7 @@ class Writer:
         self._layout = layout
         self._lock_fd: int | None = lock_fd
         self._counter = counter
-        self._digest = Digest.parse(digest)
-        self._hash = PipelinedHash(self._digest.algorithm)  # hashing overlaps the next write
+        self._hash = PipelinedHash(digest.algorithm)  # hashing overlaps the next write
         self._partial = layout.partial(digest)
         self._fd: int | None = None
         self._verified = False
@@ -119,7 +123,7 @@ class Writer:
                 f"{self.digest}: got {self.bytes_written} bytes, expected {self.expected_size}; none kept"
             )
         actual = self._hash.hexdigest()
-        if actual != self._digest.hex:
+        if actual != self.digest.hex:
             self.abort()
             raise DigestMismatch(
                 f"bytes for {self.digest} hash to {self._hash.name}:{actual}; nothing was kept"
@@ -193,7 +197,7 @@ class Follower:
     """
 
     def __init__(
-        self, layout: Layout, digest: str, fd: int, expected_size: int | None, stall_timeout: float
+        self, layout: Layout, digest: Digest, fd: int, expected_size: int | None, stall_timeout: float
     ) -> None:
         self.digest = digest
         self.expected_size = expected_size
@@ -205,7 +209,7 @@ class Follower:
 
     @classmethod
     def attach(
-        cls, layout: Layout, digest: str, expected_size: int | None, stall_timeout: float
+        cls, layout: Layout, digest: Digest, expected_size: int | None, stall_timeout: float
     ) -> Follower | None:
         """Open the digest's partial file if a live writer holds it; None otherwise."""
         try:

@@ -62,7 +62,7 @@ class CachedBlob:
     """A verified blob opened for reading. Holds a shared flock (released by `close`) so eviction
     skips it. `fileno()` is for `os.sendfile`; `read` and `seek` move the descriptor's offset."""
 
-    def __init__(self, digest: str, path: Path, fd: int, size: int) -> None:
+    def __init__(self, digest: Digest, path: Path, fd: int, size: int) -> None:
         self.digest = digest
         self.path = path
         self.size = size
@@ -108,7 +108,7 @@ class CachedBlob:
 
 @dataclass(frozen=True)
 class BlobInfo:
-    digest: str
+    digest: Digest
     size: int
     last_used: float  # seconds since the epoch
 
@@ -208,23 +208,23 @@ class BlobStore:
             return f"{self.layout.partial_dir} is not writable: {exc.strerror} (check the cache volume)"
         return None
 
-    def has(self, digest: str) -> bool:
+    def has(self, digest: Digest) -> bool:
         return self.layout.blob(digest).is_file()
 
-    def size(self, digest: str) -> int | None:
+    def size(self, digest: Digest) -> int | None:
         try:
             return self.layout.blob(digest).stat().st_size
         except FileNotFoundError:
             return None
 
-    def open(self, digest: str) -> CachedBlob:
+    def open(self, digest: Digest) -> CachedBlob:
         """The verified blob, locked against eviction and marked recently used; raises NotCached."""
         blob = self._open_committed(digest)
         if blob is None:
             raise NotCached(f"{digest} is not cached")
         return blob
 
-    def _open_committed(self, digest: str) -> CachedBlob | None:
+    def _open_committed(self, digest: Digest) -> CachedBlob | None:
         path = self.layout.blob(digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -246,13 +246,12 @@ class BlobStore:
     # -- writing -------------------------------------------------------------------------------
 
     def claim(
-        self, digest: str, expected_size: int | None = None, *, stall_timeout: float | None = None
+        self, digest: Digest, expected_size: int | None = None, *, stall_timeout: float | None = None
     ) -> Writer | Follower | CachedBlob:
         """Single flight across processes: a CachedBlob when the blob is already here; else the first
         caller gets the Writer (it must fetch and commit or abort) and concurrent callers get a
         Follower of that writer. Raises FetchAborted if a writer holds the claim but publishes
         nothing within the stall timeout."""
-        Digest.parse(digest)
         stall = self.stall_timeout if stall_timeout is None else stall_timeout
         deadline = time.monotonic() + stall
         lock_path = self.layout.lock(digest)
@@ -276,9 +275,9 @@ class BlobStore:
                 raise FetchAborted(f"the writer of {digest} published nothing for {stall:g}s; retry")
             time.sleep(_CLAIM_POLL)
 
-    def put_bytes(self, digest: str, data: bytes) -> None:
+    def put_bytes(self, digest: Digest, data: bytes) -> None:
         """Store a small blob whole: verify, fsync, rename. Raises DigestMismatch, DiskFull."""
-        if Digest.of(data, Digest.parse(digest).algorithm) != Digest.parse(digest):
+        if Digest.of(data, digest.algorithm) != digest:
             raise DigestMismatch(f"bytes do not match {digest}; nothing was kept")
         target = self.layout.blob(digest)
         if target.exists():
@@ -303,7 +302,7 @@ class BlobStore:
             infos.append(BlobInfo(digest, status.st_size, status.st_mtime))
         return infos
 
-    def remove(self, digest: str) -> int | None:
+    def remove(self, digest: Digest) -> int | None:
         """Delete a blob unless a reader or its writer holds it or it is pinned. Returns the bytes
         freed, or None when it was kept."""
         path = self.layout.blob(digest)
@@ -325,7 +324,7 @@ class BlobStore:
         self._counter.add(-status.st_size)
         return status.st_size
 
-    def pin(self, digest: str, owner: str) -> None:
+    def pin(self, digest: Digest, owner: str) -> None:
         """Keep `digest` from eviction until every owner unpins it (the blob need not be cached yet)."""
         path = self.layout.pin(digest, owner)
         while True:
@@ -336,17 +335,17 @@ class BlobStore:
             except FileNotFoundError:  # an unpin removed the empty directory meanwhile
                 continue
 
-    def unpin(self, digest: str, owner: str) -> None:
+    def unpin(self, digest: Digest, owner: str) -> None:
         path = self.layout.pin(digest, owner)
         path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # other owners remain, or already gone
             path.parent.rmdir()
 
-    def pins(self, digest: str) -> set[str]:
+    def pins(self, digest: Digest) -> set[str]:
         try:
             return {self.layout.pin_owner(path) for path in self.layout.pin_dir(digest).iterdir()}
         except FileNotFoundError:
             return set()
 
-    def is_pinned(self, digest: str) -> bool:
+    def is_pinned(self, digest: Digest) -> bool:
         return bool(self.pins(digest))

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import requests
 
+from imagewarm.digest import Digest
 from imagewarm.reference import registry_segment
 from localcluster.images import push
 from localcluster.registry import start_registry
@@ -38,7 +39,7 @@ def _fill(root: str, digest: str, source: str, first: int, claimed: Any, go: Any
     """Claim `digest` in the store at `root` and write the first `first` bytes of `source`; once `go`
     is set write the rest and commit (never, for a writer that is to be killed)."""
     data = Path(source).read_bytes()
-    writer = BlobStore(Path(root)).claim(digest, len(data))
+    writer = BlobStore(Path(root)).claim(Digest.parse(digest), len(data))
     assert isinstance(writer, Writer)
     writer.write(data[:first])
     claimed.set()
@@ -115,7 +116,7 @@ def test_followers_join_a_fill_while_the_upstream_is_down(tmp_path, images, prox
         go.set()
         writer.join(30)
     assert writer.exitcode == 0
-    assert Layout(node.cache_dir).blob(layer.digest).read_bytes() == layer.read_bytes()
+    assert Layout(node.cache_dir).blob(Digest.parse(layer.digest)).read_bytes() == layer.read_bytes()
 
 
 @pytest.mark.parametrize("first", [0, 100_000], ids=["nothing-written", "less-than-a-chunk-written"])
@@ -129,7 +130,7 @@ def test_a_follower_takes_over_the_fill_when_its_writer_is_killed_before_it_sent
     assert proxy.process is not None
     gets_before = len(registry.blob_gets("follow/killed"))
     writer, _go = start_writer(proxy.cache_dir, layer, first=first)
-    partial = Layout(proxy.cache_dir).partial(layer.digest)
+    partial = Layout(proxy.cache_dir).partial(Digest.parse(layer.digest))
     result: dict[str, requests.Response] = {}
     puller = threading.Thread(
         target=lambda: result.update(
@@ -152,7 +153,7 @@ def test_a_follower_takes_over_the_fill_when_its_writer_is_killed_before_it_sent
     assert got.status_code == 200, (got.status_code, got.text, proxy.log_tail())
     assert got.content == layer.read_bytes()
     assert registry.blob_gets("follow/killed")[gets_before:] == [layer.digest]  # the take-over's fetch
-    cached = Layout(proxy.cache_dir).blob(layer.digest)
+    cached = Layout(proxy.cache_dir).blob(Digest.parse(layer.digest))
     deadline = time.monotonic() + 30
     while not cached.exists():  # committed just after the client got the last byte
         assert time.monotonic() < deadline, proxy.log_tail()

@@ -52,14 +52,6 @@ class Target:
         return f"{self.registry}/{self.repository}"
 
 
-def check_digest(text: str) -> str:
-    try:
-        Digest.parse(text)
-    except InvalidDigest as exc:
-        raise digest_invalid(str(exc)) from None
-    return text
-
-
 def _registry(segment: str) -> str:
     try:
         return references.parse_registry_segment(segment)
@@ -113,11 +105,12 @@ def parse(path: str, ns: str | None = None, own_hosts: frozenset[str] = frozense
         registry = _registry(names[0])
         names = names[1:]
     repository = _repository(registry, names)
-    if kind is Kind.BLOB or ":" in ref:
-        check_digest(ref)
-    else:
+    if kind is Kind.MANIFEST and ":" not in ref:
         try:
             references.check_tag(ref)
         except references.InvalidReference as exc:
             raise name_invalid(str(exc)) from None
-    return Target(kind, registry, repository, ref)
+    try:
+        return Target(kind, registry, repository, ref)  # parses the digest a blob or manifest names
+    except InvalidDigest as exc:
+        raise digest_invalid(str(exc)) from None

@@ -100,8 +100,14 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         # The runtime's fallback list, with the --peer list; workers add discovered peers as they come.
         self.app.extensions["imagewarm.proxy"].write_runtime_hosts()
         if self.config.node_name:
-            start_taint_removal(self.config.node_name, self.config.kubeconfig)
+            start_taint_removal(self.config.node_name, self.config.kubeconfig, self._readyz_url())
             self._start_agent()
+
+    def _readyz_url(self) -> str:
+        """This proxy's own `/readyz`, reached over loopback when it listens on every address."""
+        host, port = self.config.listen
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        return f"http://{serving.bind_address(host, port)}/readyz"
 
     def _start_agent(self) -> None:
         # One agent per node: its own process, started by the master (never by a worker).

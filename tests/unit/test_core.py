@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,3 +164,14 @@ def test_a_subcommand_that_has_not_landed_says_so_and_exits_2(capsys: pytest.Cap
     missing = not_landed("imagewarm example", "some issue")
     assert missing.run(None) == 2
     assert "not implemented yet (some issue)" in capsys.readouterr().err
+
+
+def test_a_subcommand_loads_only_its_own_program() -> None:
+    # Programs declare metrics when imported: a proxy that imported the controller served its metrics.
+    code = (
+        "import sys; from imagewarm import cli; cli._commands(cli._subcommand(['proxy', '--help']));"
+        "programs = {'proxy', 'webhook', 'controller', 'localcluster'};"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & programs))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['proxy']"

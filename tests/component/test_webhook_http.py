@@ -318,3 +318,43 @@ def test_keep_alive_connections_are_shared_between_workers(tmp_path: Path) -> No
             tls.close()
         served.process.terminate()
         served.process.wait(10)
+
+
+def _workers(served: Served) -> list[int]:
+    """The pids of the gunicorn workers (the arbiter's children)."""
+    pid = served.process.pid
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_worker_memory_does_not_grow_with_what_clients_send(tmp_path: Path) -> None:
+    """Anyone allowed to create a pod decides what the webhook reads: distinct 1 MB (invalid) image
+    strings, review after review, must not be kept (they were, twice per cached decision: 1.8 MB a
+    review, 535 MiB over 300). A memory-safety bound far above noise, not a measurement."""
+    served = serve(tmp_path, "--workers", "1")
+    try:
+        [worker] = _workers(served)
+
+        def junk(i: int) -> dict[str, Any]:
+            image = f"Registry.Example/{i:06d}/" + "A" * (1024 * 1024)  # upper case: not a reference
+            pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": image}]}}
+            return review(pod, uid=f"u-{i}")
+
+        for i in range(20):  # warm-up: imports, TLS, buffers at their working size
+            assert served.post(junk(i)).status_code == 200
+        before = _rss_mib(worker)
+        for i in range(20, 320):
+            answer = served.post(junk(i)).json()["response"]
+            assert answer["allowed"] is True and "patch" not in answer
+            assert len(answer["warnings"][0]) <= 120  # what a warning quotes is cut
+        grown = _rss_mib(worker) - before
+        assert grown < 50, f"the worker's RSS grew {grown:.0f} MiB over 300 reviews of 1 MB images"
+    finally:
+        served.process.terminate()
+        served.process.wait(10)

@@ -273,3 +273,17 @@ def test_an_image_already_on_the_proxy_in_another_spelling_is_not_prefixed_again
         outcome = decide(spelling, rule)
         assert (outcome.image, outcome.warning) == (None, None), spelling
     assert decide("nginx:1.27", rule).image == "proxy.internal:7439/docker.io/library/nginx:1.27"
+
+
+def test_warnings_quote_at_most_the_start_of_a_long_image_and_long_images_are_not_remembered() -> None:
+    from webhook import rewrite
+
+    rewrite._decide.cache_clear()
+    image = "Bad/" + "x" * 1_000_000
+    [warning] = on_create(pod(image), RULE).warnings
+    assert len(warning) < 400, warning[:400]
+    assert f"{image[:100]!r}...(1000004 characters)" in warning
+    assert rewrite._decide.cache_info().currsize == 0
+    short = "Bad/app:1"
+    assert repr(short) in on_create(pod(short), RULE).warnings[0]
+    assert rewrite._decide.cache_info().currsize == 1

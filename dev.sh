@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DEBIAN_PACKAGES=(runc docker-registry skopeo busybox-static containernetworking-plugins openssl
-                 iproute2 iptables conntrack nginx-light apache2-utils strace)
+                 iproute2 iptables conntrack nginx-light apache2-utils strace wrk)
 PYTHON=${PYTHON:-python3}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -358,3 +358,61 @@ def test_worker_memory_does_not_grow_with_what_clients_send(tmp_path: Path) -> N
     finally:
         served.process.terminate()
         served.process.wait(10)
+
+
+def _listen_counters() -> dict[str, int]:
+    """The kernel's counts of connections a listener dropped (its accept queue full), machine-wide."""
+    out = subprocess.run(
+        ["nstat", "-az", "TcpExtListenOverflows", "TcpExtListenDrops"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.startswith("TcpExt")}
+
+
+def _accept_queue(port: int) -> int:
+    """Connections waiting in the listener's accept queue (`ss` Recv-Q)."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"( sport = :{port} )"], check=True, capture_output=True, text=True
+    ).stdout
+    return int(out.split()[1])
+
+
+def test_a_burst_of_connections_beyond_the_backlog_is_accepted_without_a_drop(tmp_path: Path) -> None:
+    """A connection the accept queue has no room for is dropped, and its client retries after one
+    second (the webhook's one-second stalls). Workers defer accepts to share connections, but never
+    while connections queue: a burst larger than the backlog (2048) is accepted before it fills."""
+    served = serve(tmp_path, "--connections", "1300")  # 2 workers: room for the whole burst
+    port = int(served.url.rsplit(":", 1)[1])
+    burst = 2300
+    clients: list[socket.socket] = []
+    try:
+        before = _listen_counters()
+        for _ in range(burst):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            clients.append(client)
+        deadline = time.monotonic() + 120
+        while _accept_queue(port) > 0 or len(_holders_of(port)) < burst:
+            assert time.monotonic() < deadline, "the workers did not accept the burst within 120 s"
+            time.sleep(0.2)
+        after = _listen_counters()
+        assert after == before, f"connections dropped by a full accept queue: {before} -> {after}"
+    finally:
+        for client in clients:
+            client.close()
+        served.process.terminate()
+        served.process.wait(20)
+
+
+def _holders_of(port: int) -> list[str]:
+    """The established connections to `port` that a server process holds (accepted), from `ss`."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [line for line in out.splitlines() if "pid=" in line]

@@ -19,10 +19,12 @@ from typing import Any
 
 import requests
 
+from imagewarm.errors import ImagewarmError
+
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
-class KubeError(Exception):
+class KubeError(ImagewarmError):
     """An API request failed; `status` is the HTTP status (0: no answer), `reason` the API's reason."""
 
     temporary = False

@@ -20,6 +20,7 @@ from pathlib import Path
 from imagewarm import dockerconfig, platforms
 from imagewarm.command import Command, table
 from imagewarm.config import setting
+from imagewarm.errors import ImagewarmError
 from imagewarm.platforms import Platform
 from imagewarm.reference import DEFAULT_PROXY_PREFIX, Reference, parse
 
@@ -83,7 +84,7 @@ class WarmConfig:
             raise ValueError("give at least one IMAGE to warm, e.g. `imagewarm warm redis:7`")
 
 
-class CredentialsFileError(ValueError):
+class CredentialsFileError(ImagewarmError, ValueError):
     """The Docker config file cannot be read or is not Docker configuration."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import requests
 
 from imagewarm import __version__, platforms, protocol
+from imagewarm.errors import ImagewarmError
 from imagewarm.platforms import Platform
 from imagewarm.reference import Reference, Unproxiable, parse, registry_segment, split_digest
 
@@ -46,7 +47,7 @@ _CHUNK = 1 << 20
 _MAX_INDEX_DEPTH = 2  # an index may point at indexes; deeper nesting is not something registries serve
 
 
-class WarmError(RuntimeError):
+class WarmError(ImagewarmError, RuntimeError):
     """The image could not be warmed; the message says why and what to do."""
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagewarm.errors import ImagewarmError
 from localcluster import binaries, controlplane, kubelet, machine, network, pki
 from localcluster.containerd import Containerd
 from localcluster.processes import Daemon, DaemonError, free_ports
@@ -37,11 +38,11 @@ PAUSE_REPOSITORY, PAUSE_TAG = "pause", "3.10"
 Progress = Callable[[str], None]
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ImagewarmError, RuntimeError):
     """The cluster did not come up; the message names the component and carries its log tail."""
 
 
-class KubectlError(subprocess.CalledProcessError):
+class KubectlError(ImagewarmError, subprocess.CalledProcessError):
     def __str__(self) -> str:
         return f"kubectl {' '.join(self.cmd[3:])} failed ({self.returncode}): {(self.stderr or '').strip()}"
 

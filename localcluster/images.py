@@ -29,6 +29,7 @@ from urllib.parse import urljoin
 
 import requests
 
+from imagewarm.errors import ImagewarmError
 from localcluster.registryauth import RegistryAuth
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -494,7 +495,7 @@ class _GzipWriter:
 # --- push ----------------------------------------------------------------------------------------
 
 
-class PushError(RuntimeError):
+class PushError(ImagewarmError, RuntimeError):
     """The registry refused part of a push; the message names the request and its answer."""
 
 

@@ -15,17 +15,18 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from imagewarm.errors import ImagewarmError
 from webhook.patch import Op
 
 API_VERSION = "admission.k8s.io/v1"
 MAX_WARNING = 120  # the API server's advice for warning length
 
 
-class BadReview(ValueError):
+class BadReview(ImagewarmError, ValueError):
     """The body is not an AdmissionReview this webhook can answer; the message says what is wrong."""
 
 
-class InvalidPod(ValueError):
+class InvalidPod(ImagewarmError, ValueError):
     """A review of a pod not shaped like one; the message names the field. Answered allowed, unchanged."""
 
     def __init__(self, request: AdmissionRequest, message: str) -> None:

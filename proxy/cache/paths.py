@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from imagewarm import reference
+from imagewarm.errors import ImagewarmError
 
 # Algorithms we can verify, with the length of their hex encoding. Anything else is refused: a digest
 # we cannot verify must never name a file.
@@ -34,7 +35,7 @@ NEW_SUFFIX = ".new"
 TMP_SUFFIX = ".tmp"
 
 
-class InvalidDigest(ValueError):
+class InvalidDigest(ImagewarmError, ValueError):
     """A digest string that is not `sha256:<64 hex>` or `sha512:<128 hex>`."""
 
 

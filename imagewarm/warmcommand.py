@@ -89,7 +89,7 @@ class CredentialsFileError(ImagewarmError, ValueError):
 
 
 @dataclass(frozen=True)
-class Credentials:
+class DockerConfigCredentials:
     """What a Docker config file holds for the proxy: Basic credentials by registry, and whether it
     also names credential helpers, which imagewarm does not run."""
 
@@ -109,10 +109,10 @@ def docker_config_path(given: str, environ: Mapping[str, str], home: Path) -> Pa
     return found if found.is_file() else None
 
 
-def load_credentials(path: Path | None) -> Credentials:
+def load_credentials(path: Path | None) -> DockerConfigCredentials:
     """Read `path` (None: no credentials). Raises CredentialsFileError naming the file and the fault."""
     if path is None:
-        return Credentials(None, {})
+        return DockerConfigCredentials(None, {})
     try:
         text = path.read_text()
         entries = dockerconfig.parse_config(text)
@@ -122,7 +122,7 @@ def load_credentials(path: Path | None) -> Credentials:
         raise CredentialsFileError(f"{path}: {exc}") from None
     document = json.loads(text)
     helpers = isinstance(document, dict) and bool(document.get("credsStore") or document.get("credHelpers"))
-    return Credentials(path, entries, helpers)
+    return DockerConfigCredentials(path, entries, helpers)
 
 
 def load_pull_secrets(

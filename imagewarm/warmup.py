@@ -63,7 +63,7 @@ class ManifestUnknown(WarmError, LookupError):
     """The image's repository or tag does not exist upstream (nor in the cache)."""
 
 
-class NoMatchingPlatform(WarmError, LookupError):
+class PlatformNotInImage(WarmError, LookupError):
     """A multi-platform image has no image for the wanted platform."""
 
 
@@ -316,7 +316,7 @@ def _resolve(
     try:
         chosen = platforms.choose(document.get("manifests") or [], wanted, proxy.image.familiar)
     except platforms.NoMatchingPlatform as exc:
-        raise NoMatchingPlatform(str(exc)) from None
+        raise PlatformNotInImage(str(exc)) from None
     manifests: list[tuple[str, dict[str, Any]]] = []
     for entry in chosen:
         child = _descriptor(proxy.image, entry).digest
@@ -382,7 +382,7 @@ def warm(
     for `platform` (this machine's by default; `platforms.ALL` for every one) when it is an index, then
     the config and layer blobs, `parallel` at a time. `authorization` is sent on every request.
 
-    Raises WarmError (ProxyUnreachable, CredentialsRefused, ManifestUnknown, NoMatchingPlatform or
+    Raises WarmError (ProxyUnreachable, CredentialsRefused, ManifestUnknown, PlatformNotInImage or
     the base class) with a message that says what to do; InvalidReference for invalid text."""
     ref = parse(image) if isinstance(image, str) else image
     wanted = platform if platform is not None else platforms.this_platform()

@@ -134,7 +134,7 @@ def _run_pod(cluster: Any, demo: Demo, name: str, image: str, node: str) -> dict
 
 
 @dataclass(frozen=True)
-class Outcome:
+class DemoResult:
     """What the demo's steps showed: the rows of its `pulls` and `summary` tables, and whether every
     step did what it claims."""
 
@@ -205,7 +205,7 @@ def run(config: DemoConfig) -> int:
 
 def steps(
     cluster: Cluster, upstream: Registry, demo: Demo, teardown: ExitStack, *, image_size: int
-) -> Outcome:
+) -> DemoResult:
     """The demo's steps on a running `cluster` with an empty `upstream` (imagewarm start to the
     upstream outage, which stops `upstream`). Programs it starts are stopped by `teardown`. Pods go
     to the `default` namespace. Raises StackError, RuntimeError or CalledProcessError when a step
@@ -304,7 +304,7 @@ def steps(
         and peer_blobs > 0
         and offline["status"]["phase"] == "Running"
     )
-    return Outcome(pulls, facts, ok)
+    return DemoResult(pulls, facts, ok)
 
 
 def _remove_pod_and_image(cluster: Cluster, pod: str, digest: str, node: int) -> None:

@@ -40,7 +40,7 @@ def rule_of(config: WebhookConfig) -> Rule:
     )
 
 
-def decide(
+def decision_for(
     req: admission.AdmissionRequest,
     rule: Rule,
     sidecarsets: SidecarSets | None,
@@ -147,7 +147,7 @@ def _answer(
     sync_wait: float,
 ) -> dict[str, Any]:
     try:
-        decision = decide(req, rule, sidecarsets, namespaces, sync_wait)
+        decision = decision_for(req, rule, sidecarsets, namespaces, sync_wait)
     except Exception:
         # Never a 5xx: the pod goes through unchanged, as it would with the webhook down.
         log.exception("unexpected failure deciding a pod; allowed unchanged", extra={"uid": req.uid})

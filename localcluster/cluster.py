@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from imagewarm.errors import ImagewarmError
 from localcluster import binaries, controlplane, kubelet, machine, network, pki
@@ -302,12 +301,6 @@ class Cluster:
         if check and proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
         return proc
-
-    def api_client(self) -> Any:
-        """A ``kubernetes.client.ApiClient`` authenticated as cluster admin."""
-        from kubernetes import config
-
-        return config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
 
     def trust_registry(self, registry: Registry) -> None:
         """Let every node pull from ``registry`` over plain HTTP (its ``hosts.toml`` in the shared

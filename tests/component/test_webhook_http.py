@@ -282,21 +282,25 @@ def test_silent_and_idle_connections_neither_block_requests_nor_a_stop(tmp_path:
             tls.close()
 
 
-def _holders(port: int, clients: list[ssl.SSLSocket]) -> list[int]:
-    """How many of the `clients`' connections to `port` each server process holds (from `ss`),
-    largest first."""
+def _established(port: int) -> list[str]:
+    """`ss` lines of the established connections to `port` that a server process holds (accepted)."""
     out = subprocess.run(
         ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
+    return [line for line in out.splitlines() if "pid=" in line]
+
+
+def _holders(port: int, clients: list[ssl.SSLSocket]) -> list[int]:
+    """How many of the `clients`' connections to `port` each server process holds (from `ss`),
+    largest first."""
     ours = {f"127.0.0.1:{tls.getsockname()[1]}" for tls in clients}
     counts: dict[str, int] = {}
-    for line in out.splitlines():
-        fields = line.split()
+    for line in _established(port):
         pid = re.search(r"pid=(\d+)", line)
-        if pid and fields[3] in ours:
+        if pid and line.split()[3] in ours:
             counts[pid.group(1)] = counts.get(pid.group(1), 0) + 1
     return sorted(counts.values(), reverse=True)
 
@@ -395,7 +399,7 @@ def test_a_burst_of_connections_beyond_the_backlog_is_accepted_without_a_drop(tm
             client.connect_ex(("127.0.0.1", port))
             clients.append(client)
         deadline = time.monotonic() + 120
-        while _accept_queue(port) > 0 or len(_holders_of(port)) < burst:
+        while _accept_queue(port) > 0 or len(_established(port)) < burst:
             assert time.monotonic() < deadline, "the workers did not accept the burst within 120 s"
             time.sleep(0.2)
         after = _listen_counters()
@@ -405,14 +409,3 @@ def test_a_burst_of_connections_beyond_the_backlog_is_accepted_without_a_drop(tm
             client.close()
         served.process.terminate()
         served.process.wait(20)
-
-
-def _holders_of(port: int) -> list[str]:
-    """The established connections to `port` that a server process holds (accepted), from `ss`."""
-    out = subprocess.run(
-        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return [line for line in out.splitlines() if "pid=" in line]

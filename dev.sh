@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 
 DEBIAN_PACKAGES=(runc docker-registry skopeo busybox-static containernetworking-plugins openssl
                  iproute2 iptables conntrack nginx-light apache2-utils strace
-                 python3.11 ca-certificates)  # the last two: the product image's runtime (./dev.sh image)
+                 wrk python3.11 ca-certificates)  # the last two: the product image's runtime (./dev.sh image)
 PYTHON=${PYTHON:-python3}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -325,6 +325,7 @@ def measure(
         "rps": len(flat) / elapsed,
         "p50": statistics.median(flat) * 1000,
         "p99": flat[int(len(flat) * 0.99) - 1] * 1000,
+        "max": flat[-1] * 1000,
         "requests": len(flat),
     }
 
@@ -350,10 +351,11 @@ function done(summary, latency, requests)
   local bad = 0
   for _, thread in ipairs(threads) do bad = bad + thread:get("wrong") end
   local e = summary.errors
-  local line = '{"requests": %d, "seconds": %f, "p50_us": %d, "p99_us": %d, "wrong": %d, "errors": %d}\n'
+  local line = '{"requests": %d, "seconds": %f, "p50_us": %d, "p99_us": %d, "max_us": %d, ' ..
+    '"wrong": %d, "errors": %d}\n'
   io.write(string.format(line,
-    summary.requests, summary.duration / 1e6, latency:percentile(50), latency:percentile(99), bad,
-    e.connect + e.read + e.write + e.status + e.timeout))
+    summary.requests, summary.duration / 1e6, latency:percentile(50), latency:percentile(99),
+    latency.max, bad, e.connect + e.read + e.write + e.status + e.timeout))
 end
 """
 
@@ -400,6 +402,7 @@ def measure_native(
         "rps": result["requests"] / result["seconds"],
         "p50": result["p50_us"] / 1000,
         "p99": result["p99_us"] / 1000,
+        "max": result["max_us"] / 1000,
         "requests": result["requests"],
         "sent": sum(r["requests"] for r in results),  # with the untimed second, for CPU per request
     }
@@ -508,13 +511,13 @@ def main() -> int:
         f"cpu ms: the server's CPU time per request\n"
     )
     print(
-        f"{'request':<22}{'load':>24}{'req/s':>8}{'cpu ms':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'request':<22}{'load':>24}{'req/s':>8}{'cpu ms':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
         f"{'p50/anchor':>12}{'p99/anchor':>12}"
     )
     for name, label, result, ratio, ratio99 in rows:
         print(
             f"{name:<22}{label:>24}{result['rps']:>8.0f}{result['cpu']:>8.2f}{result['p50']:>9.2f}"
-            f"{result['p99']:>9.2f}{ratio:>12.2f}{ratio99:>12.2f}"
+            f"{result['p99']:>9.2f}{result['max']:>9.2f}{ratio:>12.2f}{ratio99:>12.2f}"
         )
     saturated = [r for name, label, r, _, _ in rows if label == SATURATED]
     mutate = [(label, r) for name, label, r, _, _ in rows if name != "healthz (anchor)"]

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from imagewarm.errors import ImagewarmError
 from imagewarm.kube import Kube, NotFound
 
 log = logging.getLogger("imagewarm.controller.pullsecrets")
@@ -37,7 +38,7 @@ def label_value(namespace: str, name: str) -> str:
     return value if len(value) <= 63 else copy_name(namespace, name).removeprefix(PREFIX)
 
 
-class MissingSecret(LookupError):
+class MissingSecret(ImagewarmError, LookupError):
     """A job names a Secret that does not exist in its namespace."""
 
 

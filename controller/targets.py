@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from imagewarm.errors import ImagewarmError
 from imagewarm.selectors import InvalidSelector, LabelSelector
 from imagewarm.sidecarset import SidecarSet
 
@@ -23,7 +24,7 @@ SIDECARSET_ANNOTATION = "imagewarm.io/sidecarset"
 FINISHED_POD_PHASES = ("Succeeded", "Failed")
 
 
-class InvalidTargets(ValueError):
+class InvalidTargets(ImagewarmError, ValueError):
     """The job's selector cannot be used; the message says what to fix."""
 
 

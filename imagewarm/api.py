@@ -377,7 +377,7 @@ class SidecarSetStatus(TypedDict, total=False):
     collisionCount: int
 
 
-class SidecarSet(TypedDict, total=False):
+class SidecarSetObject(TypedDict, total=False):
     apiVersion: Required[str]
     kind: Required[Literal["SidecarSet"]]
     metadata: Required[ObjectMeta]

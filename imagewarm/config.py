@@ -14,12 +14,14 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from imagewarm.errors import ImagewarmError
+
 T = TypeVar("T")
 
 _MISSING_VALUE = object()
 
 
-class ConfigError(ValueError):
+class ConfigError(ImagewarmError, ValueError):
     """A setting has a bad value; the message names the flag, the variable and the problem."""
 
 

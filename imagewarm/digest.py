@@ -15,13 +15,15 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from imagewarm.errors import ImagewarmError
+
 HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 
 _DIGEST_RE = re.compile("([A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*):([0-9a-fA-F]{32,})")
 _LOWER_HEX_RE = re.compile("[a-f0-9]+")
 
 
-class InvalidDigest(ValueError):
+class InvalidDigest(ImagewarmError, ValueError):
     """Text that is not a digest the cache can verify content against; the message says why."""
 
 

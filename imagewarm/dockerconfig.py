@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagewarm import reference
+from imagewarm.errors import ImagewarmError
 
 DOCKERCONFIGJSON_TYPE = "kubernetes.io/dockerconfigjson"
 DOCKERCFG_TYPE = "kubernetes.io/dockercfg"
 _HUB_NAMES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
 
-class DockerConfigError(ValueError):
+class DockerConfigError(ImagewarmError, ValueError):
     """The configuration is not valid Docker configuration; the message says which part."""
 
 

@@ -3,8 +3,10 @@
 Reads (`items`, `get`) never call the API server and are safe from any thread. The background thread
 keeps the cache current: when a watch ends or drops it resumes from the last resourceVersion seen
 (bookmarks included); when the server answers 410 Gone it lists again and replaces the cache; other
-failures are retried with capped exponential backoff. `synced` turns true after the first complete
-list and stays true (the cache may then be stale, never empty by mistake).
+failures are retried with capped exponential backoff, which starts again from `min_backoff` after
+every success (a list, an event, a watch the server ended), so a failure long ago never delays
+the next retry. `synced` turns true after the first complete list and stays true (the cache may
+then be stale, never empty by mistake).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Informer:
         *,
         name: str = "",
         watch_timeout: int = 300,
+        min_backoff: float = 0.5,
         max_backoff: float = 30.0,
         label_selector: str = "",
         field_selector: str = "",
@@ -71,6 +74,7 @@ class Informer:
         self.path = path
         self.name = name or path
         self.watch_timeout = watch_timeout
+        self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         # Both selectors go to the list and to every watch (e.g. one object: `metadata.name=<name>`).
         self.params = {
@@ -124,20 +128,22 @@ class Informer:
 
     def run(self) -> None:
         """List and watch until `stop()`."""
-        backoff = 0.5
+        backoff = self.min_backoff
         need_list = True
         while not self._stop.is_set():
             try:
                 if need_list:
                     self._list()
                     need_list = False
+                    backoff = self.min_backoff
                 for event in self.source.watch(
                     self.path, self.resource_version, timeout_seconds=self.watch_timeout, params=self.params
                 ):
                     self._apply(event)
-                    backoff = 0.5
+                    backoff = self.min_backoff
                     if self._stop.is_set():
                         return
+                backoff = self.min_backoff  # the server ended the watch: resume at once
             except Gone:
                 log.info("watch expired; listing again", extra={"informer": self.name})
                 need_list = True

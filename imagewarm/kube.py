@@ -20,6 +20,8 @@ from typing import Any
 
 import requests
 
+from imagewarm.errors import ImagewarmError
+
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -36,7 +38,7 @@ def _forget_parents_temp_files() -> None:
 os.register_at_fork(after_in_child=_forget_parents_temp_files)
 
 
-class KubeError(Exception):
+class KubeError(ImagewarmError):
     """An API request failed; `status` is the HTTP status (0: no answer), `reason` the API's reason."""
 
     temporary = False

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from imagewarm.errors import ImagewarmError
+
 ALL = "all"
 
 _NAME = re.compile(r"[a-z0-9_.-]+")
@@ -88,7 +90,7 @@ def of_descriptor(descriptor: Mapping[str, Any]) -> Platform | None:
     )
 
 
-class NoMatchingPlatform(LookupError):
+class NoMatchingPlatform(ImagewarmError, LookupError):
     """An index has no entry for the wanted platform; the message lists the ones it has."""
 
 

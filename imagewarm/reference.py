@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 from imagewarm.digest import Digest, InvalidDigest
+from imagewarm.errors import ImagewarmError
 
 DEFAULT_REGISTRY = "docker.io"
 LEGACY_DEFAULT_REGISTRY = "index.docker.io"
@@ -59,11 +60,11 @@ _PATH_GRAMMAR = "path components are lower-case letters and digits, separated by
 _HOST_GRAMMAR = "a registry is HOST[:PORT], HOST a DNS name, an IPv4 address or an [IPv6] address"
 
 
-class InvalidReference(ValueError):
+class InvalidReference(ImagewarmError, ValueError):
     """Text that is not a valid image reference; the message names the offending part."""
 
 
-class Unproxiable(ValueError):
+class Unproxiable(ImagewarmError, ValueError):
     """A valid reference whose proxied form would not be valid (IPv6 host, name too long)."""
 
 

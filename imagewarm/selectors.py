@@ -6,10 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from imagewarm.errors import ImagewarmError
+
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
-class InvalidSelector(ValueError):
+class InvalidSelector(ImagewarmError, ValueError):
     """A selector that Kubernetes itself would reject; the message names the bad part."""
 
 

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagewarm.api import SIDECARSET_HASH_ANNOTATION
+from imagewarm.errors import ImagewarmError
 from imagewarm.selectors import InvalidSelector, LabelSelector
 
 IGNORED_NAMESPACES = frozenset({"kube-system", "kube-public"})
 
 
-class InvalidSidecarSet(ValueError):
+class InvalidSidecarSet(ImagewarmError, ValueError):
     """A SidecarSet object that cannot be used; the message names the field."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from imagewarm import api
 from imagewarm.command import Command, table
 from imagewarm.config import parse_positive_int, setting
+from imagewarm.errors import ImagewarmError
 from imagewarm.reference import InvalidReference, parse
 from imagewarm.warmcommand import parse_proxy_url
 from imagewarm.warmjob import CRDS_MISSING
@@ -233,7 +234,7 @@ def render(
 # --- reading the cluster ---------------------------------------------------------------------------
 
 
-class StatusError(RuntimeError):
+class StatusError(ImagewarmError, RuntimeError):
     """The cluster cannot be read; the message says what to do."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from imagewarm import dockerconfig, platforms, warmjob
 from imagewarm.command import Command, table
 from imagewarm.config import setting
+from imagewarm.errors import ImagewarmError
 from imagewarm.platforms import Platform
 from imagewarm.reference import DEFAULT_PROXY_PREFIX, Reference, parse
 
@@ -132,12 +133,12 @@ class WarmConfig:
         return not self.proxy and bool(self.kubeconfig or in_cluster)
 
 
-class CredentialsFileError(ValueError):
+class CredentialsFileError(ImagewarmError, ValueError):
     """The Docker config file cannot be read or is not Docker configuration."""
 
 
 @dataclass(frozen=True)
-class Credentials:
+class DockerConfigCredentials:
     """What a Docker config file holds for the proxy: Basic credentials by registry, and whether it
     also names credential helpers, which imagewarm does not run."""
 
@@ -157,10 +158,10 @@ def docker_config_path(given: str, environ: Mapping[str, str], home: Path) -> Pa
     return found if found.is_file() else None
 
 
-def load_credentials(path: Path | None) -> Credentials:
+def load_credentials(path: Path | None) -> DockerConfigCredentials:
     """Read `path` (None: no credentials). Raises CredentialsFileError naming the file and the fault."""
     if path is None:
-        return Credentials(None, {})
+        return DockerConfigCredentials(None, {})
     try:
         text = path.read_text()
         entries = dockerconfig.parse_config(text)
@@ -170,7 +171,7 @@ def load_credentials(path: Path | None) -> Credentials:
         raise CredentialsFileError(f"{path}: {exc}") from None
     document = json.loads(text)
     helpers = isinstance(document, dict) and bool(document.get("credsStore") or document.get("credHelpers"))
-    return Credentials(path, entries, helpers)
+    return DockerConfigCredentials(path, entries, helpers)
 
 
 def load_pull_secrets(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagewarm import api
+from imagewarm.errors import ImagewarmError
 from imagewarm.reference import Reference
 
 POLL_SECONDS = 1.0
@@ -169,7 +170,7 @@ def succeeded(jobs: Sequence[Mapping[str, Any]], rows: Sequence[NodeRow]) -> boo
     return all(r.phase == "Succeeded" for r in rows)
 
 
-class JobError(RuntimeError):
+class JobError(ImagewarmError, RuntimeError):
     """The job cannot be created or followed; the message says what to do."""
 
 

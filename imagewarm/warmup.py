@@ -27,6 +27,7 @@ import requests
 
 from imagewarm import __version__, platforms, protocol
 from imagewarm.digest import Digest
+from imagewarm.errors import ImagewarmError
 from imagewarm.mediatypes import INDEX_TYPES, MANIFEST_TYPES
 from imagewarm.platforms import Platform
 from imagewarm.reference import Reference, Unproxiable, parse, registry_segment
@@ -39,7 +40,7 @@ _CHUNK = 1 << 20
 _MAX_INDEX_DEPTH = 2  # an index may point at indexes; deeper nesting is not something registries serve
 
 
-class WarmError(RuntimeError):
+class WarmError(ImagewarmError, RuntimeError):
     """The image could not be warmed; the message says why and what to do."""
 
 
@@ -55,7 +56,7 @@ class ManifestUnknown(WarmError, LookupError):
     """The image's repository or tag does not exist upstream (nor in the cache)."""
 
 
-class NoMatchingPlatform(WarmError, LookupError):
+class PlatformNotInImage(WarmError, LookupError):
     """A multi-platform image has no image for the wanted platform."""
 
 
@@ -313,7 +314,7 @@ def _resolve(
     try:
         chosen = platforms.choose(document.get("manifests") or [], wanted, proxy.image.familiar)
     except platforms.NoMatchingPlatform as exc:
-        raise NoMatchingPlatform(str(exc)) from None
+        raise PlatformNotInImage(str(exc)) from None
     manifests: list[tuple[str, dict[str, Any]]] = []
     for entry in chosen:
         child = _descriptor(proxy.image, entry).digest
@@ -380,7 +381,7 @@ def warm(
     for `platform` (this machine's by default; `platforms.ALL` for every one) when it is an index, then
     the config and layer blobs, `parallel` at a time. `authorization` is sent on every request.
 
-    Raises WarmError (ProxyUnreachable, CredentialsRefused, ManifestUnknown, NoMatchingPlatform or
+    Raises WarmError (ProxyUnreachable, CredentialsRefused, ManifestUnknown, PlatformNotInImage or
     the base class) with a message that says what to do; InvalidReference for invalid text.
     Setting `cancel` ends the warm-up at the next chunk with WarmCancelled (a stalled transfer ends
     at its `timeout`); the blobs the proxy verified so far stay in its cache."""

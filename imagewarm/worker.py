@@ -17,10 +17,11 @@ import contextlib
 import os
 import selectors
 import socket
+import sys
 import threading
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from gunicorn import sock as gunicorn_sock
 from gunicorn.workers.base_async import AsyncWorker
@@ -32,9 +33,23 @@ HEARTBEAT = 1.0
 # (up to ACCEPT_DELAY_MAX) before it accepts, so a less loaded worker takes the connection first.
 ACCEPT_DELAY = 0.005
 ACCEPT_DELAY_MAX = 0.05
+# ...but only while few connections wait. Deferring at most 20 accepts a second per worker, a burst
+# filled the accept queue, and the kernel dropped what it had no room for: each such client retries
+# its SYN after one second. With this many queued, every worker accepts all it can at once.
+BALANCE_QUEUE_MAX = 16
 # A held header block goes out in one piece with a body up to this size; copying a larger body to
 # join them would cost more than the send it saves.
 COALESCE_MAX = 64 * 1024
+
+
+def accept_queue_length(listener: socket.socket) -> int:
+    """Connections waiting in `listener`'s accept queue (Linux: `tcpi_unacked` of a listening
+    socket's TCP_INFO, what `ss` shows as Recv-Q); 0 where it cannot be read."""
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except (OSError, AttributeError):
+        return 0
+    return int.from_bytes(info[24:28], sys.byteorder) if len(info) >= 28 else 0
 
 
 class _IdleTimeout:
@@ -139,17 +154,35 @@ class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
                 time.sleep(0.01)
                 continue
             for key, _ in selector.select(HEARTBEAT):
+                ready = cast(socket.socket, key.fileobj)
+                if accept_queue_length(ready) > BALANCE_QUEUE_MAX:
+                    self._accept_all(ready)
+                    continue
                 if self._connections:
                     time.sleep(min(len(self._connections) * ACCEPT_DELAY, ACCEPT_DELAY_MAX))
-                self._accept(key.fileobj)  # type: ignore[arg-type]
+                accepted = self._accept(ready)
+                if accepted is not None:
+                    self._start(ready, *accepted)
         selector.close()
         self._drain()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket) -> tuple[socket.socket, Any] | None:
         try:
-            client, address = listener.accept()
+            return listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return  # another worker took it, or the client gave up
+            return None  # another worker took it, or the client gave up
+
+    def _accept_all(self, listener: socket.socket) -> None:
+        """Empty the accept queue (up to the connection limit) before starting any thread: a thread
+        start costs ten accepts, and a burst arrives faster than that."""
+        room = self.worker_connections - len(self._connections)
+        accepted: list[tuple[socket.socket, Any]] = []
+        while len(accepted) < room and (pair := self._accept(listener)) is not None:
+            accepted.append(pair)
+        for client, address in accepted:
+            self._start(listener, client, address)
+
+    def _start(self, listener: socket.socket, client: socket.socket, address: Any) -> None:
         client.settimeout(self._idle_timeout)
         with self._lock:
             self._connections[client.fileno()] = _Connection(client)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from imagewarm.errors import ImagewarmError
+
 # The one place versions are pinned.
 KUBERNETES_VERSION = "v1.35.4"
 ETCD_VERSION = "v3.6.5"
@@ -64,7 +66,7 @@ HELM = Tool("helm", HELM_VERSION, ("helm",))
 ALL_TOOLS = (KUBERNETES, ETCD, CONTAINERD, HELM)
 
 
-class BuildError(RuntimeError):
+class BuildError(ImagewarmError, RuntimeError):
     """A Go build failed; the message carries the command and the tail of its output."""
 
 

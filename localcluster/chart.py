@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from imagewarm.errors import ImagewarmError
 from localcluster.cluster import Cluster
 
 CHART = Path(__file__).resolve().parent.parent / "charts" / "imagewarm"
@@ -25,7 +26,7 @@ NAMESPACE = "imagewarm"  # not imagewarm-system: the host-process Stack and the 
 PROXY_PORT = 7439
 
 
-class HelmError(RuntimeError):
+class HelmError(ImagewarmError, RuntimeError):
     """helm failed; the message carries its output."""
 
 

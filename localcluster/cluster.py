@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from imagewarm.errors import ImagewarmError
 from localcluster import binaries, controlplane, kubelet, machine, network, pki
 from localcluster.containerd import Containerd
 from localcluster.processes import Daemon, DaemonError, free_ports
@@ -37,11 +37,11 @@ PAUSE_REPOSITORY, PAUSE_TAG = "pause", "3.10"
 Progress = Callable[[str], None]
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ImagewarmError, RuntimeError):
     """The cluster did not come up; the message names the component and carries its log tail."""
 
 
-class KubectlError(subprocess.CalledProcessError):
+class KubectlError(ImagewarmError, subprocess.CalledProcessError):
     def __str__(self) -> str:
         return f"kubectl {' '.join(self.cmd[3:])} failed ({self.returncode}): {(self.stderr or '').strip()}"
 
@@ -306,12 +306,6 @@ class Cluster:
         if check and proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
         return proc
-
-    def api_client(self) -> Any:
-        """A ``kubernetes.client.ApiClient`` authenticated as cluster admin."""
-        from kubernetes import config
-
-        return config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
 
     @property
     def certs_root(self) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagewarm import containerd_hosts
+from imagewarm.errors import ImagewarmError
 from localcluster import binaries, host
 from localcluster.processes import Daemon
 
@@ -27,7 +28,7 @@ RUNC = "/usr/sbin/runc"
 _MAX_SOCKET_PATH = 107
 
 
-class ContainerdError(RuntimeError):
+class ContainerdError(ImagewarmError, RuntimeError):
     """containerd did not start or a ``ctr`` command failed; the message carries its output."""
 
 

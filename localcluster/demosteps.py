@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from imagewarm.api import ORIGINAL_IMAGES_ANNOTATION
+from imagewarm.errors import ImagewarmError
 from imagewarm.reference import parse
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ GROUP = "/apis/imagewarm.io/v1alpha1"
 POD_TIMEOUT = 180.0
 
 
-class StepError(RuntimeError):
+class StepError(ImagewarmError, RuntimeError):
     """A step did not do what it claims; the message says what was seen."""
 
 

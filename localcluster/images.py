@@ -29,6 +29,7 @@ from urllib.parse import urljoin
 
 import requests
 
+from imagewarm.errors import ImagewarmError
 from imagewarm.mediatypes import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
@@ -521,7 +522,7 @@ class _GzipWriter:
 # --- push ----------------------------------------------------------------------------------------
 
 
-class PushError(RuntimeError):
+class PushError(ImagewarmError, RuntimeError):
     """The registry refused part of a push; the message names the request and its answer."""
 
 

@@ -22,12 +22,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from imagewarm.errors import ImagewarmError
 
-class DaemonError(RuntimeError):
+
+class DaemonError(ImagewarmError, RuntimeError):
     """A daemon failed to start or to become ready; the message carries the tail of its log."""
 
 
-class MissingTool(RuntimeError):
+class MissingTool(ImagewarmError, RuntimeError):
     """A program the harness runs is not installed; the message names the package to install."""
 
 

@@ -51,6 +51,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
 from imagewarm.command import table
+from imagewarm.errors import ImagewarmError
 from localcluster import binaries, pythonruntime
 from localcluster.images import Image, ImageBuilder, Layer, tar_info, write_oci_archive
 
@@ -80,7 +81,7 @@ _GZIP_LEVEL = 6
 Progress = Callable[[str], None]
 
 
-class ProductImageError(RuntimeError):
+class ProductImageError(ImagewarmError, RuntimeError):
     """The image cannot be built; the message says what failed and what to do."""
 
 

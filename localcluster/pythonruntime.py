@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from imagewarm.errors import ImagewarmError
+
 PYTHON = Path("/usr/bin/python3.11")
 PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib")
 CA_CERTIFICATES = Path("/usr/share/ca-certificates/mozilla")
@@ -55,7 +57,7 @@ _SYMLINKS = {"usr/lib/ssl/cert.pem": "/" + CA_BUNDLE, "usr/lib/ssl/certs": "/etc
 SPECIAL_DIRS = {"tmp": (0o1777, 0), "root": (0o700, 0), "home/nonroot": (0o700, NONROOT_UID)}
 
 
-class RuntimeFilesError(RuntimeError):
+class RuntimeFilesError(ImagewarmError, RuntimeError):
     """The runtime cannot be assembled from this machine; the message says what to install."""
 
 

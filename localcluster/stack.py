@@ -26,6 +26,7 @@ from pathlib import Path
 
 import requests
 
+from imagewarm.errors import ImagewarmError
 from localcluster.cluster import Cluster
 from localcluster.processes import Daemon, free_port_on, free_ports
 from localcluster.registry import Registry
@@ -38,7 +39,7 @@ PEER_IP = "127.0.0.2"  # loopback, like 127.0.0.1: every local node reaches it
 Progress = Callable[[str], None]
 
 
-class StackError(RuntimeError):
+class StackError(ImagewarmError, RuntimeError):
     """A program of the stack did not start; the message carries its log tail."""
 
 

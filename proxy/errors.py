@@ -7,6 +7,8 @@ from typing import Any
 
 from flask import Response
 
+from imagewarm.errors import ImagewarmError
+
 # The spec's error codes and the HTTP status each is sent with.
 STATUS = {
     "BLOB_UNKNOWN": 404,
@@ -27,7 +29,7 @@ STATUS = {
 BASIC_CHALLENGE = 'Basic realm="imagewarm proxy"'
 
 
-class RegistryError(Exception):
+class RegistryError(ImagewarmError):
     """An error the proxy answers with: `code` from the OCI spec, a message saying what to do."""
 
     def __init__(

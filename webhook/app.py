@@ -2,8 +2,10 @@
 
 Contract for `/mutate`: a body that is not a usable AdmissionReview gets a 4xx JSON `{"error": ...}`;
 every parsed review gets 200 with `allowed: true` (a patch when there is something to change).
-Nothing a client sends produces a 5xx: an unexpected failure while deciding is logged and answered
-`allowed: true` without a patch (the pod is created unrewritten, as with `failurePolicy: Ignore`).
+Nothing a client sends produces a 5xx: a pod not shaped like one (`admission.InvalidPod`) is answered
+`allowed: true` without a patch, with a warning naming the field, and counted as decision "invalid";
+an unexpected failure while deciding (a bug) is logged with its traceback, answered the same way and
+counted as "error" (the pod is created unrewritten, as with `failurePolicy: Ignore`).
 
 While the SidecarSet cache has not finished its first sync, a request waits up to `sync_wait` for it;
 after that the pod is answered without SidecarSet injection (images still rewritten) and a warning
@@ -24,7 +26,7 @@ from imagewarm.metrics import exposition
 from webhook import admission, metrics
 from webhook.caches import SidecarSets, Store, namespace_labels
 from webhook.config import WebhookConfig
-from webhook.mutation import Decision, InvalidPod, on_create, on_ephemeral_update
+from webhook.mutation import Decision, on_create, on_ephemeral_update
 from webhook.rewrite import Rule
 
 log = logging.getLogger("imagewarm.webhook")
@@ -38,7 +40,7 @@ def rule_of(config: WebhookConfig) -> Rule:
     )
 
 
-def decide(
+def decision_for(
     req: admission.AdmissionRequest,
     rule: Rule,
     sidecarsets: SidecarSets | None,
@@ -46,17 +48,10 @@ def decide(
     sync_wait: float,
 ) -> Decision:
     """The decision for one parsed request (reads the caches, never the API server)."""
-    if not req.is_pod:
-        return Decision(reason="ignored")
-    if req.operation == "CREATE" and req.sub_resource == "":
-        pod = req.object
-        if not isinstance(pod, dict) or not (
-            (pod.get("spec") or {}) if isinstance(pod.get("spec"), dict) else {}
-        ).get("containers"):
-            raise InvalidPod("the pod has no containers")
+    if req.is_pod_create and req.pod is not None:
         found, synced = sidecarsets.current(sync_wait) if sidecarsets is not None else ([], True)
         decision = on_create(
-            pod,
+            req.pod,
             rule,
             sidecarsets=found,
             namespace=req.namespace,
@@ -65,8 +60,8 @@ def decide(
         if not synced:
             decision.warnings.append("imagewarm: SidecarSet cache not synced yet; no SidecarSet injected")
         return decision
-    if req.operation == "UPDATE" and req.sub_resource == "ephemeralcontainers":
-        return on_ephemeral_update(req.object, req.old_object, rule)
+    if req.is_ephemeral_update and req.pod is not None:
+        return on_ephemeral_update(req.pod, req.old_pod, rule)
     return Decision(reason="ignored")
 
 
@@ -106,10 +101,16 @@ def create_app(
                 metrics.decisions("invalid").inc()
                 metrics.requests(operation, "400").inc()
                 return jsonify(error=f"bad AdmissionReview: {exc}"), 400
+            except admission.InvalidPod as exc:
+                # Junk a client sent, not our bug: allowed unchanged, saying what is wrong.
+                req = exc.request
+                metrics.decisions("invalid").inc()
+                answer = admission.response(req.uid, warnings=[f"imagewarm: pod left unchanged: {exc}"])
+            else:
+                answer = _answer(req, rule, parsed_sidecarsets, namespaces, config.sync_wait)
             operation = (
                 req.operation if req.operation in ("CREATE", "UPDATE", "DELETE", "CONNECT") else "other"
             )
-            answer = _answer(req, rule, parsed_sidecarsets, namespaces, config.sync_wait)
             metrics.requests(operation, "200").inc()
             return Response(json.dumps(answer, separators=(",", ":")), mimetype="application/json"), 200
         finally:
@@ -146,10 +147,7 @@ def _answer(
     sync_wait: float,
 ) -> dict[str, Any]:
     try:
-        decision = decide(req, rule, sidecarsets, namespaces, sync_wait)
-    except InvalidPod as exc:
-        metrics.decisions("invalid").inc()
-        return admission.response(req.uid, warnings=[f"imagewarm: pod left unchanged: {exc}"])
+        decision = decision_for(req, rule, sidecarsets, namespaces, sync_wait)
     except Exception:
         # Never a 5xx: the pod goes through unchanged, as it would with the webhook down.
         log.exception("unexpected failure deciding a pod; allowed unchanged", extra={"uid": req.uid})

@@ -1,6 +1,8 @@
 """The webhook's decision, a pure function: pod (dict) in, JSON patch operations and warnings out.
 
-No I/O here: SidecarSets and namespace labels are passed in by the caller (from its caches).
+No I/O here: SidecarSets and namespace labels are passed in by the caller (from its caches). The pods
+are checked by `admission.check_pod` first (null counts as absent), so what is read here has a pod's
+shape; an exception is a bug.
 """
 
 from __future__ import annotations
@@ -14,14 +16,9 @@ from imagewarm.api import ORIGINAL_IMAGES_ANNOTATION as ORIGINAL_IMAGES
 from imagewarm.api import SKIP_ANNOTATION as SKIP
 from imagewarm.sidecarset import SidecarSet
 from webhook import sidecarset
+from webhook.admission import CONTAINER_FIELDS
 from webhook.patch import SPEC_FIELDS, Op, diff_pod
 from webhook.rewrite import Rule, decide
-
-CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
-
-
-class InvalidPod(ValueError):
-    """The object is not shaped like a pod; the webhook lets it through unchanged, with this message."""
 
 
 @dataclass(frozen=True)
@@ -34,25 +31,6 @@ class Decision:
     rewrites: int = 0
     injected: tuple[str, ...] = ()
     reason: str = "unchanged"
-
-
-def _check(pod: object) -> dict[str, Any]:
-    if not isinstance(pod, dict):
-        raise InvalidPod("the object is not a JSON object")
-    for key in ("metadata", "spec"):
-        if pod.get(key) is not None and not isinstance(pod[key], dict):
-            raise InvalidPod(f"{key} is not an object")
-    spec = pod.get("spec") or {}
-    for name in CONTAINER_FIELDS:
-        containers = spec.get(name)
-        if containers is None:
-            continue
-        if not isinstance(containers, list) or not all(isinstance(c, dict) for c in containers):
-            raise InvalidPod(f"spec.{name} is not a list of objects")
-    annotations = (pod.get("metadata") or {}).get("annotations")
-    if annotations is not None and not isinstance(annotations, dict):
-        raise InvalidPod("metadata.annotations is not an object")
-    return pod
 
 
 def editable_copy(pod: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +93,9 @@ def rewrite_images(
                 originals[str(container.get("name"))] = container["image"]
                 container["image"] = outcome.image
     if originals:
-        metadata = pod.setdefault("metadata", {})
+        metadata = pod.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = pod["metadata"] = {}
         annotations = metadata.get("annotations")
         if not isinstance(annotations, dict):
             annotations = metadata["annotations"] = {}
@@ -125,7 +105,7 @@ def rewrite_images(
 
 
 def on_create(
-    pod: object,
+    pod: dict[str, Any],
     rule: Rule,
     *,
     sidecarsets: Sequence[SidecarSet] = (),
@@ -135,9 +115,8 @@ def on_create(
     """The patch for a pod being created: matching SidecarSets injected, then every image rewritten.
 
     `namespace` is the request's (a pod being created may omit its own); `namespace_labels` None means
-    unknown (SidecarSets with a `namespaceSelector` then do not match, with a warning).
-    Raises InvalidPod when the object is not shaped like a pod."""
-    original = _check(pod)
+    unknown (SidecarSets with a `namespaceSelector` then do not match, with a warning)."""
+    original = pod
     if skipped(original):
         return Decision(reason="skipped")
     new = editable_copy(original)
@@ -146,16 +125,16 @@ def on_create(
     return _decision(original, new, count, [*injection.warnings, *warnings], injection.injected)
 
 
-def on_ephemeral_update(pod: object, old_pod: object, rule: Rule) -> Decision:
+def on_ephemeral_update(pod: dict[str, Any], old_pod: dict[str, Any] | None, rule: Rule) -> Decision:
     """The patch for an UPDATE of `pods/ephemeralcontainers`: only the ephemeral containers that
     `old_pod` did not have are rewritten (existing ones may not change). The patch also merges them
     into the original-images annotation, but the API server keeps only `spec.ephemeralContainers`
     from an update of this subresource (checked in tests/e2e), so for ephemeral containers the
     original image is not recorded on the stored pod."""
-    original = _check(pod)
+    original = pod
     if skipped(original):
         return Decision(reason="skipped")
-    old = _check(old_pod) if old_pod is not None else {}
+    old = old_pod or {}
     existing = frozenset(
         ("ephemeralContainers", c.get("name"))
         for c in (old.get("spec") or {}).get("ephemeralContainers") or []

@@ -212,7 +212,9 @@ def inject(
 
 
 def _record(pod: dict[str, Any], injected: dict[str, str]) -> None:
-    metadata = pod.setdefault("metadata", {})
+    metadata = pod.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = pod["metadata"] = {}
     annotations = metadata.get("annotations")
     if not isinstance(annotations, dict):
         annotations = metadata["annotations"] = {}

@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from imagewarm import dockerconfig
+from imagewarm.errors import ImagewarmError
 from imagewarm.kube import Forbidden, Kube, NotFound
 from imagewarm.reference import Reference
 from proxy.agent.nodeimage import SecretRef
 
 
-class SecretError(RuntimeError):
+class SecretError(ImagewarmError, RuntimeError):
     """A pull secret could not be used; the message names it and says what to do (no credential)."""
 
 

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from imagewarm.errors import ImagewarmError
 
-class StoreError(Exception):
+
+class StoreError(ImagewarmError):
     """Anything the cache refuses or cannot do."""
 
 

@@ -264,9 +264,6 @@ class Follower:
         fcntl.flock(self._fd, fcntl.LOCK_SH)
         return True
 
-    def read_all(self) -> bytes:
-        return b"".join(self)
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -29,6 +29,7 @@ from typing import Any
 import requests
 import urllib3
 
+from imagewarm.errors import ImagewarmError
 from proxy import metrics
 from proxy.cache.store import DigestMismatch, DiskFull, Writer
 
@@ -48,7 +49,7 @@ _TRANSFER_ERRORS = (
 )
 
 
-class TransferFailed(Exception):
+class TransferFailed(ImagewarmError):
     """Raised inside a response body to make the server drop the connection."""
 
 

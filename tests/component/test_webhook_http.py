@@ -282,21 +282,25 @@ def test_silent_and_idle_connections_neither_block_requests_nor_a_stop(tmp_path:
             tls.close()
 
 
-def _holders(port: int, clients: list[ssl.SSLSocket]) -> list[int]:
-    """How many of the `clients`' connections to `port` each server process holds (from `ss`),
-    largest first."""
+def _established(port: int) -> list[str]:
+    """`ss` lines of the established connections to `port` that a server process holds (accepted)."""
     out = subprocess.run(
         ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
+    return [line for line in out.splitlines() if "pid=" in line]
+
+
+def _holders(port: int, clients: list[ssl.SSLSocket]) -> list[int]:
+    """How many of the `clients`' connections to `port` each server process holds (from `ss`),
+    largest first."""
     ours = {f"127.0.0.1:{tls.getsockname()[1]}" for tls in clients}
     counts: dict[str, int] = {}
-    for line in out.splitlines():
-        fields = line.split()
+    for line in _established(port):
         pid = re.search(r"pid=(\d+)", line)
-        if pid and fields[3] in ours:
+        if pid and line.split()[3] in ours:
             counts[pid.group(1)] = counts.get(pid.group(1), 0) + 1
     return sorted(counts.values(), reverse=True)
 
@@ -318,3 +322,90 @@ def test_keep_alive_connections_are_shared_between_workers(tmp_path: Path) -> No
             tls.close()
         served.process.terminate()
         served.process.wait(10)
+
+
+def _workers(served: Served) -> list[int]:
+    """The pids of the gunicorn workers (the arbiter's children)."""
+    pid = served.process.pid
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_worker_memory_does_not_grow_with_what_clients_send(tmp_path: Path) -> None:
+    """Anyone allowed to create a pod decides what the webhook reads: distinct 1 MB (invalid) image
+    strings, review after review, must not be kept (they were, twice per cached decision: 1.8 MB a
+    review, 535 MiB over 300). A memory-safety bound far above noise, not a measurement."""
+    served = serve(tmp_path, "--workers", "1")
+    try:
+        [worker] = _workers(served)
+
+        def junk(i: int) -> dict[str, Any]:
+            image = f"Registry.Example/{i:06d}/" + "A" * (1024 * 1024)  # upper case: not a reference
+            pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": image}]}}
+            return review(pod, uid=f"u-{i}")
+
+        for i in range(20):  # warm-up: imports, TLS, buffers at their working size
+            assert served.post(junk(i)).status_code == 200
+        before = _rss_mib(worker)
+        for i in range(20, 320):
+            answer = served.post(junk(i)).json()["response"]
+            assert answer["allowed"] is True and "patch" not in answer
+            assert len(answer["warnings"][0]) <= 120  # what a warning quotes is cut
+        grown = _rss_mib(worker) - before
+        assert grown < 50, f"the worker's RSS grew {grown:.0f} MiB over 300 reviews of 1 MB images"
+    finally:
+        served.process.terminate()
+        served.process.wait(10)
+
+
+def _listen_counters() -> dict[str, int]:
+    """The kernel's counts of connections a listener dropped (its accept queue full), machine-wide."""
+    out = subprocess.run(
+        ["nstat", "-az", "TcpExtListenOverflows", "TcpExtListenDrops"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.startswith("TcpExt")}
+
+
+def _accept_queue(port: int) -> int:
+    """Connections waiting in the listener's accept queue (`ss` Recv-Q)."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"( sport = :{port} )"], check=True, capture_output=True, text=True
+    ).stdout
+    return int(out.split()[1])
+
+
+def test_a_burst_of_connections_beyond_the_backlog_is_accepted_without_a_drop(tmp_path: Path) -> None:
+    """A connection the accept queue has no room for is dropped, and its client retries after one
+    second (the webhook's one-second stalls). Workers defer accepts to share connections, but never
+    while connections queue: a burst larger than the backlog (2048) is accepted before it fills."""
+    served = serve(tmp_path, "--connections", "1300")  # 2 workers: room for the whole burst
+    port = int(served.url.rsplit(":", 1)[1])
+    burst = 2300
+    clients: list[socket.socket] = []
+    try:
+        before = _listen_counters()
+        for _ in range(burst):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            clients.append(client)
+        deadline = time.monotonic() + 120
+        while _accept_queue(port) > 0 or len(_established(port)) < burst:
+            assert time.monotonic() < deadline, "the workers did not accept the burst within 120 s"
+            time.sleep(0.2)
+        after = _listen_counters()
+        assert after == before, f"connections dropped by a full accept queue: {before} -> {after}"
+    finally:
+        for client in clients:
+            client.close()
+        served.process.terminate()
+        served.process.wait(20)

@@ -201,3 +201,34 @@ def test_a_handler_added_before_start_sees_every_object() -> None:
     assert source.done.wait(5)
     informer.stop()
     assert seen == ["ADDED a"]
+
+
+def test_the_backoff_starts_again_after_a_successful_list_and_watch(caplog: Any) -> None:
+    """A new watch cache answers 429 "storage is (re)initializing" until it has listed, then 410
+    to a watch from before it. Earlier failures must not make that retry wait long: while it waits,
+    the cache misses what changes (a webhook worker would admit pods without new SidecarSets)."""
+
+    class Flaky(ScriptedSource):
+        calls = 0
+
+        def get(self, path: str, **params: Any) -> dict[str, Any]:
+            self.calls += 1
+            if self.calls <= 4:
+                raise Unavailable("API server starting")
+            return super().get(path, **params)
+
+    source = Flaky(
+        lists=[{"metadata": {"resourceVersion": "1"}, "items": []}] * 2,
+        watches=[
+            [],  # ended by the server (its storage rebuilt): a success
+            Unavailable("429 storage is (re)initializing", status=429),
+            Gone("410 too old resource version"),
+        ],
+    )
+    with caplog.at_level("WARNING", logger="imagewarm.informer"):
+        informer = Informer(source, "/x", min_backoff=0.001, max_backoff=1.0).start()
+        assert source.done.wait(5)
+        informer.stop()
+    waits = [r.retry_seconds for r in caplog.records if hasattr(r, "retry_seconds")]
+    assert waits == [0.001, 0.002, 0.004, 0.008, 0.001]
+    assert informer.lists == 2

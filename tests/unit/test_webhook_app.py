@@ -11,6 +11,7 @@ import jsonpatch
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from webhook.app import create_app
 from webhook.config import WebhookConfig
@@ -275,3 +276,112 @@ def test_fuzz_never_5xx(client: Any, data: Any) -> None:
         assert answer["response"]["allowed"] is True
     else:
         assert answer["error"]
+
+
+# --- junk pods are "invalid" (or decided), never an internal "error" -----------------------------
+
+NAMES = st.sampled_from(["main", "agent", "side", ""]) | json_values
+MOUNTS = st.lists(
+    st.fixed_dictionaries({}, optional={"name": NAMES, "mountPath": json_values, "subPathExpr": json_values})
+    | json_values,
+    max_size=3,
+)
+ENV = st.lists(
+    st.fixed_dictionaries({}, optional={"name": NAMES, "value": json_values}) | json_values, max_size=3
+)
+CONTAINER = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": NAMES,
+        "image": st.sampled_from(["nginx:1", "localhost:7439/docker.io/library/x:1", "Bad Image"])
+        | json_values,
+        "env": ENV | json_values,
+        "volumeMounts": MOUNTS | json_values,
+    },
+)
+CONTAINERS = st.lists(CONTAINER | json_values, min_size=1, max_size=3) | json_values
+ANNOTATIONS = st.dictionaries(
+    st.sampled_from(
+        [
+            "imagewarm.io/skip",
+            "imagewarm.io/original-images",
+            "imagewarm.io/sidecarset-hash",
+            "imagewarm.io/sidecarset-injected-list",
+            "other",
+        ]
+    ),
+    st.sampled_from(["true", "{}", '{"main":"nginx:1"}', "[1]", "agent"]) | json_values,
+    max_size=4,
+)
+METADATA = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": json_values,
+        "namespace": json_values,
+        "labels": st.just({"app": "web"}) | st.dictionaries(st.text(max_size=5), json_values) | json_values,
+        "annotations": ANNOTATIONS | json_values,
+    },
+)
+SPEC = st.fixed_dictionaries(
+    {"containers": CONTAINERS},
+    optional={
+        "initContainers": CONTAINERS,
+        "ephemeralContainers": CONTAINERS,
+        "volumes": st.lists(st.fixed_dictionaries({}, optional={"name": NAMES}) | json_values, max_size=2)
+        | json_values,
+        "imagePullSecrets": st.lists(json_values, max_size=2) | json_values,
+    },
+)
+FUZZED_POD = st.fixed_dictionaries(
+    {}, optional={"metadata": METADATA | json_values, "spec": SPEC | json_values}
+)
+# Injection reads more of the SidecarSet's templates: give it one that uses everything.
+RICH_SIDECARSET = {
+    "metadata": {"name": "agent", "resourceVersion": "7"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "web"}},
+        "containers": [
+            {
+                "name": "agent",
+                "image": "agent:1",
+                "shareVolumePolicy": {"type": "enabled"},
+                "transferEnv": [{"sourceContainerName": "main", "envNames": ["A", "B"]}],
+            }
+        ],
+        "initContainers": [{"name": "init-agent", "image": "agent:1"}],
+        "volumes": [{"name": "v", "emptyDir": {}}],
+        "imagePullSecrets": [{"name": "s"}],
+    },
+}
+
+
+def decisions(reason: str) -> float:
+    return REGISTRY.get_sample_value("imagewarm_webhook_decisions_total", {"decision": reason}) or 0.0
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pod=FUZZED_POD, old=FUZZED_POD, ephemeral=st.booleans())
+def test_fuzzed_pods_are_never_an_internal_error(pod: Any, old: Any, ephemeral: bool) -> None:
+    """Any JSON shapes in a pod's containers, annotations or metadata: allowed, unchanged or patched,
+    counted as a decision or as "invalid", never as "error" (that alert is for bugs)."""
+    client = create_app(
+        CONFIG, sidecarsets=FakeStore([RICH_SIDECARSET]), namespaces=FakeStore([])
+    ).test_client()
+    errors = decisions("error")
+    body = review(pod, operation="UPDATE", sub="ephemeralcontainers", old=old) if ephemeral else review(pod)
+    reply = client.post("/mutate", json=body)
+    assert reply.status_code == 200
+    assert reply.get_json()["response"]["allowed"] is True
+    assert decisions("error") == errors, "a junk pod was counted as an internal error"
+
+
+def test_a_junk_pod_is_counted_invalid_and_told_what_is_wrong(client: Any) -> None:
+    pod = web_pod()
+    pod["spec"]["containers"][0]["name"] = ["main"]
+    invalid, errors = decisions("invalid"), decisions("error")
+    body = client.post("/mutate", json=review(pod)).get_json()
+    assert body["response"]["allowed"] is True and "patch" not in body["response"]
+    assert body["response"]["warnings"] == [
+        "imagewarm: pod left unchanged: spec.containers[0].name must be a string, not a list"
+    ]
+    assert (decisions("invalid"), decisions("error")) == (invalid + 1, errors)

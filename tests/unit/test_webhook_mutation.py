@@ -9,7 +9,8 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from webhook.mutation import ORIGINAL_IMAGES, Decision, InvalidPod, on_create, on_ephemeral_update
+from webhook.admission import check_pod
+from webhook.mutation import ORIGINAL_IMAGES, Decision, on_create, on_ephemeral_update
 from webhook.patch import pointer
 from webhook.rewrite import Rule
 
@@ -182,20 +183,53 @@ def test_ephemeral_update_rewrites_only_new_ephemeral_containers() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "message"),
     [
-        None,
-        [],
-        "pod",
-        {"spec": []},
-        {"spec": {"containers": "x"}},
-        {"spec": {"containers": ["x"]}},
-        {"metadata": {"annotations": []}, "spec": {"containers": []}},
+        (None, "the object must be an object, not null"),
+        ([], "the object must be an object, not a list"),
+        ("pod", "the object must be an object, not a string"),
+        ({"spec": []}, "spec must be an object, not a list"),
+        ({"spec": {"containers": "x"}}, "spec.containers must be a list, not a string"),
+        ({"spec": {"containers": ["x"]}}, "spec.containers[0] must be an object, not a string"),
+        ({"metadata": {"annotations": []}}, "metadata.annotations must be an object, not a list"),
+        ({"metadata": {"annotations": {"a": 1}}}, "metadata.annotations['a'] must be a string, not a number"),
+        ({"metadata": {"labels": {"app": None}}}, "metadata.labels['app'] must be a string, not null"),
+        ({"metadata": {"namespace": ["x"]}}, "metadata.namespace must be a string, not a list"),
+        (
+            {"spec": {"containers": [{"name": {"a": 1}}]}},
+            "spec.containers[0].name must be a string, not an object",
+        ),
+        (
+            {"spec": {"initContainers": [{"name": ["a"]}]}},
+            "spec.initContainers[0].name must be a string, not a list",
+        ),
+        (
+            {"spec": {"containers": [{"name": "a", "env": 5}]}},
+            "spec.containers[0].env must be a list, not a number",
+        ),
+        (
+            {"spec": {"containers": [{"name": "a", "volumeMounts": [{"name": "v", "mountPath": []}]}]}},
+            "spec.containers[0].volumeMounts[0].mountPath must be a string, not a list",
+        ),
+        ({"spec": {"volumes": [{"name": 1}]}}, "spec.volumes[0].name must be a string, not a number"),
+        (
+            {"spec": {"imagePullSecrets": {"name": "s"}}},
+            "spec.imagePullSecrets must be a list, not an object",
+        ),
     ],
 )
-def test_objects_not_shaped_like_pods_raise_invalid_pod(bad: Any) -> None:
-    with pytest.raises(InvalidPod):
-        on_create(bad, RULE)
+def test_objects_not_shaped_like_pods_are_named_by_the_check(bad: Any, message: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        check_pod(bad)
+    assert str(raised.value) == message
+
+
+def test_nulls_count_as_absent_as_in_kubernetes() -> None:
+    pod = {"metadata": None, "spec": {"containers": [{"name": None, "image": "nginx:1", "env": None}]}}
+    decision = on_create(check_pod(pod), RULE)
+    result = apply(pod, decision)
+    assert result["spec"]["containers"][0]["image"] == "localhost:7439/docker.io/library/nginx:1"
+    assert json.loads(result["metadata"]["annotations"][ORIGINAL_IMAGES]) == {"None": "nginx:1"}
 
 
 def test_non_string_image_is_left_with_a_warning() -> None:
@@ -239,3 +273,17 @@ def test_an_image_already_on_the_proxy_in_another_spelling_is_not_prefixed_again
         outcome = decide(spelling, rule)
         assert (outcome.image, outcome.warning) == (None, None), spelling
     assert decide("nginx:1.27", rule).image == "proxy.internal:7439/docker.io/library/nginx:1.27"
+
+
+def test_warnings_quote_at_most_the_start_of_a_long_image_and_long_images_are_not_remembered() -> None:
+    from webhook import rewrite
+
+    rewrite._decide.cache_clear()
+    image = "Bad/" + "x" * 1_000_000
+    [warning] = on_create(pod(image), RULE).warnings
+    assert len(warning) < 400, warning[:400]
+    assert f"{image[:100]!r}...(1000004 characters)" in warning
+    assert rewrite._decide.cache_info().currsize == 0
+    short = "Bad/app:1"
+    assert repr(short) in on_create(pod(short), RULE).warnings[0]
+    assert rewrite._decide.cache_info().currsize == 1

@@ -55,6 +55,18 @@ class NodeImageWriter:
             del self._written[name]
         return cached
 
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every NodeImage by name, as `get` would answer for each."""
+        objects = self.cache.snapshot()
+        with self._lock:
+            for name, written in list(self._written.items()):
+                cached = objects.get(name)
+                if cached is not None and _version(cached) in written.older:
+                    objects[name] = written.obj
+                else:
+                    del self._written[name]
+        return objects
+
     def update(self, name: str, image: str, compute: Compute) -> dict[str, Any] | None:
         """Set `spec.images[image]` of NodeImage `name` to `compute(current entry)` (None removes
         it); nothing is written when that is the current entry. Returns the NodeImage as after

@@ -174,6 +174,7 @@ class JobReconciler:
                 self._refresh(node, target, bump)
                 states[node] = classify(node, self.writer.get(node), target, uid)
             self._record_generation(job)
+            self.collect_secrets()  # an edit may have dropped a pull secret
 
         never = (spec.get("completionPolicy") or {}).get("type") == "Never"
         limit = api.resolve_parallelism(spec.get("parallelism"), len(targets))

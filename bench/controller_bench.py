@@ -74,9 +74,9 @@ def api_requests(port: int) -> dict[tuple[str, str], float]:
         text = response.read().decode()
     out = {}
     for match in re.finditer(
-        r'imagewarm_controller_api_requests_total\{verb="(\w+)",code="(\d+)"\} ([0-9.e+]+)', text
+        r'imagewarm_controller_api_requests_total\{code="(\d+)",verb="(\w+)"\} ([0-9.e+]+)', text
     ):
-        out[(match.group(1), match.group(2))] = float(match.group(3))
+        out[(match.group(2), match.group(1))] = float(match.group(3))  # (verb, code)
     return out
 
 

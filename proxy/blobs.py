@@ -54,7 +54,7 @@ class Blobs:
         self.tee = tee
 
     def serve(self, target: Target, credentials: Credentials | None, head: bool) -> Response:
-        digest = target.blob_digest
+        digest = target.named_digest
         range_header = request.headers.get("Range")
         if request.headers.get(protocol.PEER_HEADER):
             return self._for_peer(target, credentials, head, range_header)
@@ -78,7 +78,7 @@ class Blobs:
     ) -> Response:
         """Another node's proxy asks: answer from the cache only, never fetch for it."""
         try:
-            blob = self.store.open(target.blob_digest)
+            blob = self.store.open(target.named_digest)
         except NotCached:
             raise RegistryError(
                 "BLOB_UNKNOWN", f"{target.reference} is not cached on this node", status=404

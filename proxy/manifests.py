@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from flask import Response
 
 from imagewarm import protocol
+from imagewarm.digest import Digest
 from proxy import metrics
 from proxy.cache.errors import DiskFull
 from proxy.cache.manifest_store import ManifestStore
@@ -85,13 +86,13 @@ class Manifests:
             status=200,
             headers={
                 "Content-Type": manifest.media_type,
-                "Docker-Content-Digest": manifest.digest,
+                "Docker-Content-Digest": str(manifest.digest),
                 "ETag": f'"{manifest.digest}"',
                 protocol.CACHE_HEADER: _CACHE_STATUS[found.source],
             },
         )
 
-    def _cached(self, digest: str) -> Manifest | None:
+    def _cached(self, digest: Digest) -> Manifest | None:
         got = self.store.get(digest)
         return Manifest(got[0], got[1], digest) if got else None
 
@@ -116,7 +117,7 @@ class Manifests:
             self._record_tag(target, manifest.digest, manifest.media_type)
         return Found(manifest, "upstream" if stored else "uncached")
 
-    def _record_tag(self, target: Target, digest: str, media_type: str) -> None:
+    def _record_tag(self, target: Target, digest: Digest, media_type: str) -> None:
         """Note that the tag points at `digest` now; on a full disk the old entry stays, so the tag
         is re-checked on its next pull instead of after the TTL."""
         self._cache_write(
@@ -134,7 +135,7 @@ class Manifests:
         """The manifest for a tag or digest. Raises RegistryError as the upstream answered, or
         UpstreamUnavailable when it is down and nothing is cached."""
         if target.by_digest:
-            cached = self._cached(target.reference)
+            cached = self._cached(target.named_digest)
             if cached is not None:
                 self._check_access(target, credentials)
                 return Found(cached, "cache")

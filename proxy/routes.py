@@ -37,8 +37,8 @@ class Target:
             object.__setattr__(self, "digest", Digest.parse(self.reference))
 
     @property
-    def blob_digest(self) -> Digest:
-        """The digest of a blob Target; raises ValueError for a Target that names none."""
+    def named_digest(self) -> Digest:
+        """The digest a blob or a manifest by digest names; raises ValueError for a tag's Target."""
         if self.digest is None:
             raise ValueError(f"{self.name}:{self.reference} names no digest")
         return self.digest

@@ -132,7 +132,7 @@ class Tee:
         )
 
         def body() -> Iterator[bytes]:
-            digest = target.blob_digest
+            digest = target.named_digest
             check = digest.hasher()
             with upstream:
                 try:

@@ -23,17 +23,17 @@ class ManifestStore:
         for directory in (self.layout.manifests_dir, self.layout.partial_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
-    def put(self, digest: str, data: bytes, media_type: str) -> None:
+    def put(self, digest: Digest, data: bytes, media_type: str) -> None:
         """Store `data` under `digest` after checking that it hashes to it. Raises DigestMismatch
         (nothing kept), DiskFull, or ValueError for a media type with a line break."""
-        if Digest.of(data, Digest.parse(digest).algorithm) != Digest.parse(digest):
+        if Digest.of(data, digest.algorithm) != digest:
             raise DigestMismatch(f"manifest bytes do not match {digest}; nothing was kept")
         if "\n" in media_type or "\r" in media_type:
             raise ValueError(f"media type {media_type!r} contains a line break")
         record = media_type.encode() + b"\n" + data
         durable.atomic_write(self.layout.tmp(os.urandom(8).hex()), self.layout.manifest(digest), record)
 
-    def get(self, digest: str) -> tuple[bytes, str] | None:
+    def get(self, digest: Digest) -> tuple[bytes, str] | None:
         """(bytes, media type) exactly as stored, or None."""
         try:
             record = self.layout.manifest(digest).read_bytes()
@@ -42,5 +42,5 @@ class ManifestStore:
         media_type, _, data = record.partition(b"\n")
         return data, media_type.decode()
 
-    def has(self, digest: str) -> bool:
+    def has(self, digest: Digest) -> bool:
         return self.layout.manifest(digest).is_file()

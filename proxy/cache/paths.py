@@ -12,7 +12,7 @@
 <root>/state/                                         the byte counter and the store-open lock
 ```
 Everything is on one filesystem, so every rename is atomic. Paths are built only from parsed
-`Digest`s (a manifest's digest text is parsed here), so no caller input can escape the root.
+`Digest`s, so no caller input can escape the root.
 """
 
 from __future__ import annotations
@@ -91,9 +91,8 @@ class Layout:
     def blob(self, digest: Digest) -> Path:
         return self.blobs_dir / digest.algorithm / digest.hex[:2] / digest.hex
 
-    def manifest(self, digest: str) -> Path:
-        parsed = Digest.parse(digest)
-        return self.manifests_dir / parsed.algorithm / parsed.hex[:2] / parsed.hex
+    def manifest(self, digest: Digest) -> Path:
+        return self.manifests_dir / digest.algorithm / digest.hex[:2] / digest.hex
 
     def partial(self, digest: Digest) -> Path:
         return self.partial_dir / f"{digest.flat}{PARTIAL_SUFFIX}"

@@ -203,7 +203,7 @@ class BlobStore:
         probe = self.layout.tmp(f"ready-probe-{os.getpid()}-{threading.get_ident()}")
         try:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
-            probe.unlink()
+            probe.unlink(missing_ok=True)
         except OSError as exc:
             return f"{self.layout.partial_dir} is not writable: {exc.strerror} (check the cache volume)"
         return None

@@ -20,7 +20,7 @@ from proxy.cache.paths import Layout
 
 @dataclass(frozen=True)
 class TagEntry:
-    digest: str
+    digest: Digest
     media_type: str
     checked_at: float  # seconds since the epoch, when the upstream last confirmed (or set) the digest
 
@@ -43,8 +43,8 @@ class TagIndex:
             record = json.loads(path.read_bytes())
             if (record["registry"], record["repository"], record["tag"]) != (registry, repository, tag):
                 return None  # a hash collision, in theory: never answer for another tag
-            Digest.parse(record["digest"])
-            return TagEntry(record["digest"], record["media_type"], float(record["checked_at"]))
+            digest = Digest.parse(record["digest"])
+            return TagEntry(digest, record["media_type"], float(record["checked_at"]))
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError):
@@ -55,18 +55,17 @@ class TagIndex:
         registry: str,
         repository: str,
         tag: str,
-        digest: str,
+        digest: Digest,
         media_type: str,
         checked_at: float | None = None,
     ) -> TagEntry:
         """Record that the tag points at `digest` (checked now unless `checked_at` is given)."""
-        Digest.parse(digest)
         entry = TagEntry(digest, media_type, time.time() if checked_at is None else checked_at)
         record = {
             "registry": registry,
             "repository": repository,
             "tag": tag,
-            "digest": entry.digest,
+            "digest": str(entry.digest),
             "media_type": entry.media_type,
             "checked_at": entry.checked_at,
         }

@@ -19,7 +19,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from imagewarm import reference as references
-from imagewarm.digest import Digest
+from imagewarm.digest import Digest, InvalidDigest
 from imagewarm.mediatypes import MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES
 from proxy.config import ProxyConfig
 from proxy.errors import RegistryError, UpstreamUnavailable
@@ -41,7 +41,7 @@ GENERIC_TYPES = ("", "application/json", "text/plain", "application/octet-stream
 class Manifest:
     data: bytes
     media_type: str
-    digest: str
+    digest: Digest
 
 
 class Upstream:
@@ -264,7 +264,7 @@ class Upstream:
                 "supported: push the image again with a current tool (schema 2 or OCI)",
                 status=502,
             )
-        digest = str(Digest.of(data))
+        digest = Digest.of(data)
         asked = Digest.parse(reference) if ":" in reference else None  # a Target's: already checked
         if asked is not None and Digest.of(data, asked.algorithm) != asked:
             raise RegistryError(
@@ -274,7 +274,7 @@ class Upstream:
                 status=502,
             )
         header = response.headers.get("Docker-Content-Digest")
-        if header and header.startswith("sha256:") and header != digest:
+        if header and header.startswith("sha256:") and header != str(digest):
             raise RegistryError(
                 "MANIFEST_INVALID",
                 f"{name}: the upstream's Docker-Content-Digest {header} "
@@ -283,19 +283,22 @@ class Upstream:
             )
         # A generic or missing type would make runtimes refuse the manifest: name it from the body.
         named = _guess_media_type(data) if media_type in GENERIC_TYPES else media_type
-        return Manifest(data, named, reference if ":" in reference else digest)
+        return Manifest(data, named, asked or Digest.of(data))
 
     def head_manifest(
         self, registry: str, repository: str, reference: str, credentials: Credentials | None
-    ) -> str | None:
-        """The digest the upstream gives for a tag or digest (None if it sent no digest header)."""
+    ) -> Digest | None:
+        """The digest the upstream gives for a tag or digest (None if it sent no digest header, or
+        one that is no digest this proxy can verify)."""
         response = self.request(
             "HEAD", registry, repository, f"manifests/{reference}", credentials, headers={"Accept": ACCEPT}
         )
         with response:
             _raise_for(response, "MANIFEST_UNKNOWN", f"{registry}/{repository}:{reference}")
-        digest = response.headers.get("Docker-Content-Digest")
-        return digest or None
+        try:
+            return Digest.parse(response.headers.get("Docker-Content-Digest", ""))
+        except InvalidDigest:
+            return None
 
     def head_blob(
         self, registry: str, repository: str, digest: str, credentials: Credentials | None

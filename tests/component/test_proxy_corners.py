@@ -260,7 +260,7 @@ def test_a_manifest_whose_digest_does_not_verify_is_refused_and_not_cached(
     assert good.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
     assert good.headers["X-Imagewarm-Cache"] == "miss"
     assert scripted.served["GET liar/manifests"] == served + 1
-    assert layout.manifest(MANIFEST_DIGEST).is_file()
+    assert layout.manifest(Digest.parse(MANIFEST_DIGEST)).is_file()
 
 
 # --- 4. A Docker schema 2 manifest list, per platform ------------------------------------------------

@@ -80,7 +80,7 @@ def test_cold_manifests_on_a_full_disk_are_served_uncached_and_cached_once_space
         assert_manifest(requests.get(f"{base}/v1", timeout=30), image, "uncached")
         assert_manifest(requests.head(f"{base}/v1", timeout=30), image, "uncached", head=True)
         assert_manifest(requests.get(f"{base}/{image.digest}", timeout=30), image, "uncached")
-    assert not layout.manifest(image.digest).exists()
+    assert not layout.manifest(Digest.parse(image.digest)).exists()
     assert not layout.tag(upstream.host, "full/manifest", "v1").exists()
     assert not list(layout.partial_dir.iterdir()), "a failed write must leave no temporary file"
     assert proxy.metric(SKIPPED, kind="manifest") == 6
@@ -89,7 +89,7 @@ def test_cold_manifests_on_a_full_disk_are_served_uncached_and_cached_once_space
 
     filler.unlink()  # space returns: the next fetch is cached
     assert_manifest(requests.get(f"{base}/v1", timeout=30), image, "miss")
-    assert layout.manifest(image.digest).exists()
+    assert layout.manifest(Digest.parse(image.digest)).exists()
     assert layout.tag(upstream.host, "full/manifest", "v1").exists()
     assert log_count(proxy, SPACE_LOG) == 1, proxy.log_tail()
 
@@ -111,7 +111,7 @@ def test_skopeo_copies_whole_images_through_a_full_disk(
 
     assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "tag"), image)
     assert_dir_matches(copy_to_dir(skopeo, f"{name}@{image.digest}", tmp_path / "digest"), image)
-    assert not layout.manifest(image.digest).exists()
+    assert not layout.manifest(Digest.parse(image.digest)).exists()
     assert not any(layout.blob(Digest.parse(blob.digest)).exists() for blob in image.blobs)
     assert proxy.metric(SKIPPED, kind="manifest") >= 2
     # Every blob of both copies streamed through (the config blob too), none from a cache.

@@ -246,7 +246,7 @@ def test_disk_full_cleans_up_and_recovers(small_disk: Path) -> None:
     with pytest.raises(DiskFull):
         writer.write(blob)
     with pytest.raises(DiskFull):
-        ManifestStore(small_disk / "cache").put(str(_digest(blob)), blob, "application/octet-stream")
+        ManifestStore(small_disk / "cache").put(_digest(blob), blob, "application/octet-stream")
     assert list(store.layout.partial_dir.iterdir()) == []
     filler.unlink()
     writer = store.claim(_digest(blob), len(blob))

@@ -11,7 +11,8 @@ from localcluster.cluster import Cluster
 from localcluster.kubelet import DEVICE_PLUGIN_SOCKET
 from localcluster.registry import Registry
 
-pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
+# Five starts, and maybe a wait for another run's cluster to release the machine lock first.
+pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster, pytest.mark.timeout(1800)]
 
 CYCLES = 5
 

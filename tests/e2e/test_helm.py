@@ -377,7 +377,13 @@ def test_uninstall_leaves_no_webhook_and_pods_still_start(
     release.uninstall()
     gone = cluster.kubectl("get", "mutatingwebhookconfiguration", RELEASE, check=False)
     assert gone.returncode != 0 and "NotFound" in gone.stderr
-    assert not release.pods("proxy") and not release.pods("webhook") and not release.pods("controller")
+    # The workloads are gone; their pods go with them (deleted by the garbage collector).
+    for kind in ("daemonset", "deployment", "service", "serviceaccount"):
+        listed = cluster.kubectl(
+            "get", kind, "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"
+        )
+        assert not listed.stdout.strip(), listed.stdout
+    eventually(lambda: not any(release.pods(c) for c in ("proxy", "webhook", "controller")), 90, "pods gone")
 
     image = builder.busybox(data_size=1 << 20)
     push(upstream, "team/after", "1", image)

@@ -85,9 +85,13 @@ def release(cluster: Cluster, values: dict[str, Any]) -> Iterator[Release]:
 def diagnose(cluster: Cluster) -> str:
     pods = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
     events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp", check=False).stdout
-    logs = cluster.kubectl("logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/part-of=imagewarm",
-                           "--all-containers", "--tail=20", "--prefix", check=False).stdout  # fmt: skip
-    return f"pods:\n{pods}\nevents:\n{events[-3000:]}\nlogs:\n{logs[-6000:]}"
+    names = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-o", "name", check=False).stdout.split()
+    logs = "\n".join(
+        f"--- {name}\n"
+        + cluster.kubectl("logs", "-n", NAMESPACE, name, "--tail=15", check=False).stdout[-2500:]
+        for name in names
+    )
+    return f"pods:\n{pods}\nevents:\n{events[-2000:]}\nlogs:\n{logs}"
 
 
 def metric(url: str, name: str, **labels: str) -> float:

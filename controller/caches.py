@@ -7,6 +7,7 @@ controller reads most of their fields).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,26 +32,43 @@ def slim_node(node: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _shared(value: object) -> str:
+    """One copy of a string thousands of pods repeat (images, node names, digests)."""
+    return sys.intern(value) if isinstance(value, str) else ""
+
+
 def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
-    """namespace, name, uid, labels, annotations the controller reads, node, phase, images."""
+    """namespace, name, uid, labels, annotations the controller reads, node, phase, images, and
+    the imageID (digest) of each container status."""
     spec = pod.get("spec") or {}
     metadata = _metadata(pod, "namespace", "name", "uid", "resourceVersion", "labels", "deletionTimestamp")
     original = ((pod.get("metadata") or {}).get("annotations") or {}).get(api.ORIGINAL_IMAGES_ANNOTATION)
     if original:
-        metadata["annotations"] = {api.ORIGINAL_IMAGES_ANNOTATION: original}
+        metadata["annotations"] = {api.ORIGINAL_IMAGES_ANNOTATION: _shared(original)}
 
     def images(key: str) -> list[dict[str, str]]:
-        return [{"name": c.get("name", ""), "image": c.get("image", "")} for c in spec.get(key) or []]
+        return [
+            {"name": _shared(c.get("name")), "image": _shared(c.get("image"))} for c in spec.get(key) or []
+        ]
 
-    return {
+    status = pod.get("status") or {}
+    slim = {
         "metadata": metadata,
         "spec": {
-            "nodeName": spec.get("nodeName", ""),
+            "nodeName": _shared(spec.get("nodeName")),
             "containers": images("containers"),
             "initContainers": images("initContainers"),
         },
-        "status": {"phase": (pod.get("status") or {}).get("phase", "")},
+        "status": {"phase": _shared(status.get("phase"))},
     }
+    if spec.get("ephemeralContainers"):
+        slim["spec"]["ephemeralContainers"] = images("ephemeralContainers")
+    for key in ("containerStatuses", "initContainerStatuses"):
+        if status.get(key):  # the digest each image resolved to (CachedImage status.digest)
+            slim["status"][key] = [
+                {"name": _shared(c.get("name")), "imageID": _shared(c.get("imageID"))} for c in status[key]
+            ]
+    return slim
 
 
 @dataclass(frozen=True)

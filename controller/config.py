@@ -41,6 +41,12 @@ class ControllerConfig:
     unused_image_ttl: float = setting(
         720 * 3600.0, help="how long an image no pod uses keeps its CachedImage", parse=parse_duration
     )
+    image_proxy: str = setting(
+        "",
+        help="a node proxy's URL (e.g. the proxies' Service) through which CachedImage sizes are read "
+        "from the manifests; empty: status.size and status.upstreamReachable stay unset",
+        metavar="URL",
+    )
     repull_period: float = setting(
         86400.0,
         help="how often a completionPolicy Never job pulls again on each node (with +-10%% jitter)",

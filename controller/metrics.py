@@ -42,3 +42,10 @@ EVENTS = counter("controller_events_total", "Events recorded (created or counted
 def observe_request(verb: str, status: int) -> None:
     """The `imagewarm.kube.Kube.observer` of the controller's connection."""
     API_REQUESTS.labels(verb, str(status)).inc()
+
+
+CACHED_IMAGE_WRITES = counter(
+    "controller_cachedimage_writes_total",
+    "CachedImage writes by what they did (create, status, expiry, delete, pin, unpin)",
+    ["what"],
+)

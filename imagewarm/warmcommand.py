@@ -1,11 +1,20 @@
-"""`imagewarm warm IMAGE...`: warm images into a node proxy's cache (see `imagewarm.warmup`).
+"""`imagewarm warm IMAGE...`: warm images into the node proxies' caches, in one of two modes.
 
-Credentials come from pull secrets in the cluster (`--pull-secret NAMESPACE/NAME`, as a pod names
-them in `imagePullSecrets`; read through `--kubeconfig`) and from a Docker config file:
-`--docker-config`, else `$DOCKER_CONFIG/config.json` or `~/.docker/config.json` when it exists, as
-docker and skopeo look for them. For each image the first matching entry wins, pull secrets first.
-Progress goes to stderr, a summary table to stdout. Exit 0 when every image was warmed, 1 when any
-failed (each failure explained), 2 for bad arguments (the CLI's rule for configuration errors).
+Cluster mode (`--kubeconfig PATH`, or in a pod with a service account, and no `--proxy`): create an
+ImagePullJob (one image) or an ImageListPullJob (several) in `--namespace`, targeting `--nodes` or
+the nodes matching `--selector` (all nodes without either), `--parallelism` at a time, with
+`--pull-secret NAME` (Secrets in the job's namespace), and follow it: a progress line per node on
+stderr, a summary table per node on stdout (`imagewarm.warmjob`). Ctrl-C leaves the job running.
+
+Direct mode (`--proxy URL`, or no cluster access): pull through that one proxy, as a runtime would
+(`imagewarm.warmup`). Credentials come from pull secrets in the cluster (`--pull-secret
+NAMESPACE/NAME`, as a pod names them in `imagePullSecrets`; read through `--kubeconfig`) and from a
+Docker config file: `--docker-config`, else `$DOCKER_CONFIG/config.json` or
+`~/.docker/config.json` when it exists, as docker and skopeo look for them. For each image the
+first matching entry wins, pull secrets first.
+
+Exit 0 when every image was warmed (on every target node), 1 when any failed (each failure
+explained), 2 for bad arguments (the CLI's rule for configuration errors), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagewarm import dockerconfig, platforms
+from imagewarm import dockerconfig, platforms, warmjob
 from imagewarm.command import Command, table
 from imagewarm.config import setting
 from imagewarm.platforms import Platform
@@ -25,10 +34,13 @@ from imagewarm.reference import DEFAULT_PROXY_PREFIX, Reference, parse
 
 
 def parse_secret_name(text: str) -> tuple[str, str]:
-    """`NAMESPACE/NAME` of a pull secret. Raises ValueError otherwise."""
-    namespace, sep, name = text.strip().partition("/")
-    if not sep or not namespace or not name or "/" in name:
-        raise ValueError("expected NAMESPACE/NAME of a pull secret, e.g. shop/registry-cred")
+    """`NAMESPACE/NAME` (direct mode) or `NAME` (cluster mode: in --namespace) of a pull secret, as
+    (namespace or "", name). Raises ValueError otherwise."""
+    namespace, sep, name = text.strip().rpartition("/")
+    if (sep and not namespace) or not name or "/" in namespace:
+        raise ValueError(
+            "expected NAME or NAMESPACE/NAME of a pull secret, e.g. registry-cred or shop/registry-cred"
+        )
     return namespace, name
 
 
@@ -51,7 +63,11 @@ class WarmConfig:
         metavar="IMAGE",
     )
     proxy: str = setting(
-        f"http://{DEFAULT_PROXY_PREFIX}", help="the node proxy's URL", parse=parse_proxy_url, metavar="URL"
+        "",
+        help=f"direct mode: pull through the node proxy at this URL (without it and without cluster access: "
+        f"http://{DEFAULT_PROXY_PREFIX})",
+        parse=parse_proxy_url,
+        metavar="URL",
     )
     docker_config: str = setting(
         "",
@@ -60,16 +76,35 @@ class WarmConfig:
         metavar="FILE",
     )
     pull_secret: tuple[tuple[str, str], ...] = setting(
-        help="a pull secret (kubernetes.io/dockerconfigjson) to take credentials from, as NAMESPACE/NAME; "
-        "repeat it for several, the first matching entry wins, before --docker-config",
+        help="a pull secret (kubernetes.io/dockerconfigjson). Cluster mode: NAME of a Secret in --namespace, "
+        "listed in the job's pullSecrets for the node agents. Direct mode: NAMESPACE/NAME, read here for "
+        "its credentials (the first matching entry wins, before --docker-config)",
         parse=parse_secret_name,
         repeated=True,
-        metavar="NAMESPACE/NAME",
+        metavar="NAME|NAMESPACE/NAME",
     )
     kubeconfig: str = setting(
         "",
-        help="kubeconfig for --pull-secret; empty: in-cluster, $KUBECONFIG or ~/.kube/config",
+        help="kubeconfig: selects cluster mode (unless --proxy is given); in direct mode it reads "
+        "--pull-secret; empty: in-cluster, else (direct mode) $KUBECONFIG or ~/.kube/config",
         metavar="PATH",
+    )
+    namespace: str = setting("default", help="cluster mode: the namespace of the job", metavar="NAMESPACE")
+    nodes: tuple[str, ...] = setting(
+        help="cluster mode: warm only on this node (selector.names)", repeated=True, metavar="NODE"
+    )
+    selector: dict[str, str] | None = setting(
+        None,
+        help="cluster mode: warm on the nodes with these labels (selector.matchLabels): key=value[,...]",
+        parse=warmjob.parse_selector,
+        metavar="LABELS",
+    )
+    parallelism: int | str | None = setting(
+        None,
+        help="cluster mode: how many nodes pull at once, a number or a percentage of the targets "
+        "(the CRD's default: 1)",
+        parse=warmjob.parse_parallelism,
+        metavar="N|PERCENT",
     )
     platform: Platform | str = setting(
         platforms.this_platform(),
@@ -81,6 +116,20 @@ class WarmConfig:
     def __post_init__(self) -> None:
         if not self.images:
             raise ValueError("give at least one IMAGE to warm, e.g. `imagewarm warm redis:7`")
+        if self.nodes and self.selector:
+            raise ValueError(
+                "give --nodes or --selector, not both (a job selects nodes by names or by labels)"
+            )
+
+    @property
+    def cluster_mode(self) -> bool:
+        """Whether to create a job: cluster access (--kubeconfig, or in a pod) and no --proxy."""
+        from imagewarm import kube
+
+        in_cluster = (
+            bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (kube.SERVICE_ACCOUNT_DIR / "token").exists()
+        )
+        return not self.proxy and bool(self.kubeconfig or in_cluster)
 
 
 class CredentialsFileError(ValueError):
@@ -157,8 +206,104 @@ def load_pull_secrets(
 
 
 def run(config: WarmConfig) -> int:
+    return run_job(config) if config.cluster_mode else run_direct(config)
+
+
+def _direct_mode_errors(config: WarmConfig) -> str:
+    if config.nodes or config.selector or config.parallelism is not None:
+        return (
+            "--nodes, --selector and --parallelism are for cluster mode: drop --proxy and give --kubeconfig"
+        )
+    bare = [name for namespace, name in config.pull_secret if not namespace]
+    if bare:
+        return (
+            f"--pull-secret {bare[0]}: direct mode reads the secret here and needs NAMESPACE/NAME "
+            "(cluster mode, without --proxy, takes the NAME of a Secret in --namespace)"
+        )
+    return ""
+
+
+def _cluster_mode_errors(config: WarmConfig) -> str:
+    if config.docker_config:
+        return (
+            "--docker-config is for direct mode (--proxy URL): in cluster mode the node agents take "
+            "credentials from --pull-secret NAME (Secrets in --namespace)"
+        )
+    elsewhere = [f"{ns}/{name}" for ns, name in config.pull_secret if ns and ns != config.namespace]
+    if elsewhere:
+        return (
+            f"--pull-secret {elsewhere[0]}: a job's pull secrets are Secrets in its own namespace "
+            f"({config.namespace}); give --namespace or copy the Secret there"
+        )
+    return ""
+
+
+def run_job(config: WarmConfig) -> int:
+    """Cluster mode: create the job, follow it, print the summary."""
+    from imagewarm import kube
+
+    problem = _cluster_mode_errors(config)
+    if problem:
+        print(f"imagewarm warm: {problem}", file=sys.stderr)
+        return 2
+    try:
+        client = kube.Kube.load(config.kubeconfig or None)
+    except kube.KubeError as exc:
+        print(f"imagewarm warm: {exc}", file=sys.stderr)
+        return 2
+    job = warmjob.job_object(
+        config.images,
+        namespace=config.namespace,
+        parallelism=config.parallelism,
+        selector=config.selector,
+        nodes=config.nodes,
+        pull_secrets=[name for _, name in config.pull_secret],
+    )
+    try:
+        created = warmjob.create(client, job)
+    except warmjob.JobError as exc:
+        print(f"imagewarm warm: {exc}", file=sys.stderr)
+        return 2
+    follower = warmjob.Follower(client, created, config.images)
+    kind, name = created["kind"].lower(), created["metadata"]["name"]
+    print(f"created {follower.label}; following it (Ctrl-C stops following, not the job)", file=sys.stderr)
+    try:
+        jobs, rows = follower.follow()
+    except KeyboardInterrupt:
+        print(
+            f"\nimagewarm warm: {follower.label} keeps running. Follow it with "
+            f"`kubectl -n {config.namespace} get {kind} {name} -w` or `imagewarm status`; "
+            f"delete it with `kubectl -n {config.namespace} delete {kind} {name}`",
+            file=sys.stderr,
+        )
+        return 130
+    except warmjob.JobError as exc:
+        print(f"imagewarm warm: {exc}", file=sys.stderr)
+        return 1
+    several = len(config.images) > 1
+    header = ("node", "image", "phase", "digest", "seconds", "message") if several else (
+        "node", "phase", "digest", "seconds", "message")  # fmt: skip
+    print(table("summary", header, warmjob.summary_rows(rows, several)), flush=True)
+    if warmjob.succeeded(jobs, rows):
+        return 0
+    messages = [str((j.get("status") or {}).get("message") or "") for j in jobs]
+    detail = "; ".join(m for m in messages if m) or "see the summary"
+    if not rows:
+        detail = "no node was targeted (check --nodes / --selector)" + (f"; {detail}" if messages else "")
+    print(f"imagewarm warm: {follower.label} did not succeed on every node: {detail}", file=sys.stderr)
+    return 1
+
+
+def run_direct(config: WarmConfig) -> int:
+    """Direct mode: pull each image through one proxy."""
     # Imported here: `imagewarm --help` must not pay for requests.
     from imagewarm import warmup
+
+    problem = _direct_mode_errors(config)
+    if problem:
+        print(f"imagewarm warm: {problem}", file=sys.stderr)
+        return 2
+    proxy = config.proxy or f"http://{DEFAULT_PROXY_PREFIX}"
 
     try:
         from_secrets = load_pull_secrets(config.pull_secret, config.kubeconfig)
@@ -177,7 +322,7 @@ def run(config: WarmConfig) -> int:
         authorization = dockerconfig.authorization_for(entries, image)
         try:
             result = warmup.warm(
-                image, config.proxy, platform=config.platform, authorization=authorization, progress=report
+                image, proxy, platform=config.platform, authorization=authorization, progress=report
             )
         except warmup.WarmError as exc:
             failed += 1
@@ -215,9 +360,14 @@ def run(config: WarmConfig) -> int:
 
 
 command = Command(
-    help="warm images into a node proxy's cache (credentials from pull secrets or Docker config)",
+    help="warm images on the cluster's nodes (an ImagePullJob, followed) or into one node proxy (--proxy)",
     config=WarmConfig,
     run=run,
-    description="Pull IMAGEs through the node proxy so it caches them: manifest, config and every "
-    "layer, for this machine's platform (or --platform). Exit 0 when all are warmed, 1 when any failed.",
+    description="Cluster mode (--kubeconfig or in a pod, no --proxy): create an ImagePullJob (one IMAGE) or "
+    "an ImageListPullJob (several) in --namespace for --nodes or --selector (all nodes without them), "
+    "--parallelism at a time, --pull-secret NAME of Secrets in --namespace; follow it with a progress line "
+    "per node and print a summary per node; Ctrl-C leaves the job running. Direct mode (--proxy URL): pull "
+    "the IMAGEs through that proxy so it caches them, for this machine's platform (or --platform), with "
+    "--pull-secret NAMESPACE/NAME or --docker-config credentials. Exit 0 when all are warmed everywhere, "
+    "1 when any failed.",
 )

@@ -14,7 +14,6 @@ Every failure is a `WarmError` whose message says what went wrong and what to do
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import logging
 import threading
@@ -27,21 +26,15 @@ from typing import Any
 import requests
 
 from imagewarm import __version__, platforms, protocol
+from imagewarm.digest import Digest
+from imagewarm.mediatypes import INDEX_TYPES, MANIFEST_TYPES
 from imagewarm.platforms import Platform
-from imagewarm.reference import Reference, Unproxiable, parse, registry_segment, split_digest
+from imagewarm.reference import Reference, Unproxiable, parse, registry_segment
 
 log = logging.getLogger("imagewarm.warmup")
 
 DEFAULT_PROXY_URL = "http://localhost:7439"
 PARALLEL_BLOBS = 3  # containerd's default max_concurrent_downloads
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_TYPES = (
-    OCI_INDEX,
-    "application/vnd.oci.image.manifest.v1+json",
-    DOCKER_MANIFEST_LIST,
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
 _CHUNK = 1 << 20
 _MAX_INDEX_DEPTH = 2  # an index may point at indexes; deeper nesting is not something registries serve
 
@@ -123,7 +116,7 @@ def _descriptor(image: Reference, descriptor: Any) -> _Blob:
     """A manifest's descriptor as a checked (digest, size): it names a path on the proxy."""
     try:
         digest, size = descriptor["digest"], descriptor["size"]
-        split_digest(digest)
+        Digest.parse(digest)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"size {size!r} is not a byte count")
     except (KeyError, TypeError, ValueError) as exc:
@@ -177,11 +170,6 @@ def error_for(image: Reference, status: int, body: bytes, *, credentials_sent: b
     return WarmError(f"{what} of {name}: the proxy answered {status} ({said}); {hint}")
 
 
-def _digest_of(data: bytes, like: str | None) -> str:
-    algorithm = (like or "sha256").partition(":")[0]
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
 class _Proxy:
     """GETs against the proxy for one image, one HTTP session per thread, errors made WarmErrors."""
 
@@ -192,6 +180,8 @@ class _Proxy:
         self.headers = {"User-Agent": f"imagewarm/{__version__} (warm)"}
         if authorization:
             self.headers["Authorization"] = authorization
+        self.answered = False
+        self.first_cache: str | None = None
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -241,12 +231,17 @@ class _Proxy:
             yield response
 
     def manifest(self, identifier: str, expected: str | None) -> tuple[str, str, dict[str, Any]]:
-        """(digest, media type, document) of a manifest, its bytes checked against `expected`."""
+        """(digest, media type, document) of a manifest, its bytes checked against `expected`.
+        The first manifest's X-Imagewarm-Cache answer is kept in `first_cache`."""
         what = f"manifest {identifier}"
         with self.get("manifests", identifier, what, ", ".join(MANIFEST_TYPES)) as response:
             data = self._read(response, what)
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        digest = _digest_of(data, expected)
+            if not self.answered:
+                self.answered = True
+                self.first_cache = response.headers.get(protocol.CACHE_HEADER)
+        # `expected` came from a parsed reference or a checked descriptor.
+        digest = str(Digest.of(data, Digest.parse(expected).algorithm if expected else "sha256"))
         if expected and digest != expected:
             raise WarmError(
                 f"{what} of {self.image.familiar}: the proxy sent content with digest {digest}, not "
@@ -298,9 +293,7 @@ class _Proxy:
 
 
 def _is_index(document: Mapping[str, Any], media_type: str) -> bool:
-    return media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST) or (
-        "manifests" in document and "layers" not in document
-    )
+    return media_type in INDEX_TYPES or ("manifests" in document and "layers" not in document)
 
 
 def _resolve(
@@ -455,3 +448,40 @@ def warm(
         },
     )
     return result
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What an image's manifests say, read through a proxy: `digest` what the reference resolved
+    to, `size` the bytes of config and layers for the platform, `cache` the proxy's
+    X-Imagewarm-Cache answer for the first manifest (`stale`: the upstream failed; `miss`: it
+    answered just now; `hit`: the proxy did not ask it)."""
+
+    digest: str
+    size: int
+    cache: str | None
+
+
+def measure(
+    image: Reference | str,
+    proxy_url: str,
+    *,
+    platform: Platform | str | None = None,
+    authorization: str | None = None,
+    timeout: float = 30.0,
+) -> Measurement:
+    """Read `image`'s manifest (and, for an index, the platform's) through the proxy, without its
+    blobs. Raises WarmError as `warm` does."""
+    ref = parse(image) if isinstance(image, str) else image
+    wanted = platform if platform is not None else platforms.this_platform()
+    try:
+        proxied_path(ref, "manifests", manifest_identifier(ref))
+    except Unproxiable as exc:
+        raise WarmError(f"{ref.familiar} cannot be pulled through the proxy: {exc}") from None
+    proxy = _Proxy(proxy_url, ref, authorization, timeout)
+    try:
+        digest, manifests = _resolve(proxy, manifest_identifier(ref), ref.digest, wanted)
+        size = sum(blob.size for blob in _blobs(ref, manifests))
+    finally:
+        proxy.close()
+    return Measurement(digest, size, proxy.first_cache)

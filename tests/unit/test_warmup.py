@@ -247,8 +247,15 @@ def test_bad_arguments_exit_2_saying_why(
         )
 
 
-@pytest.mark.parametrize("text", ["", "shop", "/cred", "shop/", "shop/cred/extra"])
-def test_pull_secret_names_are_namespace_slash_name(text: str) -> None:
+@pytest.mark.parametrize("text", ["", "/cred", "shop/", "shop/cred/extra"])
+def test_pull_secret_names_are_namespace_slash_name_or_name(text: str) -> None:
     with pytest.raises(ValueError, match="NAMESPACE/NAME"):
         warmcommand.parse_secret_name(text)
     assert warmcommand.parse_secret_name(" shop/registry-cred ") == ("shop", "registry-cred")
+    assert warmcommand.parse_secret_name("registry-cred") == ("", "registry-cred")
+
+
+def test_direct_mode_needs_the_pull_secrets_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["warm", "redis", "--proxy", "http://127.0.0.1:1", "--pull-secret", "registry-cred"]
+    assert cli.main(argv) == 2
+    assert "direct mode reads the secret here and needs NAMESPACE/NAME" in capsys.readouterr().err

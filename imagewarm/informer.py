@@ -19,6 +19,7 @@ from imagewarm.kube import Gone, KubeError
 log = logging.getLogger("imagewarm.informer")
 
 Handler = Callable[[str, dict[str, Any]], None]
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class Source(Protocol):
@@ -47,7 +48,11 @@ class Informer:
     """Cache of the objects at the collection `path` (e.g. `/api/v1/namespaces` or
     `/apis/imagewarm.io/v1alpha1/sidecarsets`), optionally only those matching `label_selector`
     and `field_selector`. `handlers` are called on the informer's thread with
-    ("ADDED"|"MODIFIED"|"DELETED", object) for every change, including those a relist reveals."""
+    ("ADDED"|"MODIFIED"|"DELETED", object) for every change, including those a relist reveals.
+
+    `transform`, when given, maps every object as it arrives (list or watch) to what is kept: the
+    cache and the handlers only ever see its result, so a program can hold a few fields of each of
+    thousands of Pods instead of whole objects. It must keep `metadata.name` (and `namespace`)."""
 
     def __init__(
         self,
@@ -60,6 +65,7 @@ class Informer:
         label_selector: str = "",
         field_selector: str = "",
         handlers: tuple[Handler, ...] = (),
+        transform: Transform | None = None,
     ) -> None:
         self.source = source
         self.path = path
@@ -73,6 +79,7 @@ class Informer:
             if value
         }
         self.handlers = handlers
+        self.transform = transform
         self.resource_version = ""
         self.lists = 0  # how many times the collection was listed (1 + relists)
         self._objects: dict[str, dict[str, Any]] = {}
@@ -97,6 +104,10 @@ class Informer:
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:
             return self._objects.get(key)
+
+    def add_handler(self, handler: Handler) -> None:
+        """Add a handler; call it before `start()` so that it sees every object."""
+        self.handlers = (*self.handlers, handler)
 
     # Lifecycle -----------------------------------------------------------------------------------
 
@@ -147,7 +158,10 @@ class Informer:
 
     def _list(self) -> None:
         listing = self.source.get(self.path, **self.params)
-        fresh = {key_of(obj): obj for obj in listing.get("items") or []}
+        items = listing.get("items") or []
+        if self.transform is not None:
+            items = [self.transform(obj) for obj in items]
+        fresh = {key_of(obj): obj for obj in items}
         with self._lock:
             old, self._objects = self._objects, fresh
             self.resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
@@ -171,6 +185,8 @@ class Informer:
             return
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             return
+        if self.transform is not None:
+            obj = self.transform(obj)
         with self._lock:
             if kind == "DELETED":
                 self._objects.pop(key_of(obj), None)

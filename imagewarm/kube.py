@@ -109,9 +109,29 @@ def error_for(status: int, body: bytes | str, what: str) -> KubeError:
     return kind(message, status=status, reason=reason)
 
 
+def request_verb(method: str, path: str) -> str:
+    """The Kubernetes verb of a request: get or list for a GET (a collection path is a list),
+    create, update, patch or delete otherwise (watches are counted as ``watch`` by `Kube.watch`)."""
+    method = method.upper()
+    if method != "GET":
+        return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method)
+    parts = [p for p in path.split("?", 1)[0].split("/") if p]
+    # /api/v1/... or /apis/<group>/<version>/...
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]
+    return "list" if len(rest) == 1 else "get"
+
+
+# Called after every request with (verb, HTTP status; 0 when no answer came).
+Observer = Callable[[str, int], None]
+
+
 @dataclass
 class Kube:
-    """A connection to one API server. Thread-safe for requests (one `requests.Session`)."""
+    """A connection to one API server. Thread-safe for requests (one `requests.Session`).
+
+    `observer`, when set, is told the verb and status of every request (the programs' metrics)."""
 
     server: str
     verify: str | bool = True
@@ -119,6 +139,7 @@ class Kube:
     token: Callable[[], str] | None = None
     timeout: float = 30.0
     session: requests.Session = field(default_factory=requests.Session, repr=False)
+    observer: Observer | None = field(default=None, repr=False)
 
     # Construction -------------------------------------------------------------------------------
 
@@ -210,10 +231,16 @@ class Kube:
                 timeout=timeout or self.timeout,
             )
         except requests.RequestException as exc:
+            self._observe(request_verb(method, path), 0)
             raise Unavailable(f"{what}: no answer from {self.server}: {exc}") from None
+        self._observe(request_verb(method, path), response.status_code)
         if response.status_code >= 300:
             raise error_for(response.status_code, response.content, what)
         return response.json() if response.content else {}
+
+    def _observe(self, verb: str, status: int) -> None:
+        if self.observer is not None:
+            self.observer(verb, status)
 
     def get(self, path: str, **params: Any) -> dict[str, Any]:
         return self.request("GET", path, params=params or None)
@@ -266,7 +293,9 @@ class Kube:
                 timeout=(self.timeout, timeout_seconds + 30),
             )
         except requests.RequestException as exc:
+            self._observe("watch", 0)
             raise Unavailable(f"{what}: no answer from {self.server}: {exc}") from None
+        self._observe("watch", response.status_code)
         with response:
             if response.status_code >= 300:
                 raise error_for(response.status_code, response.content, what)

@@ -163,3 +163,41 @@ def test_selectors_go_to_the_list_and_every_watch() -> None:
     only_fields.list_params, only_fields.watch_params = [], []
     run(only_fields, field_selector="metadata.name=node-2")
     assert only_fields.list_params == [{"fieldSelector": "metadata.name=node-2"}]
+
+
+def test_transform_applies_to_listed_and_watched_objects_before_cache_and_handlers() -> None:
+    source = ScriptedSource(
+        lists=[{"metadata": {"resourceVersion": "10"}, "items": [obj("a", "5", spec={"big": "x" * 100})]}],
+        watches=[
+            [
+                {"type": "ADDED", "object": obj("b", "11", spec={"big": "y"}, status={"phase": "Running"})},
+                {"type": "DELETED", "object": obj("a", "12", spec={"big": "z"})},
+            ]
+        ],
+    )
+    handed: list[dict[str, Any]] = []
+
+    def slim(o: dict[str, Any]) -> dict[str, Any]:
+        return {"metadata": o["metadata"], "phase": (o.get("status") or {}).get("phase", "")}
+
+    informer = Informer(
+        source, "/x", max_backoff=0.01, transform=slim, handlers=(lambda kind, o: handed.append(o),)
+    )
+    informer.start()
+    assert source.done.wait(5)
+    informer.stop()
+    assert informer.items() == [{"metadata": {"name": "b", "resourceVersion": "11"}, "phase": "Running"}]
+    assert all("spec" not in o for o in handed) and len(handed) == 3
+    assert informer.resource_version == "12"
+
+
+def test_a_handler_added_before_start_sees_every_object() -> None:
+    listing = {"metadata": {"resourceVersion": "1"}, "items": [obj("a", "1")]}
+    source = ScriptedSource(lists=[listing], watches=[])
+    informer = Informer(source, "/x")
+    seen: list[str] = []
+    informer.add_handler(lambda kind, o: seen.append(f"{kind} {o['metadata']['name']}"))
+    informer.start()
+    assert source.done.wait(5)
+    informer.stop()
+    assert seen == ["ADDED a"]

@@ -89,8 +89,8 @@ def test_percent_example_pulls_the_digest_everywhere(
     name = apply_job(kube, namespace, "imagepulljob-percent.yaml")["metadata"]["name"]
     nodes = all_nodes(kube)
     # 25% of the nodes, rounded up, at a time: here that is one node.
-    entries = wait_for("a task", lambda: tasks_of(kube, repo))
-    assert len(entries) == -(-nodes // 4)
+    limit = -(-nodes // 4)
+    entries = wait_for(f"{limit} task(s)", lambda: len(e := tasks_of(kube, repo)) == limit and e)
     [tag] = next(iter(entries.values()))["tags"]
     assert tag["tag"] == "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
     rules.held.discard(repo)

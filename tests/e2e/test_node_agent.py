@@ -336,6 +336,27 @@ def test_an_agent_killed_mid_pull_resumes_and_fetches_no_verified_blob_again(
         remove_image(kube, proxy.node, name)
 
 
+def test_a_direct_task_with_a_ttl_is_removed_from_the_spec_once_finished(
+    cluster: Cluster, upstream: Registry, nodes: NodeProxies, kube: Kube, images: ImageBuilder
+) -> None:
+    # OpenKruise's low-level use: a tag written without ownerReferences, with ttlSecondsAfterFinished.
+    image = images.synthetic(layers=1, layer_size=100_000, seed=140)
+    push(upstream, "agent/ttl", "1", image)
+    push(upstream, "agent/ttl", "2", image)
+    node = cluster.nodes[1].name
+    name = f"{upstream.host}/agent/ttl"
+    put_task(kube, node, name, [{"tag": "1", "pullPolicy": {"ttlSecondsAfterFinished": 2}}, {"tag": "2"}])
+    assert wait_phase(kube, node, name, "1", ("Succeeded",))["imageID"] == image.digest
+
+    def tags() -> list[str]:
+        entry = ((nodeimage(kube, node).get("spec") or {}).get("images") or {}).get(name) or {}
+        return [t["tag"] for t in entry.get("tags") or []]
+
+    eventually(lambda: tags() == ["2"], "the finished tag with a TTL removed, the other kept", timeout=30)
+    eventually(lambda: tag_status(kube, node, name, "1") is None, "its status dropped")
+    remove_image(kube, node, name)
+
+
 def test_an_image_pull_job_over_real_and_agent_only_nodes_then_a_rewritten_pod_starts_from_the_cache(
     cluster: Cluster,
     upstream: Registry,

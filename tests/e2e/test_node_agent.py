@@ -378,13 +378,13 @@ def test_an_image_pull_job_over_real_and_agent_only_nodes_then_a_rewritten_pod_s
 
     # What every agent reported, seen as it happened: the controller removes a completed job's
     # tasks from the NodeImages (compaction), and their statuses go with them.
-    reported: dict[str, dict[str, object]] = {}
+    reported: dict[str, dict[str, Any]] = {}
 
-    def record(_kind: str, obj: dict[str, object]) -> None:
+    def record(_kind: str, obj: dict[str, Any]) -> None:
         status = obj.get("status") or {}
-        for tag in ((status.get("imageStatuses") or {}).get(name) or {}).get("tags") or []:  # type: ignore[union-attr]
+        for tag in ((status.get("imageStatuses") or {}).get(name) or {}).get("tags") or []:
             if tag.get("phase") == "Succeeded":
-                reported[obj["metadata"]["name"]] = tag  # type: ignore[index]
+                reported[obj["metadata"]["name"]] = tag
 
     watcher = Informer(kube, "/apis/imagewarm.io/v1alpha1/nodeimages", handlers=(record,)).start()
     try:

@@ -402,10 +402,11 @@ def test_an_image_pull_job_over_real_and_agent_only_nodes_then_a_rewritten_pod_s
     assert job["status"]["succeeded"] == len(targets) and job["status"]["failed"] == 0, job["status"]
     assert all(reported[node]["imageID"] == image.digest for node in targets), reported
     fetched = upstream.blob_gets("agent/job", since=before)
-    # Each node's proxy has its own cache and no peers here: each blob once per node, no more.
-    assert {digest: fetched.count(digest) for digest in set(fetched)} == {
-        b.digest: len(targets) for b in image.blobs
-    }
+    # Each node's proxy has its own cache and no peers here: each blob at most once per node (the
+    # busybox layer may be cached on a node already), the image's own config and data layer on each.
+    counts = {digest: fetched.count(digest) for digest in set(fetched)}
+    assert set(counts) <= {b.digest for b in image.blobs} and max(counts.values()) <= len(targets)
+    assert counts[image.config.digest] == counts[image.layers[-1].digest] == len(targets)
 
     # A pod written with the upstream image: the webhook rewrites it to localhost:<port>, and the
     # kubelet pulls it from its node's proxy, which fetches nothing upstream.

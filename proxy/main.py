@@ -22,6 +22,12 @@ def _metrics_dir() -> None:
         Path(given).mkdir(parents=True, exist_ok=True)
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imagewarm-proxy-metrics-")
+    # The CLI imports every command's module to build its parser, and one of them (the controller's
+    # metrics) may have imported prometheus_client already, in single-process mode or with files in
+    # the directory just emptied: metrics made from now on (the proxy's) use the directory.
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 def run(config: ProxyConfig) -> int:

@@ -32,9 +32,9 @@ SYNC_TIMEOUT = 120.0
 
 
 def _factories() -> list[ReconcilerFactory]:
-    from controller import cachedimages, nodeimages
+    from controller import cachedimages, jobs, listjobs, nodeimages, sidecarsets
 
-    return [nodeimages.create, cachedimages.create]
+    return [nodeimages.create, jobs.create, listjobs.create, sidecarsets.create, cachedimages.create]
 
 
 # Reconcilers the controller runs (another one: add its factory here).

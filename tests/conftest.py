@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.registries", "tests.fixtures.cluster"]
+pytest_plugins = ["tests.fixtures.registries", "tests.fixtures.cluster", "tests.fixtures.controller"]
 
 
 def _require_e2e() -> bool:

@@ -1,5 +1,5 @@
-"""The CRDs against a real kube-apiserver: they install and become Established, OpenKruise's
-documented examples apply (with only apiVersion changed), the server fills the defaults, rejects
+"""The CRDs against a real kube-apiserver: they install and become Established, the manifests in
+examples/ apply as written (OpenKruise's use cases, in our group), the server fills the defaults, rejects
 invalid objects with a message that says what to fix, serves the status subresource, and prints
 the columns users expect from OpenKruise."""
 
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "charts" / "imagewarm" / "crds"
-# CI clones the repository with shared/ beside it; the examples are OpenKruise's, kept there.
-EXAMPLES = REPO.parent / "shared" / "examples"
+EXAMPLES = REPO / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -93,45 +92,70 @@ def test_resource_paths_match_the_server(crds: Cluster, namespace: str) -> None:
         assert listing["apiVersion"] == api.api_version()
 
 
-# --- OpenKruise's examples ------------------------------------------------------------------------
+# --- the examples in examples/ ---------------------------------------------------------------------
+
+# A merge patch of a NodeImage, not an object (see the file's comment).
+NODEIMAGE_PATCH = EXAMPLES / "nodeimage-task.yaml"
+OBJECT_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if p != NODEIMAGE_PATCH)
+
+
+def example_objects() -> list[dict[str, Any]]:
+    return [d for p in OBJECT_EXAMPLES for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def missing(source: Any, stored: Any, path: str = "") -> Iterator[str]:
+    """Where `stored` lacks or changed what `source` set (defaults the server added are fine)."""
+    if isinstance(source, dict) and isinstance(stored, dict):
+        for key, value in source.items():
+            if key not in stored:
+                yield f"{path}.{key}: pruned"
+            else:
+                yield from missing(value, stored[key], f"{path}.{key}")
+    elif isinstance(source, list) and isinstance(stored, list) and len(source) == len(stored):
+        for i, (a, b) in enumerate(zip(source, stored, strict=True)):
+            yield from missing(a, b, f"{path}[{i}]")
+    elif source != stored:
+        yield f"{path}: {source!r} stored as {stored!r}"
 
 
 @pytest.fixture
-def examples(crds: Cluster) -> Iterator[Cluster]:
-    files = [str(EXAMPLES / "imagepulljobs.yaml"), str(EXAMPLES / "sidecarset.yaml")]
-    for f in files:
-        assert Path(f).is_file(), f"OpenKruise's examples are missing: expected {f}"
-    args = [a for f in files for a in ("-f", f)]
-    crds.kubectl("apply", *args)
-    yield crds
-    crds.kubectl("delete", "--ignore-not-found", "--wait=false", *args)
+def applied(crds: Cluster, namespace: str) -> Iterator[dict[str, dict[str, Any]]]:
+    """Every object example applied as a user would (`kubectl apply -n NS -f FILE`), as stored."""
+    args = [a for p in OBJECT_EXAMPLES for a in ("-f", str(p))]
+    assert len(OBJECT_EXAMPLES) >= 10, f"the examples are missing from {EXAMPLES}"
+    crds.kubectl("apply", "-n", namespace, *args)
+    try:
+        stored = {}
+        for obj in example_objects():
+            scope = ("-n", namespace) if obj["kind"] in ("ImagePullJob", "ImageListPullJob") else ()
+            stored[obj["metadata"]["name"]] = get(crds, obj["kind"].lower(), obj["metadata"]["name"], *scope)
+        yield stored
+    finally:
+        crds.kubectl("delete", "-n", namespace, "--ignore-not-found", "--wait=false", *args)
 
 
-def test_openkruise_examples_apply_with_defaults(examples: Cluster) -> None:
-    by_pods = get(examples, "ipj", "job-by-pods", "-n", "default")["spec"]
-    assert by_pods == {
-        "image": "nginx:1.9.1",
-        "podSelector": {"matchExpressions": [{"key": "pod-label", "operator": "In", "values": ["xxx"]}]},
-        "parallelism": 1,
-        "completionPolicy": {"type": "Always"},
-        "pullPolicy": {"backoffLimit": 3, "timeoutSeconds": 600},
-        "imagePullPolicy": "IfNotPresent",
-    }
-    # What the user set is kept, defaults fill only the gaps; nothing is pruned.
-    with_always = get(examples, "ipj", "job-with-always", "-n", "default")["spec"]
-    source = next(
-        d for d in yaml.safe_load_all((EXAMPLES / "imagepulljobs.yaml").read_text())
-        if d["metadata"]["name"] == "job-with-always"
-    )["spec"]  # fmt: skip
-    assert with_always == {**source, "imagePullPolicy": "IfNotPresent"}
-    never = get(examples, "ipj", "base-image-job", "-n", "default")["spec"]
-    assert never["completionPolicy"] == {"type": "Never"}
-    assert never["pullPolicy"] == {"backoffLimit": 3, "timeoutSeconds": 300}
+def test_every_example_is_accepted_and_stored_as_written(applied: dict[str, dict[str, Any]]) -> None:
+    for obj in example_objects():
+        stored = applied[obj["metadata"]["name"]]
+        assert list(missing(obj["spec"], stored["spec"])) == [], obj["metadata"]["name"]
+        for key, value in (obj["metadata"].get("annotations") or {}).items():
+            assert stored["metadata"]["annotations"][key] == value
 
-    sidecarset = get(examples, "sidecarset", "log-agent")
-    source = yaml.safe_load((EXAMPLES / "sidecarset.yaml").read_text())
-    assert sidecarset["spec"] == source["spec"], "the SidecarSet must be stored as written (nothing pruned)"
+
+def test_examples_get_the_documented_defaults(applied: dict[str, dict[str, Any]]) -> None:
+    where_pods_run = applied["warm-payments-api-3"]["spec"]
+    assert where_pods_run["parallelism"] == 1
+    assert where_pods_run["completionPolicy"] == {"type": "Always"}
+    assert where_pods_run["pullPolicy"] == {"backoffLimit": 3, "timeoutSeconds": 600}
+    assert where_pods_run["imagePullPolicy"] == "IfNotPresent"
+    base = applied["keep-base-image"]["spec"]
+    assert base["completionPolicy"] == {"type": "Never"}
+    assert base["pullPolicy"] == {"backoffLimit": 3, "timeoutSeconds": 300}
+    assert applied["warm-frontend"]["spec"]["parallelism"] == "25%"
+    sidecarset = applied["log-shipper"]
     assert sidecarset["metadata"]["annotations"][api.PREDOWNLOAD_PARALLELISM_ANNOTATION] == "10"
+    cached = applied[api.cached_image_name("registry.example.com/ops/recovery-toolbox:3.1")]
+    assert cached["spec"]["retain"] is True
 
 
 def test_nodeimage_task_example_patches_a_nodeimage(crds: Cluster) -> None:
@@ -140,10 +164,9 @@ def test_nodeimage_task_example_patches_a_nodeimage(crds: Cluster) -> None:
         crds, {"apiVersion": api.api_version(), "kind": "NodeImage", "metadata": {"name": name}, "spec": {}}
     )
     try:
-        patch = yaml.safe_load((EXAMPLES / "nodeimage-task.yaml").read_text())
-        crds.kubectl("patch", "nodeimage", name, "--type=merge", "-p", json.dumps(patch))
+        crds.kubectl("patch", "nodeimage", name, "--type=merge", "--patch-file", str(NODEIMAGE_PATCH))
         stored = get(crds, "nodeimage", name)
-        assert stored["spec"] == patch["spec"]
+        assert stored["spec"] == yaml.safe_load(NODEIMAGE_PATCH.read_text())["spec"]
         # A task without pullPolicy numbers gets the documented defaults.
         crds.kubectl(
             "patch", "nodeimage", name, "--type=merge", "-p",

@@ -1,6 +1,6 @@
-"""The CRDs in charts/imagewarm/crds/ are well formed, structural, agree with imagewarm.api, and
-declare every field of OpenKruise's documented examples (an undeclared field would be pruned
-silently by the API server). The API server's own verdict is in tests/e2e/test_crds.py."""
+"""The CRDs in charts/imagewarm/crds/ are well formed, structural and agree with imagewarm.api; the
+manifests in examples/ are valid against them and use only declared fields (an undeclared field
+would be pruned silently by the API server). The API server's own verdict is in tests/e2e/test_crds.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from imagewarm import api
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "charts" / "imagewarm" / "crds"
-EXAMPLES = REPO.parent / "shared" / "examples"
+EXAMPLES = REPO / "examples"
 
 CRD_FILES = sorted(CRD_DIR.glob("*.yaml"))
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -267,7 +267,7 @@ def test_parallelism_percent_rule(text: str, ok: bool) -> None:
             api.resolve_parallelism(text, 10)
 
 
-# --- OpenKruise's examples declare nothing our schemas would prune --------------------------------
+# --- the examples in examples/ are valid against the schemas, and declare nothing they would prune
 
 
 def undeclared(value: Any, node: dict[str, Any], path: str = "") -> Iterator[str]:
@@ -288,24 +288,160 @@ def undeclared(value: Any, node: dict[str, Any], path: str = "") -> Iterator[str
             yield from undeclared(item, node["items"], f"{path}[{i}]")
 
 
-def example_documents() -> list[tuple[str, dict[str, Any]]]:
+JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "object": (dict,),
+    "array": (list,),
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+}
+
+
+def in_bounds(value: int, node: dict[str, Any]) -> bool:
+    return bool(node.get("minimum", value) <= value <= node.get("maximum", value))
+
+
+def violations(value: Any, node: dict[str, Any], path: str = "") -> Iterator[str]:
+    """What the API server's schema validation would reject in `value` (the subset of OpenAPI our
+    CRDs use: type, required, enum, bounds, lengths, item counts, list-map keys, and the image and
+    percentage CEL rules, evaluated with re); the CEL rules across fields are checked in e2e."""
+    if node.get("x-kubernetes-int-or-string"):
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            yield f"{path}: must be an integer or a string"
+    elif "type" in node:
+        kind = JSON_TYPES[node["type"]]
+        if not isinstance(value, kind) or (node["type"] != "boolean" and isinstance(value, bool)):
+            yield f"{path}: must be {node['type']}, not {type(value).__name__}"
+            return
+    if "enum" in node and value not in node["enum"]:
+        yield f"{path}: {value!r} is not one of {node['enum']}"
+    if isinstance(value, str):
+        if len(value) < node.get("minLength", 0) or len(value) > node.get("maxLength", len(value)):
+            yield f"{path}: length {len(value)} is out of bounds"
+        for rule in node.get("x-kubernetes-validations", []):
+            if rule["rule"].startswith("self.matches(r'") and not image_pattern().match(value):
+                yield f"{path}: {rule['message']}"
+    if isinstance(value, int) and not in_bounds(value, node):
+        yield f"{path}: {value} is out of bounds"
+    if node.get("x-kubernetes-int-or-string") and node.get("x-kubernetes-validations"):
+        # parallelism's rule: a non-negative count or a percentage
+        ok = value >= 0 if isinstance(value, int) else bool(percent_pattern().match(str(value)))
+        if not ok:
+            yield f"{path}: {value!r} is neither a non-negative count nor a percentage"
+    if isinstance(value, dict):
+        for key in node.get("required", []):
+            if key not in value:
+                yield f"{path}.{key}: required"
+        if len(value) > node.get("maxProperties", len(value)):
+            yield f"{path}: more than {node['maxProperties']} properties"
+        props = node.get("properties") or {}
+        extra = node.get("additionalProperties")
+        for key, child in value.items():
+            if key in props:
+                yield from violations(child, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                yield from violations(child, extra, f"{path}.{key}")
+    if isinstance(value, list):
+        if len(value) < node.get("minItems", 0) or len(value) > node.get("maxItems", len(value)):
+            yield f"{path}: {len(value)} items is out of bounds"
+        if node.get("x-kubernetes-list-type") == "set" and len(set(map(repr, value))) != len(value):
+            yield f"{path}: duplicate items in a set"
+        if node.get("x-kubernetes-list-type") == "map":
+            keys = [tuple(item.get(k) for k in node["x-kubernetes-list-map-keys"]) for item in value]
+            if len(set(keys)) != len(keys):
+                yield f"{path}: duplicate map keys"
+        for i, item in enumerate(value):
+            yield from violations(item, node["items"], f"{path}[{i}]")
+
+
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+# A merge patch, not an object: `kubectl patch nodeimage NODE --type=merge --patch-file ...`.
+PATCHES = {"nodeimage-task.yaml": "NodeImage"}
+
+
+def example_documents() -> list[tuple[str, str, dict[str, Any]]]:
+    """(file#index, kind, document) for every document in examples/."""
     docs = []
-    for path in sorted(EXAMPLES.glob("*.yaml")):
+    for path in EXAMPLE_FILES:
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc:
-                docs.append((f"{path.name}#{i}", doc))
+                docs.append((f"{path.name}#{i}", PATCHES.get(path.name) or doc.get("kind", ""), doc))
     return docs
 
 
-def test_the_examples_are_there() -> None:
-    assert len(example_documents()) >= 7, f"expected OpenKruise's examples in {EXAMPLES}"
+def test_the_examples_cover_every_kind_and_the_documented_uses() -> None:
+    docs = example_documents()
+    assert {kind for _, kind, _ in docs} == {r.kind for r in api.RESOURCES}
+    jobs = [d["spec"] for _, kind, d in docs if kind == "ImagePullJob"]
+    assert any(j.get("completionPolicy", {}).get("type") == "Never" for j in jobs)
+    assert any(
+        {"activeDeadlineSeconds", "ttlSecondsAfterFinished"} <= set(j.get("completionPolicy", {}))
+        for j in jobs
+    )
+    assert any("matchLabels" in j.get("selector", {}) for j in jobs)
+    assert any("names" in j.get("selector", {}) for j in jobs)
+    assert any("podSelector" in j for j in jobs)
+    assert any(j.get("pullSecrets") for j in jobs)
+    assert any(str(j.get("parallelism", "")).endswith("%") for j in jobs)
+    [sidecarset] = [d for _, kind, d in docs if kind == "SidecarSet"]
+    assert api.PREDOWNLOAD_PARALLELISM_ANNOTATION in sidecarset["metadata"]["annotations"]
+    assert api.PREDOWNLOAD_TIMEOUT_ANNOTATION in sidecarset["metadata"]["annotations"]
+    [cached] = [d for _, kind, d in docs if kind == "CachedImage"]
+    assert cached["spec"]["retain"] is True
 
 
-@pytest.mark.parametrize(("name", "doc"), example_documents(), ids=[n for n, _ in example_documents()])
-def test_examples_use_only_declared_fields(name: str, doc: dict[str, Any]) -> None:
-    kind = doc.get("kind", "NodeImage")  # nodeimage-task.yaml is a merge patch of a NodeImage
+def test_every_example_file_is_listed_in_the_index_and_says_how_to_apply_it() -> None:
+    index = (EXAMPLES / "README.md").read_text()
+    for path in EXAMPLE_FILES:
+        assert f"]({path.name})" in index, f"examples/README.md does not list {path.name}"
+        text = path.read_text()
+        assert text.startswith("# "), f"{path.name}: say what it does in a comment at the top"
+        assert f"examples/{path.name}" in text, f"{path.name}: show the kubectl command that applies it"
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "doc"), example_documents(), ids=[n for n, _, _ in example_documents()]
+)
+def test_examples_are_valid_and_use_only_declared_fields(name: str, kind: str, doc: dict[str, Any]) -> None:
     schema = schema_of(crd_for(kind))
-    assert list(undeclared({k: v for k, v in doc.items() if k != "metadata"}, schema)) == []
+    body = {k: v for k, v in doc.items() if k != "metadata"}
+    if kind not in PATCHES.values():
+        assert doc["apiVersion"] == api.api_version()
+        assert DNS_SUBDOMAIN.match(doc["metadata"]["name"]), doc["metadata"]["name"]
+        assert "namespace" not in doc["metadata"], "pick the namespace with kubectl -n, not in the file"
+    assert list(undeclared(body, schema)) == []
+    assert list(violations(body, schema)) == []
+
+
+def test_the_validator_finds_what_the_api_server_would_reject() -> None:
+    """violations() is what the examples test relies on: it must see each kind of mistake."""
+    schema = schema_of(crd_for("ImagePullJob"))
+    bad = {
+        "spec": {
+            "image": "https://registry.example.com/app",
+            "parallelism": "150%",
+            "completionPolicy": {"type": "Sometimes"},
+            "pullPolicy": {"backoffLimit": -1, "timeoutSeconds": "10"},
+            "pullSecrets": [""],
+        }
+    }
+    found = "\n".join(violations(bad, schema))
+    for path in [
+        ".spec.image",
+        ".spec.parallelism",
+        ".spec.completionPolicy.type",
+        ".spec.pullPolicy.backoffLimit",
+        ".spec.pullPolicy.timeoutSeconds",
+        ".spec.pullSecrets[0]",
+    ]:
+        assert f"{path}:" in found, f"{path} not reported in:\n{found}"
+    assert list(violations({"spec": {}}, schema)) == [".spec.image: required"]
+    sidecars = schema_of(crd_for("SidecarSet"))
+    twice = {
+        "spec": {"selector": {}, "containers": [{"name": "a", "image": "a"}, {"name": "a", "image": "b"}]}
+    }
+    assert list(violations(twice, sidecars)) == [".spec.containers: duplicate map keys"]
 
 
 # --- imagewarm.api helpers ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,8 @@ from localcluster.stack import Stack
 from tests.fixtures.controller import ControllerProcess
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict[str, str]:
@@ -221,6 +224,31 @@ def test_retain_never_expires(controller, cluster: Cluster, namespace: str, buil
     kept = cached_image(cluster, image)
     assert kept is not None and kept["metadata"]["uid"] == found["metadata"]["uid"]
     assert "expiresAt" not in kept["spec"]
+
+
+def test_the_retain_example_is_kept_up_to_date_and_never_expires(controller, cluster: Cluster) -> None:
+    """examples/cachedimage.yaml: a user's CachedImage for an image no pod uses, named as the
+    controller names it, gets its status and no expiry."""
+    example = REPO / "examples" / "cachedimage.yaml"
+    cluster.kubectl("apply", "-f", str(example))
+    try:
+        controller("1s")
+        image = "registry.example.com/ops/recovery-toolbox:3.1"
+        kept = wait_for(
+            "the example's status written",
+            lambda: (
+                (c := cached_image(cluster, image))
+                and (c.get("status") or {}).get("phase") == "Pending"
+                and c
+            ),
+        )
+        assert kept["status"]["usedBy"] == {"count": 0, "pods": []} and "lastSeenUsed" in kept["status"]
+        time.sleep(3)  # three TTLs
+        again = cached_image(cluster, image)
+        assert again is not None and again["metadata"]["uid"] == kept["metadata"]["uid"]
+        assert "expiresAt" not in again["spec"]
+    finally:
+        cluster.kubectl("delete", "-f", str(example), "--ignore-not-found")
 
 
 def test_kuik_540_an_expired_image_in_use_is_not_deleted(

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -153,6 +154,15 @@ def test_the_runtime_holds_the_interpreter_its_libraries_and_a_minimal_etc() -> 
     assert not [p for p in entries if "_testcapi" in p or "readline" in p]
     passwd = entries["etc/passwd"].data
     assert passwd is not None and b"nonroot:x:65532:65532:" in passwd
+    # Scanners see the distribution and the Debian packages the files come from, at their versions.
+    assert entries["etc/os-release"].link == "../usr/lib/os-release" and "usr/lib/os-release" in entries
+    for package in ("python3.11-minimal", "libpython3.11-stdlib", "libssl3", "libc6", "zlib1g"):
+        record = entries[f"var/lib/dpkg/status.d/{package}"].data
+        assert record is not None and record.startswith(f"Package: {package}\n".encode()), package
+        version = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True
+        )
+        assert f"\nVersion: {version.stdout}\n".encode() in record
     # The CA bundle is Debian's Mozilla set, nothing this machine added to /etc/ssl/certs.
     bundle = entries[pythonruntime.CA_BUNDLE].data
     assert bundle is not None

@@ -26,10 +26,13 @@ def _builtin_commands() -> dict[str, Command]:
     return {"warm": warmcommand.command, "status": statuscommand.command}
 
 
-def _commands() -> dict[str, Command]:
+def _commands(only: str | None = None) -> dict[str, Command]:
+    """The subcommands; with `only` (a registered name), that program's alone: a process loads only
+    the program it runs, so one program's import-time state (e.g. prometheus_client choosing its
+    single- or multi-process mode when first imported) never leaks into another's."""
     commands = {ep.name: ep for ep in entry_points(group="imagewarm.commands")}
     loaded: dict[str, Command] = {}
-    for name in REGISTERED:
+    for name in (only,) if only in REGISTERED else REGISTERED:
         ep = commands.get(name)
         loaded[name] = ep.load() if ep else not_landed(f"imagewarm {name}", "not installed")
     loaded.update(_builtin_commands())
@@ -52,7 +55,8 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    commands = _commands()
+    given = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands(only=given[0] if given else None)
     args = build_parser(commands).parse_args(argv)
     command = commands[args.command]
     try:

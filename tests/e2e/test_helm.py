@@ -2,7 +2,8 @@
 on the kubelets: every pod Ready on both nodes, the webhook registered with its caBundle, a
 Deployment's pods rewritten and each pulled through its own node's proxy (peers sharing blobs: one
 upstream fetch per blob for both nodes), mirror mode pulling an unrewritten image through the proxy,
-`helm upgrade` with no pod creation failing during the rollout, `helm uninstall` leaving no webhook.
+an ImagePullJob through the chart's controller warming node 2, `helm upgrade` with no pod creation
+failing during the rollout, `helm uninstall` leaving no webhook.
 
 The tests run in order on one release (module fixture): install, use, upgrade, uninstall.
 """
@@ -64,7 +65,6 @@ def values(cluster: Cluster, upstream: Registry, mirrored: Registry) -> dict[str
         certs_root=cluster.certs_root,
         cache_root=cluster.workdir / "imagewarm-cache",
         insecure_upstreams=[upstream.host, mirrored.host],
-        controller=False,
     )
 
 
@@ -180,7 +180,9 @@ def test_install_runs_every_pod_on_both_nodes_and_registers_the_webhook(
     assert {p["spec"]["nodeName"] for p in webhook_pods} == nodes, (
         "the 2 webhook replicas spread over the nodes"
     )
-    for pod in proxy_pods + webhook_pods:
+    controller_pods = release.pods("controller")
+    assert len(controller_pods) == 2, "a leader and a standby"
+    for pod in proxy_pods + webhook_pods + controller_pods:
         assert ready(pod), pod["metadata"]["name"]
         assert pod["spec"]["containers"][0]["image"] == image
 
@@ -238,6 +240,52 @@ def test_a_deployment_is_rewritten_and_each_pod_pulls_through_its_own_nodes_prox
     fetched = upstream.blob_gets("team/web")
     assert len(fetched) == len(set(fetched)) and set(fetched) <= {b.digest for b in image.blobs}, fetched
     assert max(image.blobs, key=lambda b: b.size).digest in fetched
+
+
+def test_an_image_pull_job_through_the_charts_controller_warms_node_2(
+    cluster: Cluster, release: Release, upstream: Registry, builder: ImageBuilder, namespace: str
+):
+    image = builder.busybox(data_size=3 << 20)
+    push(upstream, "team/warm", "1", image)
+    written = f"{upstream.host}/team/warm:1"
+    node, other = cluster.nodes[1], cluster.nodes[0]
+    url, other_url = release.proxy_url(node.ip), release.proxy_url(other.ip)
+    other_misses = metric(other_url, "imagewarm_proxy_cache_miss_bytes_total", kind="blob")
+    job = {
+        "apiVersion": "imagewarm.io/v1alpha1",
+        "kind": "ImagePullJob",
+        "metadata": {"name": "warm", "namespace": namespace},
+        "spec": {"image": written, "selector": {"names": [node.name]}},
+    }
+    apply(cluster, job)
+
+    def done() -> dict[str, Any] | None:
+        status: dict[str, Any] = get(cluster, "imagepulljob", "warm", "-n", namespace).get("status") or {}
+        return status if status.get("succeeded") == 1 or status.get("failed") else None
+
+    try:
+        status = eventually(done, timeout=120, what="the ImagePullJob to finish")
+    except AssertionError:
+        found = cluster.kubectl("get", "imagepulljob,nodeimage", "-A", "-o", "yaml", check=False).stdout
+        raise AssertionError(f"{found[-3000:]}\n{diagnose(cluster)}") from None
+    assert (status["desired"], status["succeeded"], status.get("failed", 0)) == (1, 1, 0), status
+    tags = get(cluster, "nodeimage", node.name)["status"]["imageStatuses"][f"{upstream.host}/team/warm"][
+        "tags"
+    ]
+    assert [(t["tag"], t["phase"]) for t in tags] == [("1", "Succeeded")]
+    # Node 2's agent pulled it through node 2's proxy; node 1's proxy fetched nothing for it.
+    warmed = set(upstream.blob_gets("team/warm"))
+    assert max(image.blobs, key=lambda b: b.size).digest in warmed
+    assert metric(url, "imagewarm_agent_pulls_total", result="succeeded") >= 1
+    assert metric(other_url, "imagewarm_proxy_cache_miss_bytes_total", kind="blob") == other_misses
+
+    # A pod on node 2 then starts from its proxy's cache: the upstream sends no blob again.
+    hits = metric(url, "imagewarm_proxy_cache_hit_bytes_total", kind="blob")
+    apply(cluster, deployment("warmed", namespace, written, replicas=1, node=node.name))
+    [pod] = running_pods(cluster, namespace, "warmed", 1)
+    assert pod["status"]["containerStatuses"][0]["imageID"].endswith(image.digest)
+    assert sorted(upstream.blob_gets("team/warm")) == sorted(warmed)
+    assert metric(url, "imagewarm_proxy_cache_hit_bytes_total", kind="blob") > hits
 
 
 def test_upgrade_creates_pods_throughout_the_rollout_and_mirrors_unrewritten_pulls(
@@ -329,7 +377,7 @@ def test_uninstall_leaves_no_webhook_and_pods_still_start(
     release.uninstall()
     gone = cluster.kubectl("get", "mutatingwebhookconfiguration", RELEASE, check=False)
     assert gone.returncode != 0 and "NotFound" in gone.stderr
-    assert not release.pods("proxy") and not release.pods("webhook")
+    assert not release.pods("proxy") and not release.pods("webhook") and not release.pods("controller")
 
     image = builder.busybox(data_size=1 << 20)
     push(upstream, "team/after", "1", image)

@@ -162,3 +162,18 @@ def test_a_subcommand_that_has_not_landed_says_so_and_exits_2(capsys: pytest.Cap
     missing = not_landed("imagewarm example", "some issue")
     assert missing.run(None) == 2
     assert "not implemented yet (some issue)" in capsys.readouterr().err
+
+
+def test_running_a_program_loads_no_other_program() -> None:
+    # prometheus_client picks its single- or multi-process mode when first imported; the proxy and the
+    # webhook set up multi-process metrics in run(), so no other program may import it before.
+    import subprocess
+    import sys
+
+    others = ("controller", "webhook", "prometheus_client")
+    code = (
+        "import sys; from imagewarm import cli; cli._commands(only='proxy');"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {others!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

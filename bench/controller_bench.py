@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from imagewarm import api  # noqa: E402
 from imagewarm.command import table  # noqa: E402
-from imagewarm.kube import Kube  # noqa: E402
+from imagewarm.kube import Kube, KubeError  # noqa: E402
 from localcluster.agentsim import AgentSim  # noqa: E402
 from localcluster.cluster import Cluster  # noqa: E402
 from localcluster.processes import Daemon, free_ports  # noqa: E402
@@ -74,9 +74,9 @@ def api_requests(port: int) -> dict[tuple[str, str], float]:
         text = response.read().decode()
     out = {}
     for match in re.finditer(
-        r'imagewarm_controller_api_requests_total\{code="(\d+)",verb="(\w+)"\} ([0-9.e+]+)', text
+        r'imagewarm_controller_api_requests_total\{verb="(\w+)",code="(\d+)"\} ([0-9.e+]+)', text
     ):
-        out[(match.group(2), match.group(1))] = float(match.group(3))
+        out[(match.group(1), match.group(2))] = float(match.group(3))
     return out
 
 
@@ -107,7 +107,7 @@ def create_nodes(kube: Kube, count: int) -> list[str]:
 
 def wait(what: str, probe: Any, timeout: float) -> float:
     started = time.monotonic()
-    while not probe():
+    while not _try(probe):
         if time.monotonic() - started > timeout:
             raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.5)
@@ -289,6 +289,15 @@ def main() -> int:
             controller.stop()
         cluster.stop()
     return 0
+
+
+def _try(probe: Any) -> bool:
+    try:
+        return bool(probe())
+    except KubeError as exc:  # the API server still initialising a CRD's storage (429), busy...
+        if not exc.temporary:
+            raise
+        return False
 
 
 def _up(port: int) -> bool:

@@ -96,6 +96,7 @@ class JobReconciler:
         # see an old status: a second JobStarted, a new startTime).
         self._statuses: dict[str, tuple[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        self._last_targets: dict[str, frozenset[str]] = {}  # job uid -> its targets at the last reconcile
 
     # Owners' wishes (for the merged pull policy and secrets of shared entries) ---------------------
 
@@ -124,12 +125,14 @@ class JobReconciler:
         metadata = job["metadata"]
         uid = metadata["uid"]
         if metadata.get("deletionTimestamp"):
+            self._last_targets.pop(uid, None)
             self.release_everywhere(namespace, name, uid)
             self.collect_secrets(exclude=uid)
             self._remove_finalizer(job)
             return None
         status = self._status(job)
         if finished(status):
+            self._last_targets.pop(uid, None)
             self.release_everywhere(namespace, name, uid)
             return self._ttl(job, status)
         spec = job.get("spec") or {}
@@ -146,11 +149,17 @@ class JobReconciler:
         lookup = self.lookup
         states = {n: classify(n, self.writer.get(n), target, uid) for n in targets}
 
-        # Nodes no longer targeted (a selector edit, a pod gone) lose the job's task.
-        for node in self.owned_nodes(uid, target) - set(targets):
-            self.writer.update(
-                node, target.name, lambda e: update_entry(e, target.tag, lookup, remove_uids=frozenset([uid]))
-            )
+        # Nodes no longer targeted (a selector edit, a pod gone) lose the job's task. The scan of
+        # every NodeImage runs only when the targets may have shrunk since the last reconcile.
+        current = frozenset(targets)
+        if not current >= self._last_targets.get(uid, frozenset(["(unknown)"])):
+            for node in self.owned_nodes(uid, target) - current:
+                self.writer.update(
+                    node,
+                    target.name,
+                    lambda e: update_entry(e, target.tag, lookup, remove_uids=frozenset([uid])),
+                )
+        self._last_targets[uid] = current
         # A spec edit reaches the existing tasks: policy and secrets recomputed; failed tasks
         # (or all, under imagePullPolicy Always) run again.
         if self._edited(job):

@@ -165,7 +165,10 @@ class NodeProxies:
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": name, "labels": {AGENT_NODE_LABEL: "true", **(labels or {})}},
-        }
+            # No kubelet: no pod may land there.
+            "spec": {"unschedulable": True, "taints": [{"key": AGENT_NODE_LABEL, "value": "true",
+                                                        "effect": "NoSchedule"}]},
+        }  # fmt: skip
         self.cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
         self.agent_nodes.append(name)
         return self._start(name, f"127.0.0.{10 + index}", [], args)

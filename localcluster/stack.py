@@ -121,6 +121,23 @@ class Stack:
             raise
         return stack
 
+    @classmethod
+    def webhook_only(
+        cls, cluster: Cluster, *, workdir: Path, proxy_port: int, progress: Progress = print
+    ) -> Stack:
+        """Only the webhook, rewriting images to `localhost:<proxy_port>`, for node proxies started
+        elsewhere (localcluster.nodeproxies: one per node, as the chart's DaemonSet). Raises
+        StackError."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        unused = Daemon("imagewarm-proxy (not started here)", ["true"], workdir / "proxy.log")
+        stack = cls(cluster, workdir, proxy_port, unused, progress=progress)
+        try:
+            stack._start_webhook()
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
     def _start_peer(self, insecure: list[str]) -> None:
         # No --containerd-hosts-dir: the local nodes share one hosts directory, and the file for
         # localhost:<port> is the node proxy's to write.

@@ -411,3 +411,30 @@ def test_pull_secrets_are_copied_to_the_release_namespace_and_collected(
     )
     everything = dumps(kube.get(api.NODE_IMAGE.path())) + controller.output()
     assert password not in everything and data not in everything
+
+
+def test_image_pull_policy_always_pulls_again_where_another_job_already_pulled(
+    kube: Kube, namespace: str, fake_nodes: FakeNodes, controller: ControllerProcess
+) -> None:
+    node = fake_nodes.create()
+    wait_for("NodeImage", lambda: node_image(kube, node))
+    image, repo = unique_image("always")
+    never = {"type": "Never"}
+    create_job(kube, namespace, "keep", image=image, selector={"names": [node]}, completionPolicy=never)
+    wait_for(
+        "first pull",
+        lambda: ((job_object(kube, namespace, "keep") or {}).get("status") or {}).get("succeeded") == 1,
+    )
+    assert tasks_of(kube, repo)[node]["tags"][0]["version"] == 0
+    # IfNotPresent joins the task and takes its result; Always makes the agent resolve the tag again.
+    create_job(kube, namespace, "same", image=image, selector={"names": [node]})
+    assert finished(kube, namespace, "same")["status"]["succeeded"] == 1
+    assert tasks_of(kube, repo)[node]["tags"][0]["version"] == 0, "IfNotPresent: no second pull"
+    create_job(kube, namespace, "fresh", image=image, selector={"names": [node]}, imagePullPolicy="Always")
+    assert finished(kube, namespace, "fresh")["status"]["succeeded"] == 1
+    assert tasks_of(kube, repo)[node]["tags"][0]["version"] == 1
+    metrics = controller.metrics()
+    assert 'imagewarm_controller_reconciles_total{kind="imagepulljobs",result="success"}' in metrics
+    assert 'imagewarm_controller_api_requests_total{verb="patch",code="200"}' in metrics
+    assert "imagewarm_controller_leader 1.0" in metrics
+    assert 'imagewarm_controller_tasks{phase="Succeeded"}' in metrics

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from imagewarm.informer import Informer
 from imagewarm.kube import Kube
 from imagewarm.reference import registry_segment
 from imagewarm.warmup import warm
@@ -19,6 +21,7 @@ from localcluster.images import ImageBuilder, push
 from localcluster.nodeproxies import NodeProxies
 from localcluster.registry import Registry, start_registry
 from localcluster.slowlink import SlowLink
+from localcluster.stack import Stack
 from proxy.cache.paths import Layout
 from tests.e2e.node_agent_harness import (
     eventually,
@@ -28,11 +31,10 @@ from tests.e2e.node_agent_harness import (
     tag_status,
     wait_phase,
 )
-from tests.e2e.test_crds import crds
 from tests.e2e.test_pull_through import run_pod
+from tests.fixtures.controller import ControllerProcess, condition, create_job, job_object, wait_for
 
 pytestmark = pytest.mark.e2e
-with_crds = crds  # the fixture, used by name
 
 RELEASE_NAMESPACE = "imagewarm-system"
 SLOW_BYTES_PER_SECOND = 4 << 20
@@ -61,7 +63,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> ImageBuilder:
 
 @pytest.fixture(scope="module")
 def nodes(
-    crds: Cluster,
+    crds_installed: Cluster,
     cluster: Cluster,
     upstream: Registry,
     slow: SlowLink,
@@ -76,11 +78,6 @@ def nodes(
     )
     yield started
     started.stop()
-
-
-@pytest.fixture(scope="module")
-def kube(cluster: Cluster) -> Kube:
-    return Kube.from_kubeconfig(cluster.kubeconfig)
 
 
 def cached(cache_dir: Path, digest: str) -> bool:
@@ -337,3 +334,91 @@ def test_an_agent_killed_mid_pull_resumes_and_fetches_no_verified_blob_again(
     assert wait_phase(kube, proxy.node, small_name, "small", ("Succeeded",))["imageID"] == image.digest
     for name in (small_name, big_name):
         remove_image(kube, proxy.node, name)
+
+
+def test_an_image_pull_job_over_real_and_agent_only_nodes_then_a_rewritten_pod_starts_from_the_cache(
+    cluster: Cluster,
+    upstream: Registry,
+    nodes: NodeProxies,
+    kube: Kube,
+    images: ImageBuilder,
+    controller: ControllerProcess,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """The controller (a real `imagewarm controller`) and the real agents, end to end."""
+    image = images.busybox(data_size=3 << 20)
+    push(upstream, "agent/job", "1", image)
+    written = f"{upstream.host}/agent/job:1"
+    name = f"{upstream.host}/agent/job"
+    extra = [nodes.add_agent_node(f"iw-agent-job-{i}").node for i in (1, 2)]
+    targets = [node.name for node in cluster.nodes] + extra
+    before = len(upstream.requests())
+
+    # What every agent reported, seen as it happened: the controller removes a completed job's
+    # tasks from the NodeImages (compaction), and their statuses go with them.
+    reported: dict[str, dict[str, object]] = {}
+
+    def record(_kind: str, obj: dict[str, object]) -> None:
+        status = obj.get("status") or {}
+        for tag in ((status.get("imageStatuses") or {}).get(name) or {}).get("tags") or []:  # type: ignore[union-attr]
+            if tag.get("phase") == "Succeeded":
+                reported[obj["metadata"]["name"]] = tag  # type: ignore[index]
+
+    watcher = Informer(kube, "/apis/imagewarm.io/v1alpha1/nodeimages", handlers=(record,)).start()
+    try:
+        create_job(kube, namespace, "warm-all", image=written, parallelism=2, selector={"names": targets})
+        job = wait_for(
+            "the job complete",
+            lambda: (
+                (j := job_object(kube, namespace, "warm-all")) is not None and condition(j, "Complete") and j
+            ),
+            timeout=180,
+        )
+        eventually(lambda: set(reported) >= set(targets), "every target's agent reported Succeeded", 30)
+    finally:
+        watcher.stop(timeout=1)
+    assert job["status"]["succeeded"] == len(targets) and job["status"]["failed"] == 0, job["status"]
+    assert all(reported[node]["imageID"] == image.digest for node in targets), reported
+    fetched = upstream.blob_gets("agent/job", since=before)
+    # Each node's proxy has its own cache and no peers here: each blob once per node, no more.
+    assert {digest: fetched.count(digest) for digest in set(fetched)} == {
+        b.digest: len(targets) for b in image.blobs
+    }
+
+    # A pod written with the upstream image: the webhook rewrites it to localhost:<port>, and the
+    # kubelet pulls it from its node's proxy, which fetches nothing upstream.
+    webhook = Stack.webhook_only(cluster, workdir=tmp_path / "webhook", proxy_port=nodes.port)
+    try:
+        pod = run_pod_in(cluster, namespace, written, cluster.nodes[1].name)
+    finally:
+        webhook.stop()
+    assert (
+        pod["spec"]["containers"][0]["image"]
+        == f"{nodes.prefix}/{registry_segment(upstream.host)}/agent/job:1"
+    )
+    assert pod["status"]["containerStatuses"][0]["imageID"].endswith(image.digest)
+    assert upstream.blob_gets("agent/job", since=before) == fetched, "the pod's pull fetched nothing upstream"
+
+
+def run_pod_in(cluster: Cluster, namespace: str, image: str, node: str) -> dict[str, Any]:
+    pod_name = "from-cache"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": namespace},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": image, "command": ["sh", "-c", "sleep 3600"]}],
+        },
+    }
+    cluster.kubectl("create", "-f", "-", input=json.dumps(pod))
+    waited = cluster.kubectl(
+        "-n", namespace, "wait", "--for=condition=Ready", f"pod/{pod_name}", "--timeout=90s", check=False
+    )
+    stored: dict[str, Any] = json.loads(
+        cluster.kubectl("-n", namespace, "get", "pod", pod_name, "-o", "json").stdout
+    )
+    assert waited.returncode == 0, f"pod not Ready: {json.dumps(stored['status'], indent=1)[-1500:]}"
+    return stored

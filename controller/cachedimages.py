@@ -31,6 +31,7 @@ from typing import Any
 
 from controller import expiry, inventory, metrics, pins
 from controller.context import Context
+from controller.nodeimagewriter import NodeImageWriter
 from imagewarm import api, platforms
 from imagewarm.kube import AlreadyExists, Conflict, NotFound
 from imagewarm.reference import InvalidReference, Reference, parse
@@ -68,6 +69,7 @@ class CachedImageReconciler:
         self.cached = ctx.caches["cachedimages"]
         self.clock = clock
         self.spacing = spacing or expiry.WriteSpacing()
+        self.writer = NodeImageWriter(ctx.kube, self.nodeimages)
         self.pod_index = inventory.PodIndex()
         self.task_index = inventory.TaskIndex()
         self._references: dict[str, str] = {}  # CachedImage name -> canonical reference
@@ -231,30 +233,28 @@ class CachedImageReconciler:
         """Own the task for the image on every node where a pod pulled it through the proxy and
         runs. False when a node has no NodeImage yet (look again later)."""
         owner = pins.owner_of(stored)
+        image, tag = inventory.entry_of(ref)
+        created_at = expiry.format_time(now)
         complete = True
         for node in sorted(usage.nodes):
-            nodeimage = self.nodeimages.get(node)
-            if nodeimage is None:
-                complete = False
-                continue
-            patch = pins.pin_patch(nodeimage, ref, owner, now)
-            if patch is not None:
-                self.kube.patch(api.NODE_IMAGE.path(node), patch)
+            before = self.writer.writes
+            written = self.writer.update(node, image, lambda e: pins.pin_entry(e, tag, owner, created_at))
+            complete = complete and written is not None
+            if self.writer.writes > before:
                 metrics.CACHED_IMAGE_WRITES.labels("pin").inc()
         return complete
 
     def _unpin(self, name: str, keep_uid: str | None) -> None:
         """Remove the owners named `name` (but `keep_uid`) from every node's tasks."""
-        nodes = {
-            node
-            for node, _, owner in self.task_index.owned_by(pins.KIND, name)
+        places = {
+            (node, inventory.entry_of(parse(reference))[0])
+            for node, reference, owner in self.task_index.owned_by(pins.KIND, name)
             if owner.get("uid") != keep_uid
         }
-        for node in sorted(nodes):
-            nodeimage = self.nodeimages.get(node)
-            patch = pins.unpin_patch(nodeimage, name, keep_uid) if nodeimage is not None else None
-            if patch is not None:
-                self.kube.patch(api.NODE_IMAGE.path(node), patch)
+        for node, image in sorted(places):
+            before = self.writer.writes
+            self.writer.update(node, image, lambda e: pins.unpin_entry(e, name, keep_uid))
+            if self.writer.writes > before:
                 metrics.CACHED_IMAGE_WRITES.labels("unpin").inc()
 
     def _measure(

@@ -241,7 +241,8 @@ def _list(client: Any, resource: api.Resource) -> list[dict[str, Any]]:
     from imagewarm import kube
 
     try:
-        items: list[dict[str, Any]] = client.get(resource.path()).get("items") or []
+        # Temporary answers (a 429 while a CRD's storage initializes, a 5xx) are retried.
+        items: list[dict[str, Any]] = kube.retry(lambda: client.get(resource.path())).get("items") or []
     except kube.NotFound:
         raise StatusError(CRDS_MISSING) from None
     except kube.Forbidden as exc:

@@ -266,8 +266,10 @@ def run_job(config: WarmConfig) -> int:
         return 2
     follower = warmjob.Follower(client, created, config.images)
     kind, name = created["kind"].lower(), created["metadata"]["name"]
-    print(f"created {follower.label}; following it (Ctrl-C stops following, not the job)", file=sys.stderr)
-    try:
+    try:  # from here on, Ctrl-C says how to find the job it leaves running
+        print(
+            f"created {follower.label}; following it (Ctrl-C stops following, not the job)", file=sys.stderr
+        )
         jobs, rows = follower.follow()
     except KeyboardInterrupt:
         print(

@@ -242,6 +242,23 @@ class Follower:
             time.sleep(self.poll)
 
 
+def _create_once(client: Any, path: str, job: dict[str, Any], attempts: int = 6) -> dict[str, Any]:
+    """POST the job, again only after a 429 (a CRD's storage initializing, throttling): the server
+    refused it, so nothing was created. Any other failure is not retried: with `generateName` a
+    POST whose answer was lost may have created a job, and a retry would make a second one."""
+    from imagewarm import kube
+
+    for attempt in range(attempts):
+        try:
+            created: dict[str, Any] = client.create(path, job)
+            return created
+        except kube.Unavailable as exc:
+            if exc.status != 429 or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def create(client: Any, job: dict[str, Any]) -> dict[str, Any]:
     """Create the job; raises JobError saying what to do (CRDs missing, RBAC, invalid spec)."""
     from imagewarm import kube
@@ -249,7 +266,7 @@ def create(client: Any, job: dict[str, Any]) -> dict[str, Any]:
     resource = api.IMAGE_PULL_JOB if job["kind"] == "ImagePullJob" else api.IMAGE_LIST_PULL_JOB
     namespace = job["metadata"]["namespace"]
     try:
-        created: dict[str, Any] = client.create(resource.path(namespace=namespace), job)
+        created = _create_once(client, resource.path(namespace=namespace), job)
     except kube.NotFound as exc:
         if "namespaces" in str(exc) and f'"{namespace}"' in str(exc):
             raise JobError(

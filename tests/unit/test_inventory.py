@@ -380,47 +380,38 @@ CACHED = {"metadata": {"name": "docker.io.library.nginx-1.27-abc", "uid": "ci-1"
 
 def test_a_pin_adds_a_task_or_joins_a_jobs_task_once():
     owner = pins.owner_of(CACHED)
-    empty = nodeimage("n1", {}, {})
-    patch = pins.pin_patch(empty, parse(NGINX), owner, NOW)
-    assert patch == {
-        "metadata": {"resourceVersion": "7"},
-        "spec": {"images": {"docker.io/library/nginx": {"tags": [
+    assert pins.pin_entry(None, "1.27", owner, "2026-12-03T12:00:00Z") == {
+        "tags": [
             {"tag": "1.27", "createdAt": "2026-12-03T12:00:00Z", "ownerReferences": [owner], "version": 0}
-        ]}}},
-    }  # fmt: skip
+        ]
+    }
     job = {"kind": "ImagePullJob", "namespace": "d", "name": "j", "uid": "j-1"}
-    shared = nodeimage(
-        "n1", {"docker.io/library/nginx": [{"tag": "1.27", "version": 2, "ownerReferences": [job]}]}, {}
-    )
-    joined = pins.pin_patch(shared, parse(NGINX), owner, NOW)
-    assert joined is not None
-    assert joined["spec"]["images"]["docker.io/library/nginx"]["tags"] == [
-        {"tag": "1.27", "version": 2, "ownerReferences": [job, owner]}
-    ]
-    done = nodeimage(
-        "n1", {"docker.io/library/nginx": [{"tag": "1.27", "ownerReferences": [job, owner]}]}, {}
-    )
-    assert pins.pin_patch(done, parse(NGINX), owner, NOW) is None
+    shared = {
+        "pullSecrets": [{"name": "s"}],
+        "tags": [{"tag": "1.27", "version": 2, "ownerReferences": [job]}],
+    }
+    joined = pins.pin_entry(shared, "1.27", owner, "t")
+    assert joined == {
+        "pullSecrets": [{"name": "s"}],
+        "tags": [{"tag": "1.27", "version": 2, "ownerReferences": [job, owner]}],
+    }
+    assert shared["tags"][0]["ownerReferences"] == [job]  # not modified in place
+    assert pins.pin_entry(joined, "1.27", owner, "t") == joined  # owned already: nothing to write
 
 
 def test_unpin_removes_only_the_cached_images_owner_and_empty_tasks():
     owner = pins.owner_of(CACHED)
     job = {"kind": "ImagePullJob", "namespace": "d", "name": "j", "uid": "j-1"}
-    node = nodeimage(
-        "n1",
-        {
-            "docker.io/library/nginx": [{"tag": "1.27", "ownerReferences": [job, owner]}],
-            "docker.io/library/redis": [{"tag": "7", "ownerReferences": [{**owner}]}],
-        },
-        {},
-    )
     name = CACHED["metadata"]["name"]
-    assert pins.unpin_patch(node, name, keep_uid="ci-1") is None  # the live CachedImage keeps its pins
-    patch = pins.unpin_patch(node, name, keep_uid=None)
-    assert patch == {
-        "metadata": {"resourceVersion": "7"},
-        "spec": {"images": {
-            "docker.io/library/nginx": {"tags": [{"tag": "1.27", "ownerReferences": [job]}]},
-            "docker.io/library/redis": None,
-        }},
-    }  # fmt: skip
+    entry = {
+        "tags": [
+            {"tag": "1.27", "ownerReferences": [job, owner]},
+            {"tag": "1.28", "ownerReferences": [owner]},
+        ]
+    }
+    assert pins.unpin_entry(entry, name, keep_uid="ci-1") == entry  # the live CachedImage keeps its pins
+    assert pins.unpin_entry(entry, name, keep_uid=None) == {
+        "tags": [{"tag": "1.27", "ownerReferences": [job]}]
+    }
+    assert pins.unpin_entry({"tags": [{"tag": "1.28", "ownerReferences": [owner]}]}, name, None) is None
+    assert pins.unpin_entry(None, name, None) is None

@@ -6,7 +6,9 @@ than pyenv's plain ``-O3 --enable-shared`` build), and it is exactly what the Co
 ``gcr.io/distroless/python3-debian12``, is made of. Its files are the ones dpkg lists for the Debian
 packages below (minus tests, GUI and terminal modules), plus every shared library that the
 interpreter, the standard library's and the dependency wheels' extension modules load (``ldd``),
-with the host's symlink chains (merged ``/usr``: ``/lib64`` -> ``usr/lib64`` ...) reproduced.
+with the host's symlink chains (merged ``/usr``: ``/lib64`` -> ``usr/lib64`` ...) reproduced, and
+the dpkg records of the packages they come from plus ``/etc/os-release``, so image scanners see the
+Debian versions inside.
 
 The CA bundle is made from the Mozilla certificates of Debian's ``ca-certificates`` package, not
 copied from ``/etc/ssl/certs``: that file may hold certificates added on this machine.
@@ -24,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 PYTHON = Path("/usr/bin/python3.11")
 PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib")
+OS_RELEASE = Path("/etc/os-release")
 CA_CERTIFICATES = Path("/usr/share/ca-certificates/mozilla")
 CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's sys.path, like pip's target
@@ -158,10 +161,32 @@ def _ca_bundle() -> bytes:
     return b"".join(c.read_bytes().rstrip(b"\n") + b"\n" for c in certificates)
 
 
+def package_records(paths: Iterable[Path]) -> dict[str, bytes]:
+    """dpkg's status record of each Debian package owning one of ``paths``, by package name: the
+    image keeps them in ``var/lib/dpkg/status.d/`` (as distroless does), so image scanners know
+    which Debian versions it holds. Merged ``/usr``: dpkg records ``/lib/...`` for ``/usr/lib/...``."""
+    queries = sorted({str(p) for p in paths} | {str(p)[4:] for p in paths if str(p).startswith("/usr/lib/")})
+    # Exits 1 when some path is unowned (the /usr/lib or /lib spelling dpkg does not record): fine.
+    listing = subprocess.run(["dpkg-query", "-S", *queries], capture_output=True, text=True).stdout
+    owners = set()
+    for line in listing.splitlines():
+        packages, sep, _ = line.partition(": ")
+        if sep and not line.startswith("diversion "):
+            owners.update(p.strip().split(":")[0] for p in packages.split(","))
+    records = {}
+    for name in sorted(owners):
+        proc = subprocess.run(["dpkg-query", "-s", name], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeFilesError(f"dpkg-query -s {name} failed: {proc.stderr.strip()}")
+        records[name] = proc.stdout.encode()
+    return records
+
+
 def runtime_entries(extension_modules: Sequence[Path] = (), *, provided: Sequence[Path] = ()) -> list[Entry]:
     """Every path of the runtime layer: the interpreter and its standard library, the shared
     libraries it and ``extension_modules`` (the dependency wheels', whose own vendored libraries
-    lie under ``provided``) need, a minimal ``/etc``, ``/tmp``, ``/root`` and ``/home/nonroot``.
+    lie under ``provided``) need, their packages' dpkg records, a minimal ``/etc``, ``/tmp``,
+    ``/root`` and ``/home/nonroot``.
     Sorted by path; no ``.pyc`` (compiled when the layer is built)."""
     if not PYTHON.is_file():
         raise RuntimeFilesError(f"{PYTHON} not found: apt-get install python3.11")
@@ -179,6 +204,12 @@ def runtime_entries(extension_modules: Sequence[Path] = (), *, provided: Sequenc
     for library in shared_libraries([*elf_files, *extension_modules], provided=provided):
         for entry in host_entries(library):
             entries.setdefault(entry.path, entry)
+    for entry in host_entries(OS_RELEASE):  # which distribution this is, for scanners
+        entries.setdefault(entry.path, entry)
+    sources = [e.source for e in entries.values() if e.source is not None]
+    for package, record in package_records(sources).items():
+        name = f"var/lib/dpkg/status.d/{package}"
+        entries[name] = Entry(name, data=record)
     for name, text in _FILES.items():
         entries[name] = Entry(name, data=text.encode())
     entries[CA_BUNDLE] = Entry(CA_BUNDLE, data=_ca_bundle())

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from localcluster import binaries, productimage
+from localcluster import binaries, productimage, wheels
 from localcluster.containerd import Containerd
 from localcluster.images import Blob, ImageBuilder, push
 from localcluster.processes import free_ports
@@ -229,7 +229,7 @@ def test_the_containerfiles_build_script_gives_the_same_trees_as_dev_sh_image(tm
     for name in files:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_bytes((productimage.ROOT / name).read_bytes())
-    pins = productimage.pinned_dependencies(productimage.project()["dependencies"])
+    pins = wheels.pinned_dependencies(productimage.project()["dependencies"])
     (tmp_path / "constraints.txt").write_text("".join(f"{n}=={v}\n" for n, v in pins.items()))
     wheelhouse = binaries.cache_root() / "images" / "wheels"
     env = {**os.environ, "PATH": "/usr/bin:/bin", "PIP_CONSTRAINT": str(tmp_path / "constraints.txt"),
@@ -240,7 +240,7 @@ def test_the_containerfiles_build_script_gives_the_same_trees_as_dev_sh_image(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     ours = tmp_path / "ours"
-    productimage.dependencies_tree(productimage.dependency_wheels(pins, wheelhouse, print), ours / "deps")
+    productimage.dependencies_tree(wheels.dependency_wheels(pins, wheelhouse, print), ours / "deps")
     productimage.imagewarm_tree(productimage.ROOT, files, ours / "app")
     pip_records = {"INSTALLER", "RECORD", "REQUESTED", "direct_url.json"}
     for tree in ("deps", "app"):

@@ -1,5 +1,6 @@
 """The product image builder's pieces: deterministic trees and layers, wheel installation, the
-dependency pins, the runtime's file set and the OCI archive (localcluster/productimage.py)."""
+dependency pins, the runtime's file set and the OCI archive (localcluster/productimage.py, wheels.py,
+pythonruntime.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from localcluster import productimage, pythonruntime
+from localcluster import productimage, pythonruntime, wheels
 from localcluster.images import ImageBuilder, write_oci_archive
-from localcluster.productimage import ProductImageError
+from localcluster.wheels import WheelError
 
 
 def make_tree(root: Path, order: list[str], mtime: int) -> Path:
@@ -88,7 +90,7 @@ def wheel(tmp_path: Path, files: dict[str, bytes], *, tamper: str | None = None)
 def test_a_wheel_installs_into_debians_site_directory_with_its_console_script(tmp_path: Path) -> None:
     files = {"demo_pkg/__init__.py": b"", "demo_pkg/cli.py": b"def main():\n    return 0\n",
              "demo_pkg-1.0.data/purelib/extra.py": b"X = 1\n"}  # fmt: skip
-    productimage.install_wheel(wheel(tmp_path, files), tmp_path / "root", console_scripts=True)
+    wheels.install_wheel(wheel(tmp_path, files), tmp_path / "root", console_scripts=True)
     site = tmp_path / "root" / pythonruntime.SITE_PACKAGES
     assert (site / "demo_pkg/cli.py").read_bytes() == files["demo_pkg/cli.py"]
     assert (site / "extra.py").read_bytes() == b"X = 1\n"
@@ -101,30 +103,30 @@ def test_a_wheel_installs_into_debians_site_directory_with_its_console_script(tm
 
 
 def test_a_dependencys_console_scripts_are_left_out(tmp_path: Path) -> None:
-    productimage.install_wheel(wheel(tmp_path, {"demo_pkg/__init__.py": b""}), tmp_path / "root")
+    wheels.install_wheel(wheel(tmp_path, {"demo_pkg/__init__.py": b""}), tmp_path / "root")
     assert not (tmp_path / "root/usr/local/bin").exists()
 
 
 def test_a_wheel_whose_file_does_not_match_its_record_is_refused(tmp_path: Path) -> None:
     path = wheel(tmp_path, {"demo_pkg/__init__.py": b""}, tamper="demo_pkg/__init__.py")
-    with pytest.raises(ProductImageError, match="does not match its RECORD"):
-        productimage.install_wheel(path, tmp_path / "root")
+    with pytest.raises(WheelError, match="does not match its RECORD"):
+        wheels.install_wheel(path, tmp_path / "root")
 
 
 def test_dependencies_are_pinned_to_the_installed_versions_with_markers_and_extras() -> None:
     from importlib.metadata import version
 
-    pins = productimage.pinned_dependencies(["flask>=3.0", 'pytest; python_version < "3"'])
+    pins = wheels.pinned_dependencies(["flask>=3.0", 'pytest; python_version < "3"'])
     assert {"flask", "werkzeug", "jinja2", "markupsafe", "itsdangerous", "click", "blinker"} <= set(pins)
     assert pins["werkzeug"] == version("werkzeug")
     assert "pytest" not in pins
 
 
 def test_a_missing_or_unsatisfied_dependency_says_what_to_do() -> None:
-    with pytest.raises(ProductImageError, match=r"not installed here: run ./dev.sh setup"):
-        productimage.pinned_dependencies(["no-such-distribution-imagewarm>=1"])
-    with pytest.raises(ProductImageError, match="does not satisfy"):
-        productimage.pinned_dependencies(["flask<0.1"])
+    with pytest.raises(WheelError, match=r"not installed here: run ./dev.sh setup"):
+        wheels.pinned_dependencies(["no-such-distribution-imagewarm>=1"])
+    with pytest.raises(WheelError, match="does not satisfy"):
+        wheels.pinned_dependencies(["flask<0.1"])
 
 
 def test_host_entries_reproduce_every_symlink_on_the_way(tmp_path: Path) -> None:
@@ -152,6 +154,15 @@ def test_the_runtime_holds_the_interpreter_its_libraries_and_a_minimal_etc() -> 
     assert not [p for p in entries if "_testcapi" in p or "readline" in p]
     passwd = entries["etc/passwd"].data
     assert passwd is not None and b"nonroot:x:65532:65532:" in passwd
+    # Scanners see the distribution and the Debian packages the files come from, at their versions.
+    assert entries["etc/os-release"].link == "../usr/lib/os-release" and "usr/lib/os-release" in entries
+    for package in ("python3.11-minimal", "libpython3.11-stdlib", "libssl3", "libc6", "zlib1g"):
+        record = entries[f"var/lib/dpkg/status.d/{package}"].data
+        assert record is not None and record.startswith(f"Package: {package}\n".encode()), package
+        version = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True
+        )
+        assert f"\nVersion: {version.stdout}\n".encode() in record
     # The CA bundle is Debian's Mozilla set, nothing this machine added to /etc/ssl/certs.
     bundle = entries[pythonruntime.CA_BUNDLE].data
     assert bundle is not None
@@ -180,3 +191,11 @@ def test_the_oci_archive_names_the_image_for_ctr_import(tmp_path: Path) -> None:
     for digest in [image.digest, image.config.digest, layer.digest]:
         assert f"blobs/sha256/{digest[7:]}" in names
     assert image.config_json()["config"]["Entrypoint"] == ["imagewarm"]
+
+
+def test_a_missing_runtime_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(pythonruntime.RuntimeFilesError, match=r"apt-get install python3\.11"):
+        pythonruntime.package_files("python3.11-no-such-package")
+    monkeypatch.setattr(pythonruntime, "PYTHON", tmp_path / "python3.11")
+    with pytest.raises(pythonruntime.RuntimeFilesError, match=r"python3.11 not found: apt-get install"):
+        pythonruntime.runtime_entries()

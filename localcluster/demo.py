@@ -59,11 +59,6 @@ class DemoConfig:
 
 
 def run(config: DemoConfig) -> int:
-    # Imported here: `imagewarm --help` must not pay for the cluster modules.
-    from localcluster import binaries
-    from localcluster.cluster import Cluster
-    from localcluster.registry import start_registry
-
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
 
@@ -71,9 +66,24 @@ def run(config: DemoConfig) -> int:
     demo = Demo()
     own_dir = not config.work_dir
     workdir = Path(config.work_dir or tempfile.mkdtemp(prefix="iwdemo-", dir="/tmp")).expanduser().resolve()
+    try:
+        code = _run(config, demo, workdir)
+    finally:
+        print(f"total time: {demo.elapsed():.0f}s", flush=True)
+    if own_dir and code == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+def _run(config: DemoConfig, demo: Demo, workdir: Path) -> int:
+    """The demo in `workdir`; its exit code. Everything started is stopped before it returns."""
+    # Imported here: `imagewarm --help` must not pay for the cluster modules.
+    from localcluster import binaries
+    from localcluster.cluster import Cluster
+    from localcluster.registry import start_registry
+
     cluster: Cluster | None = None
     upstream: Registry | None = None
-    failed = True
     with ExitStack() as teardown:
         teardown.callback(lambda: demo.say("torn down") if cluster else None)
         try:
@@ -107,13 +117,9 @@ def run(config: DemoConfig) -> int:
             return 1
         print()
         print(summary(outcome, demo), flush=True)
-        failed = not outcome.ok
-        if failed:
-            _report_failure(
-                demo, StepError("a claim did not hold (FAILED above)"), workdir, cluster, upstream
-            )
+        if not outcome.ok:
+            _report_failure(demo, StepError("a claim did not hold (NO above)"), workdir, cluster, upstream)
         if config.keep:
-            assert cluster is not None
             print(f"\nThe cluster keeps running. export KUBECONFIG={cluster.kubeconfig}")
             print("Press Ctrl-C to tear it down.", flush=True)
             try:
@@ -122,10 +128,7 @@ def run(config: DemoConfig) -> int:
             except KeyboardInterrupt:
                 pass
         demo.say("tearing down")
-    if own_dir and not failed:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(f"total time: {demo.elapsed():.0f}s", flush=True)
-    return 1 if failed else 0
+        return 0 if outcome.ok else 1
 
 
 def summary(outcome: Outcome, demo: Demo) -> str:

@@ -110,6 +110,7 @@ class StartedPod:
     step: str
     name: str
     node: str
+    created: datetime.datetime
     images: dict[str, str]  # container -> image as stored (rewritten)
     original: dict[str, str]  # the webhook's annotation
     start_seconds: float  # PodScheduled -> ContainersReady (the API's second resolution)
@@ -178,10 +179,14 @@ def _ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
+def _timestamp(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def _when(pod: dict[str, Any], condition: str) -> datetime.datetime:
     for c in pod["status"]["conditions"]:
         if c["type"] == condition:
-            return datetime.datetime.fromisoformat(c["lastTransitionTime"].replace("Z", "+00:00"))
+            return _timestamp(c["lastTransitionTime"])
     raise StepError(f"pod {pod['metadata']['name']} has no {condition} condition")
 
 
@@ -353,6 +358,7 @@ class _Run:
             step=step,
             name=name,
             node=pod["spec"]["nodeName"],
+            created=_timestamp(pod["metadata"]["creationTimestamp"]),
             images={c["name"]: c["image"] for c in pod["spec"]["containers"]},
             original=json.loads(
                 (pod["metadata"].get("annotations") or {}).get(ORIGINAL_IMAGES_ANNOTATION, "{}")
@@ -426,6 +432,7 @@ def steps(
         for repository, image in (("demo/app", sample), ("demo/logger", sidecar)):
             push(upstream, repository, "1", image)
             forget_image(cluster, image.digest)  # a cold start is cold, whatever ran here before
+            teardown.callback(forget_image, cluster, image.digest)  # and the next user's too
         demo.say(
             f"{run.written('demo/app')}: {_mib(sample.size)}; {run.written('demo/logger')}: "
             f"{_mib(sidecar.size)}; upstream {upstream.host} behind a {link_rate * 8 / 1e6:.0f} Mbit/s link"

@@ -168,7 +168,7 @@ def package_records(paths: Iterable[Path]) -> dict[str, bytes]:
     queries = sorted({str(p) for p in paths} | {str(p)[4:] for p in paths if str(p).startswith("/usr/lib/")})
     # Exits 1 when some path is unowned (the /usr/lib or /lib spelling dpkg does not record): fine.
     listing = subprocess.run(["dpkg-query", "-S", *queries], capture_output=True, text=True).stdout
-    owners = set()
+    owners: set[str] = set()
     for line in listing.splitlines():
         packages, sep, _ = line.partition(": ")
         if sep and not line.startswith("diversion "):

@@ -65,6 +65,7 @@ class Demo:
         self.tty = sys.stdout.isatty() if tty is None and out is None else bool(tty)
         self.phases: list[tuple[str, float]] = []
         self.step = ""
+        self.waited = 0.0  # seconds spent waiting for another local cluster (not the demo's own time)
         self._bar_shown = -1
 
     def elapsed(self) -> float:
@@ -491,7 +492,8 @@ def _install(run: _Run, image: str) -> None:
     def remove_demo_objects() -> None:
         # Before the release goes: the controller's finalizers must see the jobs deleted.
         cluster.kubectl("delete", "sidecarset", SIDECARSET, "--ignore-not-found", check=False)
-        cluster.kubectl("delete", "imagepulljobs", "--all", "-n", NAMESPACE, "--timeout=30s", check=False)
+        for namespace in (NAMESPACE, RELEASE_NAMESPACE):  # the SidecarSet's pre-pull jobs are there
+            cluster.kubectl("delete", "imagepulljobs", "--all", "-n", namespace, "--timeout=30s", check=False)
         cluster.kubectl("delete", "namespace", NAMESPACE, "--timeout=60s", check=False)
 
     run.teardown.callback(remove_demo_objects)

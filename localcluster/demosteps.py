@@ -128,6 +128,8 @@ class Outcome:
     facts: list[tuple[str, str]] = field(default_factory=list)
     views: dict[str, str] = field(default_factory=dict)  # `kubectl get` of the imagewarm kinds
     checks: list[tuple[str, bool]] = field(default_factory=list)
+    # The sidecar image's NodeImage status entry on each node, read just before the pod was created.
+    prepulled: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -587,7 +589,8 @@ def _cold_warm_and_sidecar(run: _Run, sample: Image, sidecar: Image) -> None:
         found = _eventually("the controller's pre-pull ImagePullJob for the SidecarSet", prepull_job, 30)
         demo.say(f"the controller created ImagePullJob {found['metadata']['name']} for {logger}")
         run.follow_node_images([first, second], logger, sidecar.size, "pre-pull")
-        prepulled = all(run.node_image_tag(n, logger).get("phase") == "Succeeded" for n in (first, second))
+        run.outcome.prepulled = {n: run.node_image_tag(n, logger) for n in (first, second)}
+        prepulled = all(t.get("phase") == "Succeeded" for t in run.outcome.prepulled.values())
         injected = run.start_pod("sidecar", "sample-sidecar", image, first, "node cache (sidecar pre-pulled)")
         run.check(f"the sidecar image was pre-pulled on {first} and {second} before the pod", prepulled)
         run.check(

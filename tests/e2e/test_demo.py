@@ -29,17 +29,21 @@ def get(cluster: Cluster, *args: str) -> dict[str, Any]:
     return result
 
 
-def completed(cluster: Cluster, node: str, image: str) -> datetime.datetime | None:
-    """When `node`'s agent reported `image` pulled (its NodeImage status), or None."""
+def tags(cluster: Cluster, node: str, image: str) -> list[dict[str, Any]]:
+    """`node`'s NodeImage status entries for `image` (one per tag; at least one)."""
     ref = parse(image)
     status = get(cluster, "nodeimage", node).get("status") or {}
-    tags = ((status.get("imageStatuses") or {}).get(f"{ref.registry}/{ref.repository}") or {}).get(
-        "tags"
-    ) or []
-    for tag in tags:
-        if tag.get("tag") == ref.tag and tag.get("phase") == "Succeeded" and tag.get("completionTime"):
-            return datetime.datetime.fromisoformat(tag["completionTime"].replace("Z", "+00:00"))
-    return None
+    entry = (status.get("imageStatuses") or {}).get(f"{ref.registry}/{ref.repository}") or {}
+    found = [t for t in entry.get("tags") or [] if t.get("tag") == ref.tag]
+    assert found, (node, image, status)
+    return found
+
+
+def completed(tag: dict[str, Any]) -> datetime.datetime | None:
+    """When a NodeImage status entry says its pull succeeded, or None."""
+    if tag.get("phase") != "Succeeded" or not tag.get("completionTime"):
+        return None
+    return datetime.datetime.fromisoformat(tag["completionTime"].replace("Z", "+00:00"))
 
 
 def test_the_demo_steps_through_the_helm_installed_product(cluster: Cluster, tmp_path: Path) -> None:
@@ -51,6 +55,7 @@ def test_the_demo_steps_through_the_helm_installed_product(cluster: Cluster, tmp
         teardown.callback(upstream.stop)
         outcome = steps(cluster, upstream, demo, teardown, image_size=12 << 20, sidecar_size=3 << 20)
         progress = "\n".join(lines)
+        print(progress)  # shown when the test fails
 
         # Every sample pod that is still there runs, the last two among them.
         pods = get(cluster, "pods", "-n", NAMESPACE)["items"]
@@ -63,12 +68,17 @@ def test_the_demo_steps_through_the_helm_installed_product(cluster: Cluster, tmp
         assert offline["spec"]["nodeName"] == first
         assert offline["status"]["containerStatuses"][0]["ready"]
 
-        # The SidecarSet's image was on both nodes (their agents said so) before the pod was created.
+        # The SidecarSet's image was on both nodes (their agents said so: the NodeImage statuses the
+        # step read before it created the pod) before the pod was created, and the pod got it.
         sidecar_pod = outcome.pod("sidecar")
-        logger = next(i for c, i in sidecar_pod.original.items() if c == "logger")
+        assert sidecar_pod.original["logger"].endswith("/demo/logger:1")
+        assert set(outcome.prepulled) == {first, second}
+        for node, tag in outcome.prepulled.items():
+            done = completed(tag)
+            assert done is not None and done <= sidecar_pod.created, (node, tag, sidecar_pod.created)
+        # The agents' statuses (read now) still say Succeeded.
         for node in (first, second):
-            done = completed(cluster, node, logger)
-            assert done is not None and done <= sidecar_pod.created, (node, done, sidecar_pod.created)
+            assert all(completed(tag) for tag in tags(cluster, node, sidecar_pod.original["logger"]))
 
     assert outcome.ok, progress
     assert [(p.step, p.node) for p in outcome.pods] == [

@@ -196,20 +196,24 @@ def _when(pod: dict[str, Any], condition: str) -> datetime.datetime:
 _PULLED = re.compile(r"Successfully pulled image \"[^\"]+\" in ([0-9.]+)(ms|s)")
 
 
-def _pulls(kube: Kube, pod: str) -> dict[str, str]:
-    """Container -> the kubelet's own measure of its pull (its `Pulled` event)."""
-    events = kube.get(
-        f"/api/v1/namespaces/{NAMESPACE}/events", fieldSelector=f"involvedObject.name={pod},reason=Pulled"
-    )["items"]
+def pull_times(events: list[dict[str, Any]]) -> dict[str, str]:
+    """Container -> the kubelet's own measure of its pull, from a pod's `Pulled` events: "2.31s", or
+    "already present" when the node had the image."""
     found = {}
     for event in events:
-        container = re.sub(r"^spec\.containers\{(.*)\}$", r"\1", event["involvedObject"].get("fieldPath", ""))
+        path = (event.get("involvedObject") or {}).get("fieldPath", "")
+        container = re.sub(r"^spec\.(?:init)?[cC]ontainers\{(.*)\}$", r"\1", path)
         m = _PULLED.search(event.get("message", ""))
         if m:
             found[container] = f"{float(m.group(1)) / (1000 if m.group(2) == 'ms' else 1):.2f}s"
         elif "already present" in event.get("message", ""):
             found[container] = "already present"
     return found
+
+
+def _pulls(kube: Kube, pod: str) -> dict[str, str]:
+    selector = f"involvedObject.name={pod},reason=Pulled"
+    return pull_times(kube.get(f"/api/v1/namespaces/{NAMESPACE}/events", fieldSelector=selector)["items"])
 
 
 def _samples(url: str) -> list[tuple[str, dict[str, str], float]]:

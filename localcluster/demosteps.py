@@ -193,7 +193,17 @@ def _when(pod: dict[str, Any], condition: str) -> datetime.datetime:
     raise StepError(f"pod {pod['metadata']['name']} has no {condition} condition")
 
 
-_PULLED = re.compile(r"Successfully pulled image \"[^\"]+\" in ([0-9.]+)(ms|s)")
+_PULLED = re.compile(r"Successfully pulled image \"[^\"]+\" in ([0-9.hmsµun]+)")
+_GO_DURATION_PART = re.compile(r"([0-9.]+)(h|ms|µs|us|ns|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}
+
+
+def go_duration(text: str) -> float:
+    """Seconds in a Go duration as the kubelet prints it (`2m13.641s`, `590ms`)."""
+    parts = _GO_DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a Go duration: {text!r}")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 
 def pull_times(events: list[dict[str, Any]]) -> dict[str, str]:
@@ -205,7 +215,7 @@ def pull_times(events: list[dict[str, Any]]) -> dict[str, str]:
         container = re.sub(r"^spec\.(?:init)?[cC]ontainers\{(.*)\}$", r"\1", path)
         m = _PULLED.search(event.get("message", ""))
         if m:
-            found[container] = f"{float(m.group(1)) / (1000 if m.group(2) == 'ms' else 1):.2f}s"
+            found[container] = f"{go_duration(m.group(1)):.2f}s"
         elif "already present" in event.get("message", ""):
             found[container] = "already present"
     return found

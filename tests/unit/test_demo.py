@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
+
 from localcluster.demo import summary
-from localcluster.demosteps import Demo, Outcome, StartedPod, pull_times
+from localcluster.demosteps import Demo, Outcome, StartedPod, go_duration, pull_times
 
 
 def event(container: str, message: str) -> dict[str, object]:
@@ -24,9 +26,28 @@ def test_pull_times_read_the_kubelets_pulled_events() -> None:
             'Successfully pulled image "localhost:7439/r/logger:1" in 590ms (590ms including waiting)',
         ),
         event("other", 'Container image "x:1" already present on machine'),
+        event("slow", 'Successfully pulled image "y:1" in 2m13.641s (2m13.642s including waiting)'),
         event("broken", "something else"),
     ]
-    assert pull_times(events) == {"app": "11.60s", "logger": "0.59s", "other": "already present"}
+    assert pull_times(events) == {
+        "app": "11.60s",
+        "logger": "0.59s",
+        "other": "already present",
+        "slow": "133.64s",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("2m13.641s", 133.641), ("590ms", 0.59), ("1h0m2s", 3602.0), ("750µs", 0.00075)]
+)
+def test_go_durations(text: str, seconds: float) -> None:
+    assert go_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "2x", "1.5", "s"])
+def test_what_is_not_a_go_duration_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        go_duration(text)
 
 
 def test_a_bar_without_a_terminal_prints_a_line_at_each_quarter() -> None:

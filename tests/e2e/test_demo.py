@@ -46,6 +46,7 @@ def completed(tag: dict[str, Any]) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(tag["completionTime"].replace("Z", "+00:00"))
 
 
+@pytest.mark.timeout(1500)  # with the session cluster's start, which may wait for the machine lock
 def test_the_demo_steps_through_the_helm_installed_product(cluster: Cluster, tmp_path: Path) -> None:
     upstream = start_registry(tmp_path / "upstream")
     lines: list[str] = []

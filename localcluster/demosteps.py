@@ -40,7 +40,7 @@ from imagewarm.reference import parse
 if TYPE_CHECKING:
     from imagewarm.kube import Kube
     from localcluster.chart import Release
-    from localcluster.cluster import Cluster
+    from localcluster.cluster import Cluster, Node
     from localcluster.images import Image
     from localcluster.registry import Registry
 
@@ -284,17 +284,25 @@ def _mib(size: float) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-def forget_image(cluster: Cluster, digest: str, nodes: list[str] | None = None) -> None:
-    """Remove every name of image `digest` from the nodes' runtimes (all by default), so the next
-    pod there pulls it. The CRI keeps an image under its tag, its digest and its ID: removing only
-    the tag would leave the blobs, and the next pull would fetch no blob."""
+def forget_image(cluster: Cluster, image: Image, nodes: list[str] | None = None) -> None:
+    """Remove every name of `image` from the nodes' runtimes (all by default) and wait until its
+    largest layer has left their content stores, so the next pod there pulls it. The CRI keeps an
+    image under its tag, its digest and its ID: removing only the tag would leave the blobs; and a
+    container of a pod just deleted keeps them until the kubelet has removed it."""
+    layer = max(image.blobs, key=lambda b: b.size).digest
     for node in cluster.nodes:
         if nodes is not None and node.name not in nodes:
             continue
-        listing = node.containerd.ctr("images", "ls", namespace="k8s.io").stdout.splitlines()[1:]
-        names = [line.split()[0] for line in listing if digest in line.split()[1:3]]
-        if names:
-            node.containerd.ctr("images", "rm", "--sync", *names, namespace="k8s.io")
+
+        def gone(node: Node = node) -> bool:
+            listing = node.containerd.ctr("images", "ls", namespace="k8s.io").stdout.splitlines()[1:]
+            names = [line.split()[0] for line in listing if image.digest in line.split()[1:3]]
+            if names:
+                node.containerd.ctr("images", "rm", "--sync", *names, namespace="k8s.io")
+            content = node.containerd.ctr("content", "ls", "-q", namespace="k8s.io").stdout.split()
+            return layer not in content
+
+        _eventually(f"{image.digest}'s blobs gone from {node.name}'s runtime", gone, 60, interval=1)
 
 
 def _eventually(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
@@ -451,8 +459,8 @@ def steps(
         sidecar = builder.busybox(data_size=sidecar_size)
         for repository, image in (("demo/app", sample), ("demo/logger", sidecar)):
             push(upstream, repository, "1", image)
-            forget_image(cluster, image.digest)  # a cold start is cold, whatever ran here before
-            teardown.callback(forget_image, cluster, image.digest)  # and the next user's too
+            forget_image(cluster, image)  # a cold start is cold, whatever ran here before
+            teardown.callback(forget_image, cluster, image)  # and the next user's too
         demo.say(
             f"{run.written('demo/app')}: {_mib(sample.size)}; {run.written('demo/logger')}: "
             f"{_mib(sidecar.size)}; upstream {upstream.host} behind a {link_rate * 8 / 1e6:.0f} Mbit/s link"
@@ -659,7 +667,7 @@ def _peer_and_offline(run: _Run, sample: Image) -> None:
             ),
             60,
         )
-        forget_image(cluster, sample.digest, [second])
+        forget_image(cluster, sample, [second])
         before = run.counters.read(first)
         peer = run.start_pod("peer", "sample-peer", image, second, f"peer proxy ({first}), node proxy down")
         after = run.counters.read(first)
@@ -677,11 +685,14 @@ def _peer_and_offline(run: _Run, sample: Image) -> None:
         demo.say(f"upstream registry {run.upstream.host} and its link stopped")
         cluster.kubectl("delete", "deployment", "sample-cold", "-n", NAMESPACE)
         _eventually(f"the sample pod on {first} gone", lambda: not run.pods_of("sample-cold"), 60)
-        forget_image(cluster, sample.digest, [first])
+        forget_image(cluster, sample, [first])
+        before = run.counters.read(first)
         offline = run.start_pod("offline", "sample-offline", image, first, "node cache, upstream offline")
+        served = run.counters.read(first)["hit"] - before["hit"]
         run.check(
-            f"the pod on {first} is Running with the upstream stopped ({offline.pulls.get('app')})",
-            bool(offline.name),
+            f"the pod on {first} is Running with the upstream stopped: {_mib(served)} from its proxy's "
+            f"cache, pulled in {offline.pulls.get('app')}",
+            served >= image_data(sample),
         )
         _eventually(
             f"{second}'s proxy back and Ready",

@@ -150,11 +150,12 @@ class LinkShaper:
 def recovery_seconds(root: Path, blobs: int) -> float:
     """Seconds for a proxy's store to open after a restart with `blobs` blobs cached (the store
     recounts bytes with one stat per blob and hashes nothing; the files here are small stand-ins)."""
+    from imagewarm.digest import Digest
     from proxy.cache.store import BlobStore
 
     store = BlobStore(root)
     for i in range(blobs):
-        target = store.layout.blob(f"sha256:{hashlib.sha256(str(i).encode()).hexdigest()}")
+        target = store.layout.blob(Digest.of(str(i).encode()))
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(b"x")
     store.close()

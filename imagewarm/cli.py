@@ -27,16 +27,25 @@ def _builtin_commands() -> dict[str, Command]:
 
 
 def _commands(only: str | None = None) -> dict[str, Command]:
-    """The subcommands; with `only` (a registered name), that program's alone: a process loads only
-    the program it runs, so one program's import-time state (e.g. prometheus_client choosing its
-    single- or multi-process mode when first imported) never leaks into another's."""
+    """The subcommands by name; with `only` (a subcommand's name), just that one. Loading a program's
+    command imports its modules, and some declare metrics when imported: a process must load only
+    the program it runs, or another program's metrics land in its /metrics (and its files)."""
+    builtins = _builtin_commands()
+    if only in builtins:
+        return {only: builtins[only]}
     commands = {ep.name: ep for ep in entry_points(group="imagewarm.commands")}
     loaded: dict[str, Command] = {}
-    for name in (only,) if only in REGISTERED else REGISTERED:
+    for name in REGISTERED if only not in REGISTERED else (only,):
         ep = commands.get(name)
         loaded[name] = ep.load() if ep else not_landed(f"imagewarm {name}", "not installed")
-    loaded.update(_builtin_commands())
+    if only not in REGISTERED:
+        loaded.update(builtins)
     return loaded
+
+
+def _subcommand(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` names (its first argument not starting with -), if any."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
@@ -55,8 +64,8 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    given = list(sys.argv[1:] if argv is None else argv)
-    commands = _commands(only=given[0] if given else None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands(_subcommand(argv))
     args = build_parser(commands).parse_args(argv)
     command = commands[args.command]
     try:

@@ -11,7 +11,8 @@ Where we are deliberately stricter than distribution (anything we accept, the ku
 - The 255-character limit applies to the whole normalised name (`docker.io/library/x`), as in
   distribution v0.6 (which Kubernetes vendors), not only to the repository path.
 - Digests: only `sha256` (64 hex) and `sha512` (128 hex), lower-case, since the cache verifies
-  content against them. Other algorithms that fit the grammar are named as unsupported.
+  content against them (`imagewarm.digest`). Other algorithms that fit the grammar are named as
+  unsupported.
 And deliberately more normalising: host names are case-insensitive, so the registry is lower-cased
 (`Registry.Corp/app` and `registry.corp/app` are the same Reference).
 """
@@ -22,13 +23,14 @@ import functools
 import re
 from dataclasses import dataclass
 
+from imagewarm.digest import Digest, InvalidDigest
+
 DEFAULT_REGISTRY = "docker.io"
 LEGACY_DEFAULT_REGISTRY = "index.docker.io"
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 OFFICIAL_NAMESPACE = "library/"
 DEFAULT_PROXY_PREFIX = "localhost:7439"
 MAX_NAME_LENGTH = 255
-DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 
 # No valid reference is longer (a 255-character name, a 128-character tag, a sha512 digest, plus
 # the few characters normalisation may remove); the bound also keeps huge texts out of the cache.
@@ -49,8 +51,6 @@ _HOST_RE = re.compile(f"(?:{_DOMAIN_NAME}|{_IPV6_ADDRESS})(?::{_PORT})?")
 _DOMAIN_NAME_RE = re.compile(_DOMAIN_NAME)
 _PORT_RE = re.compile(_PORT)
 _TAG_RE = re.compile("[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_DIGEST_RE = re.compile("([A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*):([0-9a-fA-F]{32,})")
-_LOWER_HEX_RE = re.compile("[a-f0-9]+")
 _IDENTIFIER_RE = re.compile("[a-f0-9]{64}")
 
 _FORM = "[REGISTRY/]REPOSITORY[:TAG][@DIGEST]"
@@ -207,33 +207,10 @@ def _check_tag(tag: str, text: str) -> None:
 
 
 def _check_digest(digest: str, text: str) -> None:
-    match = _DIGEST_RE.fullmatch(digest)
-    if match is None:
-        raise InvalidReference(
-            f"invalid digest '{digest}' in '{text}': a digest is ALGORITHM:HEX, e.g. sha256:<64 hex>"
-        )
-    algorithm, encoded = match.groups()
-    length = DIGEST_HEX_LENGTHS.get(algorithm)
-    if length is None:
-        raise InvalidReference(
-            f"unsupported digest algorithm '{algorithm}' in '{text}': only sha256 and sha512 are "
-            "accepted, as the cache verifies content against them"
-        )
-    if len(encoded) != length or not _LOWER_HEX_RE.fullmatch(encoded):
-        raise InvalidReference(
-            f"invalid {algorithm} digest '{digest}' in '{text}': expected {length} lower-case hex "
-            f"characters, got {len(encoded)}{'' if _LOWER_HEX_RE.fullmatch(encoded) else ' with upper-case'}"
-        )
-
-
-def split_digest(digest: str) -> tuple[str, str]:
-    """(algorithm, hex) of a digest content can be verified against: `sha256:<64 lower-case hex>` or
-    `sha512:<128 lower-case hex>`. Raises InvalidReference naming what is wrong."""
-    if not isinstance(digest, str):
-        raise InvalidReference(f"a digest must be text, not {type(digest).__name__}")
-    _check_digest(digest, digest)
-    algorithm, _, encoded = digest.partition(":")
-    return algorithm, encoded
+    try:
+        Digest.parse(digest, within=text)
+    except InvalidDigest as exc:
+        raise InvalidReference(str(exc)) from None
 
 
 def check_tag(tag: str) -> str:

@@ -14,7 +14,6 @@ Every failure is a `WarmError` whose message says what went wrong and what to do
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import logging
 import threading
@@ -27,21 +26,15 @@ from typing import Any
 import requests
 
 from imagewarm import __version__, platforms, protocol
+from imagewarm.digest import Digest
+from imagewarm.mediatypes import INDEX_TYPES, MANIFEST_TYPES
 from imagewarm.platforms import Platform
-from imagewarm.reference import Reference, Unproxiable, parse, registry_segment, split_digest
+from imagewarm.reference import Reference, Unproxiable, parse, registry_segment
 
 log = logging.getLogger("imagewarm.warmup")
 
 DEFAULT_PROXY_URL = "http://localhost:7439"
 PARALLEL_BLOBS = 3  # containerd's default max_concurrent_downloads
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_TYPES = (
-    OCI_INDEX,
-    "application/vnd.oci.image.manifest.v1+json",
-    DOCKER_MANIFEST_LIST,
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
 _CHUNK = 1 << 20
 _MAX_INDEX_DEPTH = 2  # an index may point at indexes; deeper nesting is not something registries serve
 
@@ -123,7 +116,7 @@ def _descriptor(image: Reference, descriptor: Any) -> _Blob:
     """A manifest's descriptor as a checked (digest, size): it names a path on the proxy."""
     try:
         digest, size = descriptor["digest"], descriptor["size"]
-        split_digest(digest)
+        Digest.parse(digest)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"size {size!r} is not a byte count")
     except (KeyError, TypeError, ValueError) as exc:
@@ -175,11 +168,6 @@ def error_for(image: Reference, status: int, body: bytes, *, credentials_sent: b
         429: f"{host} is rate-limiting the proxy; retry later",
     }.get(status, "see the proxy's log")
     return WarmError(f"{what} of {name}: the proxy answered {status} ({said}); {hint}")
-
-
-def _digest_of(data: bytes, like: str | None) -> str:
-    algorithm = (like or "sha256").partition(":")[0]
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 class _Proxy:
@@ -252,7 +240,8 @@ class _Proxy:
             if not self.answered:
                 self.answered = True
                 self.first_cache = response.headers.get(protocol.CACHE_HEADER)
-        digest = _digest_of(data, expected)
+        # `expected` came from a parsed reference or a checked descriptor.
+        digest = str(Digest.of(data, Digest.parse(expected).algorithm if expected else "sha256"))
         if expected and digest != expected:
             raise WarmError(
                 f"{what} of {self.image.familiar}: the proxy sent content with digest {digest}, not "
@@ -304,9 +293,7 @@ class _Proxy:
 
 
 def _is_index(document: Mapping[str, Any], media_type: str) -> bool:
-    return media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST) or (
-        "manifests" in document and "layers" not in document
-    )
+    return media_type in INDEX_TYPES or ("manifests" in document and "layers" not in document)
 
 
 def _resolve(

@@ -193,7 +193,13 @@ class Cluster:
                 kubeconfig=kubeconfig(f"kubelet-{node.name}", creds.kubelets[node.name]),
                 ca_file=creds.ca.cert, port=port, healthz_port=healthz, resolv_conf=resolv,
             )  # fmt: skip
+            # Every kubelet binds the one fixed device-plugin socket path (removing what is there
+            # first): started together, the second can lose the race (EADDRINUSE). One at a time.
+            socket_before = kubelet.device_plugin_socket_identity()
             node.kubelet = self._daemon(f"kubelet {node.name}", kubelet.argv(spec))
+            bound = functools.partial(kubelet.device_plugin_socket_replaced, socket_before)
+            self._wait_for(node.kubelet, kubelet.DEVICE_PLUGIN_SOCKET.name, bound, deadline)
+            self.progress(f"kubelet {node.name} bound {kubelet.DEVICE_PLUGIN_SOCKET}")
         self._daemon(
             "kube-proxy",
             controlplane.kube_proxy(

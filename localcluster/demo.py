@@ -19,11 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from imagewarm.command import Command, table
 from imagewarm.config import parse_bool, parse_bytes, parse_positive_int, setting
@@ -112,7 +113,7 @@ def _run(config: DemoConfig, demo: Demo, workdir: Path) -> int:
         except KeyboardInterrupt:
             demo.say(f"interrupted during: {demo.step}; tearing down")
             return 130
-        except (StepError, binaries.BuildError, RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+        except Exception as exc:  # reported by kind: a step's error in a line, a bug with its traceback
             _report_failure(demo, exc, workdir, cluster, upstream)
             return 1
         print()
@@ -170,7 +171,8 @@ def _report_failure(
     """Say which step failed and where its logs are; the imagewarm pods' logs are saved now (the
     cluster goes with the teardown), the work directory is kept."""
     err = sys.stderr
-    print(f"\nimagewarm demo failed during: {demo.step or 'start'}\n{exc}", file=err)
+    print(f"\nimagewarm demo failed during: {demo.step or 'start'}", file=err)
+    failed(exc, err)
     if cluster is None:
         print(f"logs: {workdir}", file=err)
         return
@@ -205,6 +207,50 @@ def _report_failure(
     for path in saved:
         print(f"  {'kubectl logs ' + path.stem:<28} {path}", file=err)
     print(f"  {'events':<28} {logs / 'events.txt'}", file=err)
+
+
+def step_errors() -> tuple[type[Exception], ...]:
+    """What the demo's steps raise when the machine, the cluster or imagewarm fails (the harness's
+    own error types): reported in one line. Anything else is a bug, reported with its traceback."""
+    # Imported here: `imagewarm --help` must not pay for the cluster modules.
+    from imagewarm.warmup import WarmError
+    from localcluster.binaries import BuildError
+    from localcluster.chart import HelmError
+    from localcluster.cluster import ClusterError
+    from localcluster.containerd import ContainerdError
+    from localcluster.images import PushError
+    from localcluster.processes import DaemonError, MissingTool
+    from localcluster.productimage import ProductImageError
+    from localcluster.pythonruntime import RuntimeFilesError
+    from localcluster.stack import StackError
+
+    return (
+        BuildError,
+        ClusterError,
+        ContainerdError,
+        DaemonError,
+        HelmError,
+        MissingTool,
+        ProductImageError,
+        PushError,
+        RuntimeFilesError,
+        StackError,
+        StepError,
+        WarmError,
+        subprocess.CalledProcessError,  # KubectlError, and the commands the steps run
+    )
+
+
+def failed(exc: BaseException, out: TextIO | None = None) -> int:
+    """Report the demo's failure on `out` (stderr): a step's error in one line, any other exception
+    with its traceback. Returns the exit status."""
+    out = out or sys.stderr
+    if isinstance(exc, step_errors()):
+        print(f"imagewarm demo failed: {exc}", file=out)
+        return 1
+    print("imagewarm demo failed unexpectedly (a bug: please report it with this traceback):", file=out)
+    traceback.print_exception(exc, file=out)
+    return 1
 
 
 command = Command(

@@ -29,18 +29,20 @@ from urllib.parse import urljoin
 
 import requests
 
+from imagewarm.mediatypes import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+)
+from localcluster.processes import MissingTool
 from localcluster.registryauth import RegistryAuth
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 BUSYBOX = Path("/bin/busybox")
 PAUSE_ENTRYPOINT = ("/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done")
@@ -254,7 +256,7 @@ class ImageBuilder:
         adds a second layer of that many seeded random bytes (a realistically heavy image).
         """
         if not BUSYBOX.is_file():
-            raise RuntimeError(f"{BUSYBOX} not found: install the Debian package busybox-static")
+            raise MissingTool(f"{BUSYBOX} not found: install the Debian package busybox-static")
         platform = platform or host_platform_name()
         stat = BUSYBOX.stat()
         source = f"{stat.st_size}-{stat.st_mtime_ns}"

@@ -9,10 +9,31 @@ so the API server's logs/exec calls are checked like in a real cluster.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from localcluster import binaries
+
+# The kubelet's device manager binds this path whatever its --root-dir (Kubernetes' constant
+# `pluginapi.KubeletSocket`), after removing what is there: kubelets on one host share it, and only
+# one may bind it at a time.
+DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
+
+
+def device_plugin_socket_identity() -> tuple[int, int] | None:
+    """(inode, change time in ns) of the device-plugin socket now; None when there is none."""
+    try:
+        status = os.stat(DEVICE_PLUGIN_SOCKET)
+    except FileNotFoundError:
+        return None
+    return status.st_ino, status.st_ctime_ns
+
+
+def device_plugin_socket_replaced(before: tuple[int, int] | None) -> bool:
+    """Whether a kubelet bound the device-plugin socket since its identity was `before`."""
+    now = device_plugin_socket_identity()
+    return now is not None and now != before
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ class DaemonError(RuntimeError):
     """A daemon failed to start or to become ready; the message carries the tail of its log."""
 
 
+class MissingTool(RuntimeError):
+    """A program the harness runs is not installed; the message names the package to install."""
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """Return ``n`` distinct ports that were free a moment ago.
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localcluster.processes import Daemon, free_ports
+from localcluster.processes import Daemon, MissingTool, free_ports
 from localcluster.tokenserver import TokenServer
 
 REGISTRY_BINARY = "docker-registry"
@@ -142,7 +142,7 @@ class Registry:
 def _htpasswd_line(username: str, password: str) -> str:
     """A bcrypt htpasswd entry (distribution accepts only bcrypt)."""
     if shutil.which("htpasswd") is None:
-        raise RuntimeError("htpasswd not found: install the Debian package apache2-utils")
+        raise MissingTool("htpasswd not found: install the Debian package apache2-utils")
     result = subprocess.run(
         ["htpasswd", "-Bbn", username, password], capture_output=True, text=True, check=True
     )
@@ -217,7 +217,7 @@ def start_registry(
     Raises ``DaemonError`` with the log tail if it does not come up.
     """
     if shutil.which(REGISTRY_BINARY) is None:
-        raise RuntimeError(f"{REGISTRY_BINARY} not found: install the Debian package docker-registry")
+        raise MissingTool(f"{REGISTRY_BINARY} not found: install the Debian package docker-registry")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     registry = Registry(

@@ -126,7 +126,9 @@ class TokenServer:
 
     ``users`` maps usernames to passwords; ``public_prefixes`` name the repositories anonymous
     clients may pull. ``issued`` counts tokens handed out, ``refused`` requests answered 401, and
-    ``issued_by_scope`` tokens per (account, scope string) ("" for anonymous).
+    ``issued_by_scope`` tokens per (account, scope string) ("" for anonymous). While ``failing`` is
+    set, every token request is answered 503 and counted in ``failed`` (a broken token service whose
+    port still answers: `stop` leaves kept-alive connections served).
     """
 
     def __init__(
@@ -149,6 +151,8 @@ class TokenServer:
         self.port = port
         self.issued = 0
         self.refused = 0
+        self.failing = False
+        self.failed = 0
         self.issued_by_scope: collections.Counter[tuple[str, str]] = collections.Counter()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -253,6 +257,10 @@ class TokenServer:
         with self._lock:
             self.refused += 1
 
+    def record_failure(self) -> None:
+        with self._lock:
+            self.failed += 1
+
 
 def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
@@ -262,6 +270,9 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             url = urlsplit(self.path)
             if url.path != TOKEN_PATH:
                 return self._reply(HTTPStatus.NOT_FOUND, {"details": f"the token endpoint is {TOKEN_PATH}"})
+            if server.failing:
+                server.record_failure()
+                return self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"details": "token service failing"})
             query = parse_qs(url.query)
             service = query.get("service", [""])[0]
             if service and service != server.service:

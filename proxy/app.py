@@ -39,6 +39,7 @@ class Proxy:
         self.config = config
         config.cache_dir.mkdir(parents=True, exist_ok=True)
         self.store = BlobStore(config.cache_dir)
+        self._last_problem: str | None = None
         self.upstream = Upstream(config)
         self.access = AccessControl(config.cache_dir, config.access_ttl, config.offline_grant_ttl)
         tags = TagIndex(config.cache_dir)
@@ -55,6 +56,17 @@ class Proxy:
         self.runtime_hosts = _runtime_hosts(config)
         if self.discovery is not None:
             self.discovery.on_change = lambda _urls: self.write_runtime_hosts()
+
+    def readiness_problem(self) -> str | None:
+        """Why this proxy cannot serve now (None when it can); logged when it changes, per worker."""
+        problem = self.store.problem()
+        if problem != self._last_problem:
+            if problem is None:
+                log.info("ready again: the cache directory is usable")
+            else:
+                log.warning("not ready", extra={"reason": problem, "cache_dir": str(self.config.cache_dir)})
+            self._last_problem = problem
+        return problem
 
     def write_runtime_hosts(self) -> None:
         """The runtime's hosts.toml files (`--containerd-hosts-dir`: the proxy prefix's, and each
@@ -185,7 +197,10 @@ def create_app(config: ProxyConfig) -> Flask:
 
     @app.route("/readyz")
     def readyz() -> Response:
-        # The store opened (and recovered) when the app was built: serving means ready.
+        # Answered by a worker, so a 200 also says the workers are up (the taint removal asks it).
+        problem = proxy.readiness_problem()
+        if problem is not None:
+            return Response(f"not ready: {problem}\n", status=503, mimetype="text/plain")
         return Response("ready\n", mimetype="text/plain")
 
     @app.route("/metrics")

@@ -54,7 +54,7 @@ class Blobs:
         self.tee = tee
 
     def serve(self, target: Target, credentials: Credentials | None, head: bool) -> Response:
-        digest = target.reference
+        digest = target.blob_digest
         range_header = request.headers.get("Range")
         if request.headers.get(protocol.PEER_HEADER):
             return self._for_peer(target, credentials, head, range_header)
@@ -70,7 +70,7 @@ class Blobs:
         if isinstance(claim, Writer):
             return self.tee.write(target, credentials, claim)
         if isinstance(claim, Follower):
-            return self.tee.follow(target, credentials, claim)
+            return self.tee.follow(target, credentials, claim, lambda: self.store.claim(digest))
         return self._checked(claim, target, credentials, head, range_header)
 
     def _for_peer(
@@ -78,7 +78,7 @@ class Blobs:
     ) -> Response:
         """Another node's proxy asks: answer from the cache only, never fetch for it."""
         try:
-            blob = self.store.open(target.reference)
+            blob = self.store.open(target.blob_digest)
         except NotCached:
             raise RegistryError(
                 "BLOB_UNKNOWN", f"{target.reference} is not cached on this node", status=404
@@ -105,7 +105,7 @@ class Blobs:
         span = parse_range(range_header, blob.size)
         first, last = span if span else (0, blob.size - 1)
         length = last - first + 1
-        headers = blob_headers(blob.digest, length)
+        headers = blob_headers(str(blob.digest), length)
         status = 200
         if span:
             status = 206

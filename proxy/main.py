@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
-from imagewarm import logs
+from imagewarm import logs, serving
 from imagewarm.command import Command
 from imagewarm.config import ConfigError
 from proxy.config import ProxyConfig
 
 
-def _metrics_dir() -> None:
-    """Workers write their metrics to files here; it must exist, empty, before prometheus_client loads."""
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given:
-        shutil.rmtree(given, ignore_errors=True)
-        Path(given).mkdir(parents=True, exist_ok=True)
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imagewarm-proxy-metrics-")
-
-
 def run(config: ProxyConfig) -> int:
     logs.setup(config.log_level, config.log_format)
-    _metrics_dir()
+    serving.prepare_metrics_dir("imagewarm-proxy-metrics-")
     # Imported only now: prometheus_client picks its multiprocess mode when first imported.
     from proxy.app import create_app
     from proxy.serve import ProxyServer

@@ -86,3 +86,8 @@ AGENT_STATUS_WRITE_ERRORS = counter(
     "Failed NodeImage status writes by reason (throttled: 429; unavailable; rejected; local)",
     ["reason"],
 )
+TAINT_REMOVAL_FAILURES = counter(
+    "proxy_taint_removal_failures_total",
+    "Failed attempts to remove the node's startup taint (reason: forbidden = RBAC missing, error)",
+    ["reason"],
+)

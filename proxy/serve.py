@@ -12,20 +12,17 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
+from imagewarm import serving
 from proxy import metrics
 from proxy.cache.eviction import Evictor
 from proxy.cache.store import BlobStore
 from proxy.config import ProxyConfig
+from proxy.readiness import start_taint_removal
 
 if TYPE_CHECKING:
     from proxy.agent.process import AgentProcess
-from proxy.readiness import start_taint_removal
 
 log = logging.getLogger("imagewarm.proxy.serve")
-
-
-def bind_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def run_evictor(store: BlobStore, max_bytes: int, interval: float, stop: threading.Event) -> None:
@@ -59,25 +56,23 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         super().__init__()
 
     def load_config(self) -> None:
-        settings: dict[str, Any] = {
-            "bind": [bind_address(*self.config.listen)],
-            "workers": self.config.workers,
-            "worker_connections": self.config.connections,
-            "worker_class": "imagewarm.worker.ConnectionThreadWorker",
-            # The worker's heartbeat, and how long a client may take no bytes mid-transfer; long
-            # transfers run on their connection's thread and are not cut by it.
-            "timeout": 120,
-            "graceful_timeout": 10,
-            "keepalive": 30,
-            "accesslog": None,
-            "errorlog": "-",
-            "loglevel": self.config.log_level,
-            "child_exit": _child_exit,
-            "when_ready": self._when_ready,
-            "on_exit": self._on_exit,
-            "pre_fork": self._pre_fork,
-            "post_worker_init": self._post_worker_init,
-        }
+        config = self.config
+        settings = serving.base_settings(
+            config.listen, workers=config.workers, connections=config.connections, log_level=config.log_level
+        )
+        settings.update(
+            {
+                # The worker's heartbeat, and how long a client may take no bytes mid-transfer; long
+                # transfers run on their connection's thread and are not cut by it.
+                "timeout": 120,
+                "graceful_timeout": 10,
+                "keepalive": 30,
+                "when_ready": self._when_ready,
+                "on_exit": self._on_exit,
+                "pre_fork": self._pre_fork,
+                "post_worker_init": self._post_worker_init,
+            }
+        )
         for key, value in settings.items():
             self.cfg.set(key, value)
 
@@ -92,7 +87,8 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
 
     def _when_ready(self, _server: Any) -> None:
         log.info(
-            "serving", extra={"listen": bind_address(*self.config.listen), "workers": self.config.workers}
+            "serving",
+            extra={"listen": serving.bind_address(*self.config.listen), "workers": self.config.workers},
         )
         if self.config.max_cache_bytes:
             threading.Thread(
@@ -104,8 +100,14 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         # The runtime's fallback list, with the --peer list; workers add discovered peers as they come.
         self.app.extensions["imagewarm.proxy"].write_runtime_hosts()
         if self.config.node_name:
-            start_taint_removal(self.config.node_name, self.config.kubeconfig)
+            start_taint_removal(self.config.node_name, self.config.kubeconfig, self._readyz_url())
             self._start_agent()
+
+    def _readyz_url(self) -> str:
+        """This proxy's own `/readyz`, reached over loopback when it listens on every address."""
+        host, port = self.config.listen
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        return f"http://{serving.bind_address(host, port)}/readyz"
 
     def _start_agent(self) -> None:
         # One agent per node: its own process, started by the master (never by a worker).
@@ -121,8 +123,3 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
         if self.agent is not None:
             self.agent.stop()
 
-
-def _child_exit(_server: Any, worker: Any) -> None:
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -18,8 +18,8 @@ from flask import Response
 
 from imagewarm import protocol
 from proxy import metrics
-from proxy.cache.paths import hasher
-from proxy.cache.store import FetchAborted, Follower, Writer
+from proxy.cache.store import CachedBlob, DiskFull, FetchAborted, Follower, Writer
+from proxy.errors import UpstreamUnavailable
 from proxy.peers.lookup import Peers
 from proxy.routes import Target
 from proxy.upstream.access import AccessControl, Unverifiable
@@ -30,6 +30,8 @@ from proxy.upstream.registry import Upstream
 log = logging.getLogger("imagewarm.proxy.tee")
 
 CHUNK = 1 << 20
+# How many times a follower whose fill was aborted before it sent a byte claims the blob again.
+TAKEOVERS = 2
 
 
 def held_back(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -130,7 +132,8 @@ class Tee:
         )
 
         def body() -> Iterator[bytes]:
-            check = hasher(target.reference)
+            digest = target.blob_digest
+            check = digest.hasher()
             with upstream:
                 try:
                     for chunk in upstream.iter_content(CHUNK):
@@ -139,7 +142,7 @@ class Tee:
                         yield chunk
                 except requests.RequestException as exc:
                     raise TransferFailed(f"upstream transfer of {target.reference} failed: {exc}") from None
-            if f"{check.name}:{check.hexdigest()}" != target.reference:
+            if not digest.matches(check):
                 metrics.DIGEST_MISMATCHES.inc()
                 raise TransferFailed(f"upstream bytes do not match {target.reference}")
 
@@ -171,28 +174,125 @@ class Tee:
         response.call_on_close(fetch.close)
         return response
 
-    def follow(self, target: Target, credentials: Credentials | None, follower: Follower) -> Response:
-        """Another request (any worker) is fetching this blob: stream its partial file as it grows."""
+    def follow(
+        self,
+        target: Target,
+        credentials: Credentials | None,
+        follower: Follower,
+        reclaim: Callable[[], Writer | Follower | CachedBlob],
+    ) -> Response:
+        """Another request (any worker) is fetching this blob: stream its partial file as it grows.
+
+        The client's access is checked first (`_follower_size`), also while the upstream is down. If
+        the fill is aborted (its writer killed, say) before this response sent a byte, the response
+        takes over: `reclaim` claims the blob again, as a new request would, and it streams what that
+        gives (a fill of its own, another writer's, or the committed blob)."""
         try:
-            size = self.upstream.head_blob(target.registry, target.repository, target.reference, credentials)
+            size = self._follower_size(target, credentials)
         except BaseException:
             follower.close()
             raise
-        self.access.granted(target.registry, target.repository, credentials)
 
         def body() -> Iterator[bytes]:
-            try:
-                for chunk in follower:
-                    metrics.MISS_BYTES.labels(kind="blob").inc(len(chunk))
-                    yield chunk
-            except FetchAborted as exc:
-                raise TransferFailed(str(exc)) from None
-            finally:
-                follower.close()
+            source = _followed(follower)
+            for attempt in range(TAKEOVERS + 1):
+                sent = False
+                try:
+                    for chunk in held_back(source):
+                        sent = True
+                        yield chunk
+                    return
+                except FetchAborted as exc:
+                    if sent or attempt == TAKEOVERS:
+                        raise TransferFailed(str(exc)) from None
+                    log.info(
+                        "the fill this request followed was aborted before it sent a byte; taking over",
+                        extra={"digest": target.reference, "error": str(exc)},
+                    )
+                    source = self._taken_over(target, credentials, reclaim)
 
         return Response(
-            held_back(body()),
+            body(),
             status=200,
             headers=_headers(target.reference, size, protocol.JOINED),
             direct_passthrough=True,
         )
+
+    def _follower_size(self, target: Target, credentials: Credentials | None) -> int | None:
+        """The blob's size for a client allowed to follow its fill; raises RegistryError if it is not.
+        The upstream's HEAD decides (and gives the size). While the upstream is down the writer may
+        still fill from a peer, so its followers are decided as for cached content: a stored decision
+        (public, an offline grant), else a peer that has the blob and accepts the credentials."""
+        try:
+            size = self.upstream.head_blob(target.registry, target.repository, target.reference, credentials)
+        except UpstreamUnavailable as exc:
+            return self._offline_follower_size(target, credentials, exc)
+        self.access.granted(target.registry, target.repository, credentials)
+        return size
+
+    def _offline_follower_size(
+        self, target: Target, credentials: Credentials | None, error: UpstreamUnavailable
+    ) -> int | None:
+        def upstream_down(_credentials: Credentials | None) -> None:
+            raise error
+
+        try:
+            self.access.check(target.registry, target.repository, credentials, upstream_down)
+        except Unverifiable:
+            vouched = self.peers.head(target, credentials) if self.peers is not None else None
+            if vouched is None:
+                raise
+            with vouched:
+                return _content_length(vouched)
+        found = self.peers.head(target, credentials) if self.peers is not None else None
+        if found is None:
+            return None  # the response goes out chunked
+        with found:
+            return _content_length(found)
+
+    def _taken_over(
+        self,
+        target: Target,
+        credentials: Credentials | None,
+        reclaim: Callable[[], Writer | Follower | CachedBlob],
+    ) -> Iterator[bytes]:
+        """The blob's bytes after claiming it again (see `follow`); raises FetchAborted when that
+        claim's writer fails too, TransferFailed when this request's own fill fails."""
+        try:
+            claim = reclaim()
+        except DiskFull as exc:
+            raise TransferFailed(f"cannot take over the fill of {target.reference}: {exc}") from None
+        if isinstance(claim, CachedBlob):
+            with claim:
+                while chunk := claim.read(CHUNK):
+                    yield chunk
+            return
+        if isinstance(claim, Follower):
+            yield from _followed(claim)
+            return
+        try:
+            upstream, source, on_failure = self._open(target, credentials)
+        except BaseException:
+            claim.abort()
+            raise
+        claim.expected_size = _content_length(upstream)
+        try:
+            fetch = Fetch(claim, upstream, source, target.name, on_failure).start()
+        except BaseException:
+            upstream.close()
+            claim.abort()
+            raise
+        try:
+            yield from fetch.body()
+        finally:
+            fetch.close()
+
+
+def _followed(follower: Follower) -> Iterator[bytes]:
+    """The bytes of another writer's fill, as they land; raises FetchAborted if it is aborted."""
+    try:
+        for chunk in follower:
+            metrics.MISS_BYTES.labels(kind="blob").inc(len(chunk))
+            yield chunk
+    finally:
+        follower.close()

@@ -19,6 +19,14 @@ def _require_e2e() -> bool:
     return os.environ.get("IMAGEWARM_REQUIRE_E2E") == "1"
 
 
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Tests that start clusters of their own run first: once the session cluster is up it holds the
+    machine lock until the session ends, and their Cluster.start would wait for it for ever."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)  # stable
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _require_e2e():
         return

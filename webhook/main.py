@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 
-from imagewarm import logs
+from imagewarm import logs, serving
 from imagewarm.command import Command
 from imagewarm.kube import KubeError
 from webhook.config import WebhookConfig
 
 log = logging.getLogger("imagewarm.webhook")
-
-
-def _multiprocess_metrics() -> None:
-    """Workers share metrics through files (set before prometheus_client is imported)."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        if "prometheus_client" in sys.modules:
-            log.warning("metrics imported before setup: /metrics shows one worker's values")
-            return
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imagewarm-webhook-metrics-")
 
 
 def print_configuration(config: WebhookConfig) -> None:
@@ -43,7 +33,7 @@ def run(config: WebhookConfig) -> int:
         print_configuration(config)
         return 0
     logs.setup(config.log_level, config.log_format)
-    _multiprocess_metrics()
+    serving.prepare_metrics_dir("imagewarm-webhook-metrics-")
     from webhook import server  # gunicorn and the app load only when serving
 
     tls_dir = config.tls_dir

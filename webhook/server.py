@@ -16,6 +16,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from imagewarm import serving
 from imagewarm.informer import Informer
 from imagewarm.kube import Kube, KubeError
 from webhook.app import create_app
@@ -45,13 +46,6 @@ def wsgi_app(config: WebhookConfig) -> Any:
     return create_app(config, sidecarsets=sidecarsets, namespaces=namespaces)
 
 
-def _child_exit(server: Any, worker: Any) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
-
-
 class WebhookServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured from `WebhookConfig`, serving TLS from `tls_dir` (reloaded on change)."""
 
@@ -61,29 +55,26 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         super().__init__()
 
     def load_config(self) -> None:
-        host, port = self.webhook_config.listen
+        config = self.webhook_config
         context = ReloadingContext(self.tls_dir)
-        settings = {
-            "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
-            "workers": self.webhook_config.workers,
-            "worker_connections": self.webhook_config.connections,
-            "worker_class": "imagewarm.worker.ConnectionThreadWorker",
-            # The API server keeps connections to webhooks open and drops idle ones after 90 s (Go's
-            # default). Ours must outlast that: if we closed first, a POST sent on a connection we
-            # were closing would fail, not be retried, and (failurePolicy Ignore) its pod would be
-            # admitted unrewritten.
-            "keepalive": 120,
-            "timeout": 30,
-            "graceful_timeout": 5,
-            "certfile": str(context.cert_path),
-            "keyfile": str(context.key_path),
-            "ssl_context": lambda conf, default: context.get(),
-            "accesslog": None,
-            "errorlog": "-",
-            "loglevel": "warning",
-            "limit_request_line": 8190,
-            "child_exit": _child_exit,
-        }
+        settings = serving.base_settings(
+            config.listen, workers=config.workers, connections=config.connections, log_level="warning"
+        )
+        settings.update(
+            {
+                # The API server keeps connections to webhooks open and drops idle ones after 90 s
+                # (Go's default). Ours must outlast that: if we closed first, a POST sent on a
+                # connection we were closing would fail, not be retried, and (failurePolicy Ignore)
+                # its pod would be admitted unrewritten.
+                "keepalive": 120,
+                "timeout": 30,
+                "graceful_timeout": 5,
+                "certfile": str(context.cert_path),
+                "keyfile": str(context.key_path),
+                "ssl_context": lambda conf, default: context.get(),
+                "limit_request_line": 8190,
+            }
+        )
         for key, value in settings.items():
             self.cfg.set(key, value)
 

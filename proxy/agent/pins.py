@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from imagewarm.digest import Digest
 from proxy.cache.store import BlobStore
 
 
@@ -42,14 +43,14 @@ class Pins:
         wanted = set(digests)
         old = self.pinned(owner)
         for digest in wanted - old:
-            self.store.pin(digest, owner)
+            self.store.pin(Digest.parse(digest), owner)
         self.root.mkdir(parents=True, exist_ok=True)
         record = self._record(owner)
         temporary = record.with_suffix(".tmp")
         temporary.write_text(json.dumps(sorted(wanted | old)))
         os.replace(temporary, record)
         for digest in old - wanted:
-            self.store.unpin(digest, owner)
+            self.store.unpin(Digest.parse(digest), owner)
         temporary.write_text(json.dumps(sorted(wanted)))
         os.replace(temporary, record)
 
@@ -57,6 +58,6 @@ class Pins:
         """Unpin everything `owner` pinned; how many digests."""
         digests = self.pinned(owner)
         for digest in digests:
-            self.store.unpin(digest, owner)
+            self.store.unpin(Digest.parse(digest), owner)
         self._record(owner).unlink(missing_ok=True)
         return len(digests)

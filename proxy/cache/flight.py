@@ -19,10 +19,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from imagewarm.digest import Digest
 from proxy.cache import durable
 from proxy.cache.errors import DigestMismatch, DiskFull, FetchAborted, SizeMismatch
 from proxy.cache.hashing import PipelinedHash
-from proxy.cache.paths import Layout, split_digest
+from proxy.cache.paths import Layout
 
 FOLLOW_CHUNK = 1 << 20
 # Followers poll the growing file: start fast so the first bytes go out at once, back off when idle.
@@ -42,7 +43,12 @@ class Writer:
     """
 
     def __init__(
-        self, layout: Layout, digest: str, expected_size: int | None, lock_fd: int, counter: durable.Counter
+        self,
+        layout: Layout,
+        digest: Digest,
+        expected_size: int | None,
+        lock_fd: int,
+        counter: durable.Counter,
     ) -> None:
         self.digest = digest
         self.expected_size = expected_size
@@ -50,8 +56,7 @@ class Writer:
         self._layout = layout
         self._lock_fd: int | None = lock_fd
         self._counter = counter
-        self._hash = PipelinedHash(split_digest(digest)[0])  # hashing overlaps the next write
-        self._hex = split_digest(digest)[1]
+        self._hash = PipelinedHash(digest.algorithm)  # hashing overlaps the next write
         self._partial = layout.partial(digest)
         self._fd: int | None = None
         self._verified = False
@@ -118,7 +123,7 @@ class Writer:
                 f"{self.digest}: got {self.bytes_written} bytes, expected {self.expected_size}; none kept"
             )
         actual = self._hash.hexdigest()
-        if actual != self._hex:
+        if actual != self.digest.hex:
             self.abort()
             raise DigestMismatch(
                 f"bytes for {self.digest} hash to {self._hash.name}:{actual}; nothing was kept"
@@ -192,7 +197,7 @@ class Follower:
     """
 
     def __init__(
-        self, layout: Layout, digest: str, fd: int, expected_size: int | None, stall_timeout: float
+        self, layout: Layout, digest: Digest, fd: int, expected_size: int | None, stall_timeout: float
     ) -> None:
         self.digest = digest
         self.expected_size = expected_size
@@ -204,7 +209,7 @@ class Follower:
 
     @classmethod
     def attach(
-        cls, layout: Layout, digest: str, expected_size: int | None, stall_timeout: float
+        cls, layout: Layout, digest: Digest, expected_size: int | None, stall_timeout: float
     ) -> Follower | None:
         """Open the digest's partial file if a live writer holds it; None otherwise."""
         try:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from imagewarm.digest import Digest
 from proxy.cache import durable
 from proxy.cache.errors import DigestMismatch
-from proxy.cache.paths import Layout, hasher
+from proxy.cache.paths import Layout
 
 
 class ManifestStore:
@@ -25,9 +26,7 @@ class ManifestStore:
     def put(self, digest: str, data: bytes, media_type: str) -> None:
         """Store `data` under `digest` after checking that it hashes to it. Raises DigestMismatch
         (nothing kept), DiskFull, or ValueError for a media type with a line break."""
-        check = hasher(digest)
-        check.update(data)
-        if f"{check.name}:{check.hexdigest()}" != digest:
+        if Digest.of(data, Digest.parse(digest).algorithm) != Digest.parse(digest):
             raise DigestMismatch(f"manifest bytes do not match {digest}; nothing was kept")
         if "\n" in media_type or "\r" in media_type:
             raise ValueError(f"media type {media_type!r} contains a line break")

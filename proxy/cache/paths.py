@@ -11,8 +11,8 @@
 <root>/pins/<algorithm>-<hex>/<quoted owner>          pins: a blob with any owner here is never evicted
 <root>/state/                                         the byte counter and the store-open lock
 ```
-Everything is on one filesystem, so every rename is atomic. Digests are validated before any path
-is built from them, so no caller input can escape the root.
+Everything is on one filesystem, so every rename is atomic. Paths are built only from parsed
+`Digest`s (a manifest's digest text is parsed here), so no caller input can escape the root.
 """
 
 from __future__ import annotations
@@ -24,53 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from imagewarm import reference
+from imagewarm.digest import HEX_LENGTHS, Digest, InvalidDigest
 
-# Algorithms we can verify, with the length of their hex encoding. Anything else is refused: a digest
-# we cannot verify must never name a file.
-ALGORITHMS = reference.DIGEST_HEX_LENGTHS
 PARTIAL_SUFFIX = ".partial"
 NEW_SUFFIX = ".new"
 TMP_SUFFIX = ".tmp"
 
-
-class InvalidDigest(ValueError):
-    """A digest string that is not `sha256:<64 hex>` or `sha512:<128 hex>`."""
-
-
-def split_digest(digest: str) -> tuple[str, str]:
-    """Return (algorithm, hex) of a validated digest; raises InvalidDigest naming what is wrong."""
-    try:
-        return reference.split_digest(digest)
-    except reference.InvalidReference as exc:
-        raise InvalidDigest(str(exc)) from None
-
-
-def hasher(digest: str) -> hashlib._Hash:
-    """A fresh hash object of the digest's algorithm (validated)."""
-    algorithm, _ = split_digest(digest)
-    return hashlib.new(algorithm)
-
-
-def digest_of(data: bytes, algorithm: str = "sha256") -> str:
-    """The digest string of `data` with `algorithm`."""
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-def _flat(digest: str) -> str:
-    algorithm, hexpart = split_digest(digest)
-    return f"{algorithm}-{hexpart}"
-
-
-def digest_from_flat(name: str) -> str | None:
-    """Inverse of the flat `<algorithm>-<hex>` file name stem; None when it is not one."""
-    algorithm, _, hexpart = name.partition("-")
-    digest = f"{algorithm}:{hexpart}"
-    try:
-        split_digest(digest)
-    except InvalidDigest:
-        return None
-    return digest
+__all__ = ["NEW_SUFFIX", "PARTIAL_SUFFIX", "TMP_SUFFIX", "InvalidDigest", "Layout"]
 
 
 @dataclass(frozen=True)
@@ -128,30 +88,29 @@ class Layout:
             self.state_dir,
         ]
 
-    def blob(self, digest: str) -> Path:
-        algorithm, hexpart = split_digest(digest)
-        return self.blobs_dir / algorithm / hexpart[:2] / hexpart
+    def blob(self, digest: Digest) -> Path:
+        return self.blobs_dir / digest.algorithm / digest.hex[:2] / digest.hex
 
     def manifest(self, digest: str) -> Path:
-        algorithm, hexpart = split_digest(digest)
-        return self.manifests_dir / algorithm / hexpart[:2] / hexpart
+        parsed = Digest.parse(digest)
+        return self.manifests_dir / parsed.algorithm / parsed.hex[:2] / parsed.hex
 
-    def partial(self, digest: str) -> Path:
-        return self.partial_dir / f"{_flat(digest)}{PARTIAL_SUFFIX}"
+    def partial(self, digest: Digest) -> Path:
+        return self.partial_dir / f"{digest.flat}{PARTIAL_SUFFIX}"
 
-    def new_partial(self, digest: str, token: str) -> Path:
-        return self.partial_dir / f"{_flat(digest)}.{token}{NEW_SUFFIX}"
+    def new_partial(self, digest: Digest, token: str) -> Path:
+        return self.partial_dir / f"{digest.flat}.{token}{NEW_SUFFIX}"
 
     def tmp(self, token: str) -> Path:
         return self.partial_dir / f"{token}{TMP_SUFFIX}"
 
-    def lock(self, digest: str) -> Path:
-        return self.locks_dir / f"{_flat(digest)}.lock"
+    def lock(self, digest: Digest) -> Path:
+        return self.locks_dir / f"{digest.flat}.lock"
 
-    def pin_dir(self, digest: str) -> Path:
-        return self.pins_dir / _flat(digest)
+    def pin_dir(self, digest: Digest) -> Path:
+        return self.pins_dir / digest.flat
 
-    def pin(self, digest: str, owner: str) -> Path:
+    def pin(self, digest: Digest, owner: str) -> Path:
         if not owner:
             raise ValueError("a pin needs a non-empty owner (e.g. 'NodeImage/node-1')")
         return self.pin_dir(digest) / quote(owner, safe="")
@@ -165,10 +124,11 @@ class Layout:
         key = hashlib.sha256(f"{registry}/{repository}:{tag}".encode()).hexdigest()
         return self.tags_dir / key[:2] / f"{key}.json"
 
-    def blob_entries(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    def blob_entries(self) -> Iterator[tuple[Digest, os.DirEntry[str]]]:
         """Every committed blob as (digest, directory entry): one listing per fan-out directory, and
-        `entry.stat()` reuses what the listing returned where the filesystem allows."""
-        for algorithm in ALGORITHMS:
+        `entry.stat()` reuses what the listing returned where the filesystem allows. A file whose
+        name is not a digest is no blob (and is left alone)."""
+        for algorithm in HEX_LENGTHS:
             top = self.blobs_dir / algorithm
             if not top.is_dir():
                 continue
@@ -177,5 +137,6 @@ class Layout:
             for fan_path in fan_paths:
                 with os.scandir(fan_path) as entries:
                     for entry in entries:
-                        if entry.is_file(follow_symlinks=False):
-                            yield f"{algorithm}:{entry.name}", entry
+                        digest = Digest.from_flat(f"{algorithm}-{entry.name}")
+                        if digest is not None and entry.is_file(follow_symlinks=False):
+                            yield digest, entry

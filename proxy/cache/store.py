@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from imagewarm.digest import Digest
 from proxy.cache import durable
 from proxy.cache.errors import (
     DigestMismatch,
@@ -30,7 +33,7 @@ from proxy.cache.errors import (
 )
 from proxy.cache.flight import Follower, Writer
 from proxy.cache.manifest_store import ManifestStore
-from proxy.cache.paths import NEW_SUFFIX, PARTIAL_SUFFIX, Layout, hasher, split_digest
+from proxy.cache.paths import NEW_SUFFIX, PARTIAL_SUFFIX, Layout
 
 __all__ = [
     "BlobInfo",
@@ -59,7 +62,7 @@ class CachedBlob:
     """A verified blob opened for reading. Holds a shared flock (released by `close`) so eviction
     skips it. `fileno()` is for `os.sendfile`; `read` and `seek` move the descriptor's offset."""
 
-    def __init__(self, digest: str, path: Path, fd: int, size: int) -> None:
+    def __init__(self, digest: Digest, path: Path, fd: int, size: int) -> None:
         self.digest = digest
         self.path = path
         self.size = size
@@ -105,7 +108,7 @@ class CachedBlob:
 
 @dataclass(frozen=True)
 class BlobInfo:
-    digest: str
+    digest: Digest
     size: int
     last_used: float  # seconds since the epoch
 
@@ -179,23 +182,49 @@ class BlobStore:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def has(self, digest: str) -> bool:
+    def problem(self) -> str | None:
+        """What keeps the store from caching now, saying what to do; None when it can. Every directory
+        of the layout must be a writable directory, and a file must be creatable where fills start.
+        Cheap (a stat per directory, one probe file): `/readyz` asks it on every probe."""
+        for directory in self.layout.directories():
+            try:
+                mode = directory.stat().st_mode
+            except FileNotFoundError:
+                return f"{directory} is missing (was the cache removed? restart the proxy to recreate it)"
+            except OSError as exc:
+                return f"{directory} cannot be read: {exc.strerror} (check the cache volume)"
+            if not stat.S_ISDIR(mode):
+                return f"{directory} is not a directory (remove what is there and restart the proxy)"
+            if not os.access(directory, os.W_OK):
+                return (
+                    f"{directory} is not writable (mount the cache volume read-write and give the proxy's "
+                    "user write access to --cache-dir)"
+                )
+        probe = self.layout.tmp(f"ready-probe-{os.getpid()}-{threading.get_ident()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            probe.unlink()
+        except OSError as exc:
+            return f"{self.layout.partial_dir} is not writable: {exc.strerror} (check the cache volume)"
+        return None
+
+    def has(self, digest: Digest) -> bool:
         return self.layout.blob(digest).is_file()
 
-    def size(self, digest: str) -> int | None:
+    def size(self, digest: Digest) -> int | None:
         try:
             return self.layout.blob(digest).stat().st_size
         except FileNotFoundError:
             return None
 
-    def open(self, digest: str) -> CachedBlob:
+    def open(self, digest: Digest) -> CachedBlob:
         """The verified blob, locked against eviction and marked recently used; raises NotCached."""
         blob = self._open_committed(digest)
         if blob is None:
             raise NotCached(f"{digest} is not cached")
         return blob
 
-    def _open_committed(self, digest: str) -> CachedBlob | None:
+    def _open_committed(self, digest: Digest) -> CachedBlob | None:
         path = self.layout.blob(digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -217,13 +246,12 @@ class BlobStore:
     # -- writing -------------------------------------------------------------------------------
 
     def claim(
-        self, digest: str, expected_size: int | None = None, *, stall_timeout: float | None = None
+        self, digest: Digest, expected_size: int | None = None, *, stall_timeout: float | None = None
     ) -> Writer | Follower | CachedBlob:
         """Single flight across processes: a CachedBlob when the blob is already here; else the first
         caller gets the Writer (it must fetch and commit or abort) and concurrent callers get a
         Follower of that writer. Raises FetchAborted if a writer holds the claim but publishes
         nothing within the stall timeout."""
-        split_digest(digest)
         stall = self.stall_timeout if stall_timeout is None else stall_timeout
         deadline = time.monotonic() + stall
         lock_path = self.layout.lock(digest)
@@ -247,11 +275,9 @@ class BlobStore:
                 raise FetchAborted(f"the writer of {digest} published nothing for {stall:g}s; retry")
             time.sleep(_CLAIM_POLL)
 
-    def put_bytes(self, digest: str, data: bytes) -> None:
+    def put_bytes(self, digest: Digest, data: bytes) -> None:
         """Store a small blob whole: verify, fsync, rename. Raises DigestMismatch, DiskFull."""
-        check = hasher(digest)
-        check.update(data)
-        if f"{check.name}:{check.hexdigest()}" != digest:
+        if Digest.of(data, digest.algorithm) != digest:
             raise DigestMismatch(f"bytes do not match {digest}; nothing was kept")
         target = self.layout.blob(digest)
         if target.exists():
@@ -276,7 +302,7 @@ class BlobStore:
             infos.append(BlobInfo(digest, status.st_size, status.st_mtime))
         return infos
 
-    def remove(self, digest: str) -> int | None:
+    def remove(self, digest: Digest) -> int | None:
         """Delete a blob unless a reader or its writer holds it or it is pinned. Returns the bytes
         freed, or None when it was kept."""
         path = self.layout.blob(digest)
@@ -298,7 +324,7 @@ class BlobStore:
         self._counter.add(-status.st_size)
         return status.st_size
 
-    def pin(self, digest: str, owner: str) -> None:
+    def pin(self, digest: Digest, owner: str) -> None:
         """Keep `digest` from eviction until every owner unpins it (the blob need not be cached yet)."""
         path = self.layout.pin(digest, owner)
         while True:
@@ -309,17 +335,17 @@ class BlobStore:
             except FileNotFoundError:  # an unpin removed the empty directory meanwhile
                 continue
 
-    def unpin(self, digest: str, owner: str) -> None:
+    def unpin(self, digest: Digest, owner: str) -> None:
         path = self.layout.pin(digest, owner)
         path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # other owners remain, or already gone
             path.parent.rmdir()
 
-    def pins(self, digest: str) -> set[str]:
+    def pins(self, digest: Digest) -> set[str]:
         try:
             return {self.layout.pin_owner(path) for path in self.layout.pin_dir(digest).iterdir()}
         except FileNotFoundError:
             return set()
 
-    def is_pinned(self, digest: str) -> bool:
+    def is_pinned(self, digest: Digest) -> bool:
         return bool(self.pins(digest))

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagewarm.digest import Digest
 from proxy.cache import durable
-from proxy.cache.paths import Layout, split_digest
+from proxy.cache.paths import Layout
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class TagIndex:
             record = json.loads(path.read_bytes())
             if (record["registry"], record["repository"], record["tag"]) != (registry, repository, tag):
                 return None  # a hash collision, in theory: never answer for another tag
-            split_digest(record["digest"])
+            Digest.parse(record["digest"])
             return TagEntry(record["digest"], record["media_type"], float(record["checked_at"]))
         except FileNotFoundError:
             return None
@@ -59,7 +60,7 @@ class TagIndex:
         checked_at: float | None = None,
     ) -> TagEntry:
         """Record that the tag points at `digest` (checked now unless `checked_at` is given)."""
-        split_digest(digest)
+        Digest.parse(digest)
         entry = TagEntry(digest, media_type, time.time() if checked_at is None else checked_at)
         record = {
             "registry": registry,

@@ -47,19 +47,37 @@ class Peers:
     def blob(self, target: Target, credentials: Credentials | None) -> tuple[str, requests.Response] | None:
         """(peer URL, streaming 200 response) for the blob from the first peer that has it cached, or
         None."""
-        path = f"/v2/{registry_segment(target.registry)}/{target.repository}/blobs/{target.reference}"
-        urls = self.urls()
-        if not urls:
+        if not self.urls():
             return None  # none known (yet): not a miss of any peer
+        found = self._first("GET", target, credentials)
+        if found is None:
+            metrics.PEER_FETCHES.labels(result="miss").inc()
+            return None
+        metrics.PEER_FETCHES.labels(result="hit").inc()
+        log.info("blob fetched from a peer", extra={"peer": found[0], "digest": target.reference})
+        return found
+
+    def head(self, target: Target, credentials: Credentials | None) -> requests.Response | None:
+        """The 200 answer to a HEAD of the blob from the first peer that has it cached and accepts the
+        client's credentials (as for any client of its cache), or None."""
+        found = self._first("HEAD", target, credentials)
+        return found[1] if found is not None else None
+
+    def _first(
+        self, method: str, target: Target, credentials: Credentials | None
+    ) -> tuple[str, requests.Response] | None:
+        path = f"/v2/{registry_segment(target.registry)}/{target.repository}/blobs/{target.reference}"
         headers = {protocol.PEER_HEADER: "1"}
         if credentials is not None:
             headers["Authorization"] = credentials.basic()
-        for url in urls:
+        for url in self.urls():
             with self._lock:
                 if self._down_until.get(url, 0.0) > time.monotonic():
                     continue
             try:
-                response = self._session.get(url + path, headers=headers, stream=True, timeout=self._timeouts)
+                response = self._session.request(
+                    method, url + path, headers=headers, stream=True, timeout=self._timeouts
+                )
             except requests.RequestException as exc:
                 with self._lock:
                     self._down_until[url] = time.monotonic() + self._retry_after
@@ -70,11 +88,8 @@ class Peers:
                 )
                 continue
             if response.status_code == 200:
-                metrics.PEER_FETCHES.labels(result="hit").inc()
-                log.info("blob fetched from a peer", extra={"peer": url, "digest": target.reference})
                 return url, response
             response.close()
-        metrics.PEER_FETCHES.labels(result="miss").inc()
         return None
 
     def failed(self, url: str) -> None:

@@ -101,7 +101,7 @@ class Fetch:
         self._client_gone = False
         self._finished = False  # the client got every byte
         self._check: hashlib._Hash | None = None  # verifies what streams through once the disk is full
-        self.thread = threading.Thread(target=self._run, name=f"fetch-{self.digest[7:19]}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"fetch-{self.digest.hex[:12]}", daemon=True)
 
     def start(self) -> Fetch:
         self.thread.start()
@@ -146,8 +146,8 @@ class Fetch:
             self.writer.verify()
         else:
             assert self._check is not None
-            actual = f"{self._check.name}:{self._check.hexdigest()}"
-            if actual != self.digest:
+            if not self.digest.matches(self._check):
+                actual = f"{self._check.name}:{self._check.hexdigest()}"
                 raise DigestMismatch(f"bytes for {self.digest} hash to {actual}")
         with self._changed:
             self._verified = True  # the client may have the last chunk now, before the slower fsync

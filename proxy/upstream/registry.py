@@ -8,9 +8,9 @@ retries of connection errors, timeouts, 429 and 5xx.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -19,6 +19,8 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from imagewarm import reference as references
+from imagewarm.digest import Digest
+from imagewarm.mediatypes import MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES
 from proxy.config import ProxyConfig
 from proxy.errors import RegistryError, UpstreamUnavailable
 from proxy.upstream.auth import Challenge, Credentials, TokenCache, cache_key, parse_challenge
@@ -30,15 +32,6 @@ MAX_REDIRECTS = 5
 MAX_BACKOFF = 2.0
 MAX_RETRY_AFTER = 5.0
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
-SCHEMA1_TYPES = (
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-)
 ACCEPT = ", ".join(MANIFEST_TYPES)
 # Content types some registries and static file servers put on manifests, saying nothing of the kind.
 GENERIC_TYPES = ("", "application/json", "text/plain", "application/octet-stream")
@@ -49,17 +42,6 @@ class Manifest:
     data: bytes
     media_type: str
     digest: str
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def verify_digest(data: bytes, digest: str) -> bool:
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm not in ("sha256", "sha512"):
-        return False
-    return hashlib.new(algorithm, data).hexdigest() == hexdigest
 
 
 class Upstream:
@@ -74,6 +56,8 @@ class Upstream:
         self.tokens = TokenCache()
         # Which scheme each registry asked for, so later requests authenticate up front.
         self._challenges: dict[str, Challenge] = {}
+        self._failing_token_services: set[str] = set()  # realms whose last answer was a failure
+        self._lock = threading.Lock()
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -110,13 +94,12 @@ class Upstream:
         return response
 
     def _authorization(self, registry: str, repository: str, credentials: Credentials | None) -> str | None:
+        """The Authorization for a first try, from the challenge this registry sent before. A token
+        service failure raises (RegistryError): the request would only be refused without one."""
         challenge = self._challenges.get(registry)
         if challenge is None:
             return None
-        try:
-            return self._answer(challenge, registry, repository, credentials)
-        except RegistryError:
-            return None
+        return self._answer(challenge, registry, repository, credentials)
 
     def _answer(
         self, challenge: Challenge, registry: str, repository: str, credentials: Credentials | None
@@ -138,27 +121,56 @@ class Upstream:
     def _fetch_token(
         self, realm: str, service: str, scope: str, credentials: Credentials | None
     ) -> tuple[str, float]:
+        """A token for `scope` from the registry's token service `realm`. Raises RegistryError:
+        UNAUTHORIZED when it refuses the credentials, UpstreamUnavailable when it fails."""
         params = {"scope": scope, **({"service": service} if service else {})}
         headers = {"Authorization": credentials.basic()} if credentials else {}
         try:
             response = self.session.get(realm, params=params, headers=headers, timeout=self._timeouts())
         except requests.RequestException as exc:
-            raise UpstreamUnavailable(f"token service {realm} unreachable: {exc}") from None
+            raise self._token_service_failed(realm, scope, f"is unreachable: {exc}") from None
         if response.status_code in (401, 403):
+            self._token_service_answers(realm)
             raise RegistryError(
                 "UNAUTHORIZED",
                 f"the registry's token service refused these credentials "
                 f"for {scope}: log in with credentials that may pull it",
             )
         if response.status_code != 200:
-            raise UpstreamUnavailable(f"token service {realm} answered {response.status_code}")
+            raise self._token_service_failed(realm, scope, f"answered {response.status_code}")
         try:
             body = response.json()
             token = body.get("token") or body["access_token"]
             expires_in = float(body.get("expires_in") or 60)
         except (ValueError, KeyError, TypeError):
-            raise UpstreamUnavailable(f"token service {realm} sent no token") from None
+            raise self._token_service_failed(realm, scope, "sent no token") from None
+        self._token_service_answers(realm)
         return str(token), expires_in
+
+    def _token_service_failed(self, realm: str, scope: str, what: str) -> UpstreamUnavailable:
+        """The error for a token service failure, logged once per failing state of `realm`."""
+        with self._lock:
+            first = realm not in self._failing_token_services
+            self._failing_token_services.add(realm)
+        if first:
+            log.warning(
+                "token service failing: pulls that need a token fail until it answers (cached "
+                "manifests and blobs are still served)",
+                extra={"realm": realm, "scope": scope, "error": what},
+            )
+        return UpstreamUnavailable(
+            f"the registry's token service {realm} {what}: this registry needs a token for {scope}, so "
+            "nothing can be fetched from it now; retry later (what the proxy has cached is still served)"
+        )
+
+    def _token_service_answers(self, realm: str) -> None:
+        if realm not in self._failing_token_services:  # the common case, without the lock
+            return
+        with self._lock:
+            recovered = realm in self._failing_token_services
+            self._failing_token_services.discard(realm)
+        if recovered:
+            log.info("token service answers again", extra={"realm": realm})
 
     def _timeouts(self) -> tuple[float, float]:
         return (self.config.connect_timeout, self.config.read_timeout)
@@ -252,8 +264,9 @@ class Upstream:
                 "supported: push the image again with a current tool (schema 2 or OCI)",
                 status=502,
             )
-        digest = sha256_digest(data)
-        if ":" in reference and not verify_digest(data, reference):
+        digest = str(Digest.of(data))
+        asked = Digest.parse(reference) if ":" in reference else None  # a Target's: already checked
+        if asked is not None and Digest.of(data, asked.algorithm) != asked:
             raise RegistryError(
                 "MANIFEST_INVALID",
                 f"{name}: the upstream sent a manifest whose digest is "

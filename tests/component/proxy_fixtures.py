@@ -36,7 +36,9 @@ class ProxyProcess:
     def url(self) -> str:
         return f"http://{self.host}"
 
-    def start(self, timeout: float = 30) -> ProxyProcess:
+    def start(self, timeout: float = 30, ready: bool = True) -> ProxyProcess:
+        """Start and wait until `/readyz` answers 200 (`ready=False`: until `/healthz` does)."""
+        probe = "/readyz" if ready else "/healthz"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
@@ -46,7 +48,7 @@ class ProxyProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"imagewarm proxy exited {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if requests.get(f"{self.url}{probe}", timeout=1).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
@@ -90,6 +92,7 @@ def start_proxy(
     workers: int = 3,
     ip: str = "127.0.0.1",
     port: int | None = None,
+    ready: bool = True,
 ) -> ProxyProcess:
     port = port or free_ports(1, host=ip)[0]
     cache_dir = cache_dir or workdir / "cache"
@@ -118,7 +121,7 @@ def start_proxy(
     env["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / f"metrics-{port}")
     workdir.mkdir(parents=True, exist_ok=True)
     proxy = ProxyProcess(port, cache_dir, workdir / f"proxy-{port}.log", args, env, ip)
-    return proxy.start()
+    return proxy.start(ready=ready)
 
 
 @pytest.fixture

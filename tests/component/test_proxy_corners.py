@@ -20,6 +20,7 @@ import pytest
 import requests
 from flask import Response, request
 
+from imagewarm.digest import Digest
 from imagewarm.reference import registry_segment
 from localcluster.images import (
     DOCKER_MANIFEST,
@@ -337,7 +338,7 @@ def test_a_cold_blob_head_answers_headers_only_and_caches_nothing(registry, imag
     assert header(head, "Docker-Content-Digest") == layer.digest
     assert header(head, "X-Imagewarm-Cache") == "miss"
     assert body == b"", "a HEAD answer carried a body"
-    assert not layout.blob(layer.digest).exists()
+    assert not layout.blob(Digest.parse(layer.digest)).exists()
     assert not list(layout.partial_dir.iterdir()), "a HEAD left a partial file"
     assert registry.blob_gets(digest=layer.digest, since=since) == []  # asked with a HEAD, not fetched
 

@@ -8,6 +8,7 @@ import time
 import pytest
 import requests
 
+from imagewarm.digest import Digest
 from localcluster.images import push
 from proxy.cache.paths import Layout
 from tests.component import proxy_fixtures
@@ -51,7 +52,7 @@ def test_eviction_between_watermarks_keeps_a_blob_being_served(registry, images,
         return f"{proxy.url}/v2/{registry.host}/{repository}/blobs/{digest}"
 
     def cached(digest: str) -> bool:
-        return layout.blob(digest).exists()
+        return layout.blob(Digest.parse(digest)).exists()
 
     assert len(requests.get(url("evict/big", big.digest), timeout=60).content) == big.size
     wait_until(lambda: cached(big.digest))

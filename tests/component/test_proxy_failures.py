@@ -17,6 +17,7 @@ import requests
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
+from imagewarm.digest import Digest
 from localcluster.images import push
 from localcluster.processes import free_ports
 from proxy.cache.paths import Layout
@@ -119,13 +120,13 @@ def test_client_leaving_a_cold_fetch_does_not_stop_it(gated, proxy_factory):
     thread = threading.Thread(target=lambda: follower.update(body=requests.get(url, timeout=60).content))
     thread.start()
     time.sleep(0.5)
-    assert not layout.blob(DIGEST).exists()
+    assert not layout.blob(Digest.parse(DIGEST)).exists()
     gated.release.set()
     thread.join(60)
 
     assert follower["body"] == BLOB
-    wait_until(layout.blob(DIGEST).exists, message="the blob was never cached")
-    assert layout.blob(DIGEST).read_bytes() == BLOB
+    wait_until(layout.blob(Digest.parse(DIGEST)).exists, message="the blob was never cached")
+    assert layout.blob(Digest.parse(DIGEST)).read_bytes() == BLOB
     assert gated.hits["GET"] == 1  # the leaver's fetch served the follower and filled the cache
     assert requests.get(url, timeout=30).content == BLOB
     assert gated.hits["GET"] == 1
@@ -147,18 +148,18 @@ def test_kill_9_mid_transfer_then_restart_serves_correct_bytes(gated, proxy_fact
 
     # The killed writer left its partial file behind; nothing is visible as a blob.
     assert partial_size(proxy.cache_dir) >= HALF
-    assert not layout.blob(DIGEST).exists()
+    assert not layout.blob(Digest.parse(DIGEST)).exists()
 
     gated.hold.clear()
     gated.release.set()
     proxy.start()
     assert not list(layout.partial_dir.iterdir()), "restart must delete the stale partial file"
-    assert not layout.blob(DIGEST).exists()
+    assert not layout.blob(Digest.parse(DIGEST)).exists()
     response = requests.get(url, timeout=30)
     assert response.status_code == 200 and response.content == BLOB
     assert gated.hits["GET"] == 2  # fetched again: the partial bytes were never served
-    wait_until(layout.blob(DIGEST).exists, message="the refetched blob was never cached")
-    assert hashlib.sha256(layout.blob(DIGEST).read_bytes()).hexdigest() == DIGEST.split(":")[1]
+    wait_until(layout.blob(Digest.parse(DIGEST)).exists, message="the refetched blob was never cached")
+    assert hashlib.sha256(layout.blob(Digest.parse(DIGEST)).read_bytes()).hexdigest() == DIGEST.split(":")[1]
 
 
 @pytest.fixture
@@ -184,13 +185,13 @@ def test_full_disk_streams_through_and_caching_resumes_when_space_returns(
     for attempt in range(2):  # full both times: nothing is kept, every pull streams through
         response = requests.get(url, timeout=60)
         assert response.status_code == 200 and response.content == expected, attempt
-        assert not layout.blob(layer.digest).exists()
+        assert not layout.blob(Digest.parse(layer.digest)).exists()
         assert not list(layout.partial_dir.iterdir())
     assert proxy.metric("imagewarm_proxy_uncached_streams_total", reason="disk_full") == 2
 
     filler.unlink()  # space returns
     assert requests.get(url, timeout=60).content == expected
-    wait_until(layout.blob(layer.digest).exists, message="caching did not resume")
+    wait_until(layout.blob(Digest.parse(layer.digest)).exists, message="caching did not resume")
     gets_before = len(registry.blob_gets(digest=layer.digest))
     assert requests.get(url, timeout=60).content == expected
     assert len(registry.blob_gets(digest=layer.digest)) == gets_before  # served from the cache now

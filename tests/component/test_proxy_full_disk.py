@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from imagewarm.digest import Digest
 from imagewarm.reference import registry_segment
 from localcluster.images import push
 from proxy.cache.paths import Layout
@@ -111,7 +112,7 @@ def test_skopeo_copies_whole_images_through_a_full_disk(
     assert_dir_matches(copy_to_dir(skopeo, f"{name}:v1", tmp_path / "tag"), image)
     assert_dir_matches(copy_to_dir(skopeo, f"{name}@{image.digest}", tmp_path / "digest"), image)
     assert not layout.manifest(image.digest).exists()
-    assert not any(layout.blob(blob.digest).exists() for blob in image.blobs)
+    assert not any(layout.blob(Digest.parse(blob.digest)).exists() for blob in image.blobs)
     assert proxy.metric(SKIPPED, kind="manifest") >= 2
     # Every blob of both copies streamed through (the config blob too), none from a cache.
     assert proxy.metric("imagewarm_proxy_uncached_streams_total", reason="disk_full") >= 2 * len(image.blobs)

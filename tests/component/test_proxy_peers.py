@@ -12,6 +12,7 @@ import requests
 from imagewarm.reference import registry_segment
 from localcluster.images import push
 from localcluster.processes import free_ports
+from proxy.cache.paths import Layout
 from tests.component import proxy_fixtures
 
 pytestmark = pytest.mark.component
@@ -150,12 +151,18 @@ def test_a_peer_sending_bytes_that_do_not_verify_fails_one_transfer_then_is_set_
         new_node = proxy_factory(insecure=(registry.host,), workers=1, extra=peering)
         url = blob_url(new_node, registry, "peer/liar", layer.digest)
 
-        # The wrong bytes never pass as the blob: the transfer breaks off (or is short), nothing is cached.
-        with pytest.raises(requests.RequestException):
-            first = requests.get(url, timeout=30)
-            first.raise_for_status()
-            assert first.content != layer.read_bytes()
-            raise requests.RequestException("served, but not the blob")
+        # The wrong bytes never pass as the blob: the proxy streams them while it verifies, holds the
+        # last chunk back, and on the mismatch drops the connection short of Content-Length, so the
+        # client sees a broken transfer (never a clean 200) and nothing is cached.
+        first = requests.get(url, timeout=30, stream=True)
+        assert first.status_code == 200 and first.headers["Content-Length"] == str(layer.size)
+        assert first.headers["X-Imagewarm-Cache"] == "miss"
+        received = 0
+        with pytest.raises(requests.exceptions.ChunkedEncodingError, match="IncompleteRead"):
+            for chunk in first.iter_content(1 << 16):
+                received += len(chunk)
+        assert 0 <= received < layer.size
+        assert not [path for path in Layout(new_node.cache_dir).blobs_dir.rglob("*") if path.is_file()]
         assert new_node.metric("imagewarm_proxy_peer_fetches_total", result="failed") == 1
 
         # The next pull skips that peer and gets the real blob from the upstream.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
+import json
 import time
 
 import pytest
@@ -92,6 +94,27 @@ def test_bad_requests_get_oci_errors(registry, proxy_factory, path, code, status
     response = requests.get(url, auth=("", ""), timeout=10)
     assert response.status_code == status, response.text
     assert response.json()["errors"][0]["code"] == code
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/{host}/ok/blobs/sha256:" + "a" * 64 + "/..",
+        "/v2/{host}/ok/manifests/v1/.",
+        "/v2/{host}/./ok/manifests/v1",
+    ],
+)
+def test_dot_segments_are_name_invalid(registry, proxy_factory, path):
+    """Sent verbatim (http.client: requests would resolve a trailing dot segment before sending)."""
+    proxy = proxy_factory(insecure=(registry.host,), workers=1)
+    connection = http.client.HTTPConnection(proxy.ip, proxy.port, timeout=10)
+    try:
+        connection.request("GET", path.format(host=registry_segment(registry.host)))
+        response = connection.getresponse()
+        body = json.loads(response.read())
+    finally:
+        connection.close()
+    assert (response.status, body["errors"][0]["code"]) == (400, "NAME_INVALID"), body
 
 
 def test_mirror_mode_path_with_ns(registry, images, proxy_factory):

@@ -4,10 +4,13 @@ authorised client cached stays private to clients the upstream accepts."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import requests
 
 from localcluster.images import OCI_MANIFEST, push
+from localcluster.registry import Registry, start_registry
 from tests.component import proxy_fixtures
 from tests.fixtures.registries import SkopeoError
 from tests.oci_checks import assert_dir_matches, copy_to_dir
@@ -98,3 +101,46 @@ def test_repeated_pulls_reuse_the_cached_token(token_registry, images, skopeo, p
     assert 1 <= tokens <= workers, (tokens, len(upstream))
     assert tokens * 5 <= len(upstream)  # measured: 2 tokens for 22 upstream requests
     assert new_scopes == {(token_registry.username, "repository:private/many:pull")}
+
+
+@pytest.fixture
+def own_token_registry(tmp_path) -> Iterator[Registry]:
+    """A token registry of this test alone: the test breaks its token service."""
+    started = start_registry(tmp_path / "token-registry", token=True)
+    yield started
+    started.stop()
+
+
+def test_a_failing_token_service_is_said_once_and_sends_no_doomed_request(
+    own_token_registry, images, proxy_factory
+):
+    registry = own_token_registry
+    server = registry.token_server
+    assert server is not None
+    for repository in ("public/first", "public/second", "public/third"):
+        push(registry, repository, "v1", images.synthetic(layers=1, layer_size=10_000, seed=70))
+    proxy = proxy_factory(insecure=(registry.host,), workers=1)
+    base = f"{proxy.url}/v2/{registry.host}"
+    accept = {"Accept": OCI_MANIFEST}
+    # The proxy learns the registry's challenge (and gets a token for this scope).
+    assert requests.get(f"{base}/public/first/manifests/v1", headers=accept, timeout=10).status_code == 200
+
+    server.failing = True
+    before = len(registry.requests())
+    for repository in ("public/second", "public/third", "public/second"):
+        failed = requests.get(f"{base}/{repository}/manifests/v1", headers=accept, timeout=30)
+        assert failed.status_code == 502, failed.text
+        error = failed.json()["errors"][0]
+        assert error["code"] == "UPSTREAM_UNAVAILABLE"
+        assert server.realm in error["message"] and "token service" in error["message"]
+        assert "retry" in error["message"]
+    # The registry's challenge said a token is needed: no request went out without one, and the
+    # token was asked for once per request.
+    assert registry.requests()[before:] == []
+    assert server.failed == 3
+    lines = [line for line in proxy.log_tail(400).splitlines() if "token service failing" in line]
+    assert len(lines) == 1 and server.realm in lines[0], proxy.log_tail()
+
+    server.failing = False
+    assert requests.get(f"{base}/public/second/manifests/v1", headers=accept, timeout=10).status_code == 200
+    assert "token service answers again" in proxy.log_tail(400)

@@ -6,7 +6,6 @@ like separate worker processes; the writer is killed with SIGKILL, not asked to 
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import signal
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from imagewarm.digest import Digest
 from proxy.cache.eviction import Evictor
 from proxy.cache.flight import Follower, Writer
 from proxy.cache.manifest_store import ManifestStore
@@ -29,8 +29,8 @@ SPAWN = multiprocessing.get_context("spawn")
 CHUNK = 128 * 1024
 
 
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def _digest(data: bytes) -> Digest:
+    return Digest.of(data)
 
 
 # -- child processes (module level: spawn imports them by name) ----------------------------------
@@ -246,7 +246,7 @@ def test_disk_full_cleans_up_and_recovers(small_disk: Path) -> None:
     with pytest.raises(DiskFull):
         writer.write(blob)
     with pytest.raises(DiskFull):
-        ManifestStore(small_disk / "cache").put(_digest(blob), blob, "application/octet-stream")
+        ManifestStore(small_disk / "cache").put(str(_digest(blob)), blob, "application/octet-stream")
     assert list(store.layout.partial_dir.iterdir()) == []
     filler.unlink()
     writer = store.claim(_digest(blob), len(blob))

@@ -85,9 +85,13 @@ def release(cluster: Cluster, values: dict[str, Any]) -> Iterator[Release]:
 def diagnose(cluster: Cluster) -> str:
     pods = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
     events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp", check=False).stdout
-    logs = cluster.kubectl("logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/part-of=imagewarm",
-                           "--all-containers", "--tail=20", "--prefix", check=False).stdout  # fmt: skip
-    return f"pods:\n{pods}\nevents:\n{events[-3000:]}\nlogs:\n{logs[-6000:]}"
+    names = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-o", "name", check=False).stdout.split()
+    logs = "\n".join(
+        f"--- {name}\n"
+        + cluster.kubectl("logs", "-n", NAMESPACE, name, "--tail=15", check=False).stdout[-2500:]
+        for name in names
+    )
+    return f"pods:\n{pods}\nevents:\n{events[-2000:]}\nlogs:\n{logs}"
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -377,7 +381,13 @@ def test_uninstall_leaves_no_webhook_and_pods_still_start(
     release.uninstall()
     gone = cluster.kubectl("get", "mutatingwebhookconfiguration", RELEASE, check=False)
     assert gone.returncode != 0 and "NotFound" in gone.stderr
-    assert not release.pods("proxy") and not release.pods("webhook") and not release.pods("controller")
+    # The workloads are gone; their pods go with them (deleted by the garbage collector).
+    for kind in ("daemonset", "deployment", "service", "serviceaccount"):
+        listed = cluster.kubectl(
+            "get", kind, "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"
+        )
+        assert not listed.stdout.strip(), listed.stdout
+    eventually(lambda: not any(release.pods(c) for c in ("proxy", "webhook", "controller")), 90, "pods gone")
 
     image = builder.busybox(data_size=1 << 20)
     push(upstream, "team/after", "1", image)

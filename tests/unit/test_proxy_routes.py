@@ -172,3 +172,41 @@ def test_token_cache_expires():
     assert cache.get(("k",)) == "tok"
     now[0] = 291.0  # renewed before the stated expiry
     assert cache.get(("k",)) is None
+
+
+DOT_SEGMENT_PATHS = [
+    "/v2/docker.io/app/blobs/" + DIGEST + "/..",
+    "/v2/docker.io/app/blobs/" + DIGEST + "/.",
+    "/v2/docker.io/app/manifests/v1/..",
+    "/v2/../docker.io/app/manifests/v1",
+    "/v2/./docker.io/app/manifests/v1",
+    "/v2/docker.io/./app/blobs/" + DIGEST,
+    "/v2/docker.io/app/../blobs/" + DIGEST,
+    "/v2/docker.io/app/blobs/..",
+    "/v2/..",
+    "/v2/.",
+]
+
+
+@pytest.mark.parametrize("path", DOT_SEGMENT_PATHS)
+@pytest.mark.parametrize("ns", [None, "docker.io"])
+def test_dot_segments_are_name_invalid_wherever_they_are(path, ns):
+    with pytest.raises(RegistryError) as caught:
+        routes.parse(path, ns)
+    assert (caught.value.code, caught.value.status) == ("NAME_INVALID", 400)
+
+
+_SEGMENT = st.sampled_from(["docker.io", "app", "team", "manifests", "blobs", DIGEST, "v1", "", "x_1"])
+
+
+@given(
+    st.lists(_SEGMENT, max_size=6),
+    st.sampled_from([".", ".."]),
+    st.lists(_SEGMENT, max_size=6),
+    st.sampled_from([None, "docker.io"]),
+)
+def test_a_path_with_a_dot_segment_anywhere_is_name_invalid(before, dots, after, ns):
+    path = "/v2/" + "/".join([*before, dots, *after])
+    with pytest.raises(RegistryError) as caught:
+        routes.parse(path, ns)
+    assert (caught.value.code, caught.value.status) == ("NAME_INVALID", 400)

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imagewarm.digest import Digest, InvalidDigest
 from proxy.cache.eviction import Evictor
 from proxy.cache.flight import Follower, Writer
 from proxy.cache.hashing import PipelinedHash
 from proxy.cache.manifest_store import ManifestStore
-from proxy.cache.paths import InvalidDigest
 from proxy.cache.store import (
     BlobStore,
     CachedBlob,
@@ -55,12 +55,21 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
         store.close()
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def sha256(data: bytes) -> Digest:
+    return Digest.of(data)
 
 
-def sha512(data: bytes) -> str:
-    return "sha512:" + hashlib.sha512(data).hexdigest()
+def sha512(data: bytes) -> Digest:
+    return Digest.of(data, "sha512")
+
+
+def text_sha256(data: bytes) -> str:
+    """The digest as the tag index and the manifest store take it: text (parsed there)."""
+    return str(Digest.of(data))
+
+
+def text_sha512(data: bytes) -> str:
+    return str(Digest.of(data, "sha512"))
 
 
 def leftovers(store: BlobStore) -> list[str]:
@@ -154,7 +163,7 @@ def test_running_hash_continues_after_disk_full_style_abort(make_store: MakeStor
     check = writer.running_hash()
     writer.abort()
     check.update(data[300:])
-    assert f"sha256:{check.hexdigest()}" == sha256(data)
+    assert f"sha256:{check.hexdigest()}" == str(sha256(data))
 
 
 def test_digest_mismatch_keeps_nothing(make_store: MakeStore) -> None:
@@ -184,7 +193,7 @@ def test_size_mismatch_short_and_oversize(make_store: MakeStore) -> None:
     assert not store.has(sha256(data)) and leftovers(store) == []
 
 
-def test_sha512_and_invalid_digests(make_store: MakeStore) -> None:
+def test_sha512_and_what_names_no_blob(make_store: MakeStore) -> None:
     store = make_store()
     data = b"sha512 content"
     writer = store.claim(sha512(data))
@@ -192,11 +201,15 @@ def test_sha512_and_invalid_digests(make_store: MakeStore) -> None:
     writer.write(data)
     writer.commit()
     assert store.open(sha512(data)).read() == data
+    # The store takes parsed Digests only: text that is not one never names a path.
     for bad in ["md5:" + "0" * 32, "sha256:" + "0" * 63, "sha256:" + "A" * 64, "sha256:../../etc", "x"]:
         with pytest.raises(InvalidDigest):
-            store.claim(bad)
-        with pytest.raises(ValueError):
-            store.has(bad)
+            Digest.parse(bad)
+    # A file in the blob tree whose name is not a digest is no blob.
+    stray = store.layout.blobs_dir / "sha256" / "zz" / "not-a-digest"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"x")
+    assert [info.digest for info in store.blobs()] == [sha512(data)]
 
 
 def test_put_bytes_verifies(make_store: MakeStore) -> None:
@@ -435,13 +448,13 @@ def test_evictor_rejects_bad_watermarks(make_store: MakeStore) -> None:
 def test_tag_index_round_trip_and_overwrite(tmp_path: Path) -> None:
     tags = TagIndex(tmp_path)
     assert tags.get("docker.io", "library/nginx", "1.27") is None
-    first = sha256(b"manifest one")
+    first = text_sha256(b"manifest one")
     tags.set("docker.io", "library/nginx", "1.27", first, "application/vnd.oci.image.index.v1+json")
     entry = tags.get("docker.io", "library/nginx", "1.27")
     assert entry is not None and entry.digest == first
     assert entry.media_type == "application/vnd.oci.image.index.v1+json"
     assert 0 <= entry.age() < 5
-    second = sha512(b"manifest two")
+    second = text_sha512(b"manifest two")
     tags.set(
         "docker.io", "library/nginx", "1.27", second, "application/vnd.docker.distribution.manifest.v2+json"
     )
@@ -458,7 +471,7 @@ def test_tag_index_round_trip_and_overwrite(tmp_path: Path) -> None:
 
 def test_tag_index_ignores_a_torn_entry(tmp_path: Path) -> None:
     tags = TagIndex(tmp_path)
-    tags.set("docker.io", "library/busybox", "1", sha256(b"m"), "application/json")
+    tags.set("docker.io", "library/busybox", "1", text_sha256(b"m"), "application/json")
     tags.layout.tag("docker.io", "library/busybox", "1").write_bytes(b'{"digest": "sha2')
     assert tags.get("docker.io", "library/busybox", "1") is None
 
@@ -468,17 +481,17 @@ def test_manifest_store_keeps_bytes_and_media_type(tmp_path: Path) -> None:
     # Bytes a JSON round trip would change: key order, spacing, a trailing newline, a leading newline.
     data = b'\n{"schemaVersion":2,  "mediaType" : "x", "z":1,"a":[ ]}\n'
     media_type = "application/vnd.oci.image.manifest.v1+json"
-    assert manifests.get(sha256(data)) is None
-    manifests.put(sha256(data), data, media_type)
-    assert ManifestStore(tmp_path).get(sha256(data)) == (data, media_type)
-    assert manifests.has(sha256(data))
-    manifests.put(sha512(data), data, "")
-    assert manifests.get(sha512(data)) == (data, "")
+    assert manifests.get(text_sha256(data)) is None
+    manifests.put(text_sha256(data), data, media_type)
+    assert ManifestStore(tmp_path).get(text_sha256(data)) == (data, media_type)
+    assert manifests.has(text_sha256(data))
+    manifests.put(text_sha512(data), data, "")
+    assert manifests.get(text_sha512(data)) == (data, "")
     with pytest.raises(DigestMismatch):
-        manifests.put(sha256(b"other"), data, media_type)
-    assert manifests.get(sha256(b"other")) is None
+        manifests.put(text_sha256(b"other"), data, media_type)
+    assert manifests.get(text_sha256(b"other")) is None
     with pytest.raises(ValueError):
-        manifests.put(sha256(data), data, "bad\ntype")
+        manifests.put(text_sha256(data), data, "bad\ntype")
 
 
 # -- properties ------------------------------------------------------------------------------------

@@ -122,4 +122,3 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
     def _on_exit(self, _server: Any) -> None:
         if self.agent is not None:
             self.agent.stop()
-

@@ -223,6 +223,10 @@ class Agent:
         with self._lock:
             if not self._seeded:
                 return None
+            if not self._tasks and not self._reported_images and not self._first_sync:
+                # Nothing to report on a NodeImage that never had a task: no write at all (an agent
+                # rollout over 5,000 idle nodes is then 0 writes, not 5,000).
+                return None
             previous: dict[str, Any] = {"imageStatuses": {key: {} for key in self._reported_images}}
             if self._first_sync:
                 previous["firstSyncStatus"] = self._first_sync

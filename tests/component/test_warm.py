@@ -159,3 +159,35 @@ def test_failures_are_explained_and_the_others_still_warm(registry, images, prox
     unreachable = warm_cli(good, "--proxy", nowhere, docker_config_dir=tmp_path)
     assert unreachable.returncode == 1
     assert f"cannot reach the proxy at {nowhere}" in unreachable.stderr and "--proxy" in unreachable.stderr
+
+
+def test_warm_names_the_blobs_of_the_platform_it_was_given_and_stops_when_cancelled(
+    registry, images, proxy_factory
+):
+    """What the node agent relies on: the blob digests to pin, the node's platform out of an index,
+    and a cancel that ends the warm-up (nothing fetched once it is set)."""
+    import threading
+
+    from imagewarm.platforms import Platform
+    from imagewarm.warmup import WarmCancelled, warm
+
+    amd, arm = (
+        images.synthetic(layers=2, layer_size=100_000, seed=seed, platform=platform)
+        for seed, platform in ((74, "linux/amd64"), (75, "linux/arm64"))
+    )
+    index = images.index({"linux/amd64": amd, "linux/arm64": arm})
+    push(registry, "warm/agent", "v1", index)
+    proxy = proxy_factory(insecure=(registry.host,), workers=2)
+    written = f"{registry.host}/warm/agent:v1"
+
+    cancel = threading.Event()
+    cancel.set()
+    before = len(registry.requests())
+    with pytest.raises(WarmCancelled):
+        warm(written, proxy.url, platform=Platform("linux", "arm64"), cancel=cancel)
+    assert registry.blob_gets("warm/agent", since=before) == []
+
+    result = warm(written, proxy.url, platform=Platform("linux", "arm64"), cancel=threading.Event())
+    assert result.digest == index.digest and result.manifests == (arm.digest,)
+    assert sorted(result.blob_digests) == sorted(b.digest for b in arm.blobs)
+    assert sorted(registry.blob_gets("warm/agent", since=before)) == sorted(b.digest for b in arm.blobs)

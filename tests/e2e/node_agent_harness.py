@@ -87,7 +87,7 @@ def wait_phase(
         return status if status and status["phase"] in phases else None
 
     try:
-        return eventually(reached, f"{name}:{tag} on {node} in {phases}", timeout)  # type: ignore[no-any-return]
+        return eventually(reached, f"{name}:{tag} on {node} in {phases}", timeout)
     except AssertionError as exc:
         shown = json.dumps(nodeimage(kube, node).get("status"), indent=1)[-3000:]
         raise AssertionError(f"{exc}\nstatus: {shown}") from None

@@ -132,8 +132,10 @@ def test_failed_lists_are_retried() -> None:
 
 def test_selectors_go_to_the_list_and_every_watch() -> None:
     class Recording(ScriptedSource):
-        list_params: list[dict[str, Any]] = []
-        watch_params: list[dict[str, Any] | None] = []
+        def __init__(self, lists: list[dict[str, Any]], watches: list[Any]) -> None:
+            super().__init__(lists, watches)
+            self.list_params: list[dict[str, Any]] = []
+            self.watch_params: list[dict[str, Any] | None] = []
 
         def get(self, path: str, **params: Any) -> dict[str, Any]:
             self.list_params.append(params)
@@ -160,7 +162,6 @@ def test_selectors_go_to_the_list_and_every_watch() -> None:
     assert source.watch_params[:2] == [wanted, wanted]
 
     only_fields = Recording(lists=[{"metadata": {"resourceVersion": "1"}, "items": []}], watches=[])
-    only_fields.list_params, only_fields.watch_params = [], []
     run(only_fields, field_selector="metadata.name=node-2")
     assert only_fields.list_params == [{"fieldSelector": "metadata.name=node-2"}]
 

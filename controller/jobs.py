@@ -97,6 +97,8 @@ class JobReconciler:
         self._statuses: dict[str, tuple[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._last_targets: dict[str, frozenset[str]] = {}  # job uid -> its targets at the last reconcile
+        # job uid -> (its image target, node -> (NodeImage resourceVersion, the node's state))
+        self._memo: dict[str, tuple[ImageTarget | None, dict[str, tuple[str, NodeState]]]] = {}
 
     # Owners' wishes (for the merged pull policy and secrets of shared entries) ---------------------
 
@@ -126,6 +128,7 @@ class JobReconciler:
         uid = metadata["uid"]
         if metadata.get("deletionTimestamp"):
             self._last_targets.pop(uid, None)
+            self._memo.pop(uid, None)
             self.release_everywhere(namespace, name, uid)
             self.collect_secrets(exclude=uid)
             self._remove_finalizer(job)
@@ -133,6 +136,7 @@ class JobReconciler:
         status = self._status(job)
         if finished(status):
             self._last_targets.pop(uid, None)
+            self._memo.pop(uid, None)
             self.release_everywhere(namespace, name, uid)
             return self._ttl(job, status)
         spec = job.get("spec") or {}
@@ -147,7 +151,7 @@ class JobReconciler:
         del copies  # the lookup names them; ensure() made them exist
         owner = owner_ref(job)
         lookup = self.lookup
-        states = {n: classify(n, self.writer.get(n), target, uid) for n in targets}
+        states = self._classify_all(uid, target, targets)
 
         # Nodes no longer targeted (a selector edit, a pod gone) lose the job's task. The scan of
         # every NodeImage runs only when the targets may have shrunk since the last reconcile.
@@ -170,6 +174,7 @@ class JobReconciler:
                 self._refresh(node, target, bump)
                 states[node] = classify(node, self.writer.get(node), target, uid)
             self._record_generation(job)
+            self.collect_secrets()  # an edit may have dropped a pull secret
 
         never = (spec.get("completionPolicy") or {}).get("type") == "Never"
         limit = api.resolve_parallelism(spec.get("parallelism"), len(targets))
@@ -184,6 +189,26 @@ class JobReconciler:
 
         return self._write_status(job, status, states, now, never=never, paused=limit == 0,
                                   missing_secrets=missing, next_repull=next_repull)  # fmt: skip
+
+    def _classify_all(self, uid: str, target: ImageTarget, targets: list[str]) -> dict[str, NodeState]:
+        """Each target's state; a node whose NodeImage did not change since the last reconcile
+        keeps its state without being looked at again (thousands of nodes per reconcile)."""
+        view = self.writer.snapshot()
+        memo_target, memo = self._memo.get(uid, (None, {}))
+        if memo_target != target:
+            memo = {}
+        states = {}
+        for node in targets:
+            obj = view.get(node)
+            version = str((obj or {}).get("metadata", {}).get("resourceVersion") or "")
+            hit = memo.get(node)
+            if hit is not None and version and hit[0] == version:
+                states[node] = hit[1]
+            else:
+                state = states[node] = classify(node, obj, target, uid)
+                memo[node] = (version, state)
+        self._memo[uid] = (target, {n: memo[n] for n in targets})
+        return states
 
     def _start(
         self, node: str, target: ImageTarget, owner: api.ObjectReference, spec: dict[str, Any], now: float

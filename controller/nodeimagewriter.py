@@ -55,12 +55,24 @@ class NodeImageWriter:
             del self._written[name]
         return cached
 
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every NodeImage by name, as `get` would answer for each."""
+        objects = self.cache.snapshot()
+        with self._lock:
+            for name, written in list(self._written.items()):
+                cached = objects.get(name)
+                if cached is not None and _version(cached) in written.older:
+                    objects[name] = written.obj
+                else:
+                    del self._written[name]
+        return objects
+
     def update(self, name: str, image: str, compute: Compute) -> dict[str, Any] | None:
         """Set `spec.images[image]` of NodeImage `name` to `compute(current entry)` (None removes
         it); nothing is written when that is the current entry. Returns the NodeImage as after
         the write, None if it does not exist."""
-        obj = self.get(name)
         older: set[str] = set()
+        obj = self.get(name)
         for _ in range(ATTEMPTS):
             if obj is None:
                 return None
@@ -69,6 +81,11 @@ class NodeImageWriter:
             if wanted == current:
                 return obj
             rv = _version(obj)
+            # What the cache holds now precedes our write (the cache only moves forward). Read it
+            # before writing: after the write it may already show a later change by someone else.
+            cached = self.cache.get(name)
+            if cached is not None:
+                older.add(_version(cached))
             patch = {"metadata": {"resourceVersion": rv}, "spec": {"images": {image: wanted}}}
             try:
                 result = self.kube.patch(api.NODE_IMAGE.path(name), patch)
@@ -86,9 +103,5 @@ class NodeImageWriter:
             with self._lock:
                 previous = self._written.get(name)
                 self._written[name] = _Written(result, older | (previous.older if previous else set()))
-                # The write's precondition held, so what the cache holds now precedes it too.
-                cached_version = _version(self.cache.get(name))
-                if cached_version != _version(result):
-                    self._written[name].older.add(cached_version)
             return result
         raise Conflict(f"NodeImage {name}: the image entry {image} kept changing; retrying later")

@@ -105,6 +105,11 @@ class Informer:
         with self._lock:
             return self._objects.get(key)
 
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every object by key, as of now (a shallow copy: one lock for thousands of reads)."""
+        with self._lock:
+            return dict(self._objects)
+
     def add_handler(self, handler: Handler) -> None:
         """Add a handler; call it before `start()` so that it sees every object."""
         self.handlers = (*self.handlers, handler)

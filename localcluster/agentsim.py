@@ -168,8 +168,8 @@ class AgentSim:
             "waiting": phases.count("Waiting"),
             "imageStatuses": images,
         }
-        if all(status.get(k) == v for k, v in wanted.items()):
-            return
+        if all(status.get(k) == v for k, v in wanted.items()) or (not images and not old_images):
+            return  # nothing changed, or a NodeImage without tasks that never had any
         patch_images: dict[str, Any] = {**images, **{n: None for n in old_images if n not in images}}
         patch = {
             "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},

@@ -435,6 +435,6 @@ def test_image_pull_policy_always_pulls_again_where_another_job_already_pulled(
     assert tasks_of(kube, repo)[node]["tags"][0]["version"] == 1
     metrics = controller.metrics()
     assert 'imagewarm_controller_reconciles_total{kind="imagepulljobs",result="success"}' in metrics
-    assert 'imagewarm_controller_api_requests_total{verb="patch",code="200"}' in metrics
+    assert 'imagewarm_controller_api_requests_total{code="200",verb="patch"}' in metrics
     assert "imagewarm_controller_leader 1.0" in metrics
     assert 'imagewarm_controller_tasks{phase="Succeeded"}' in metrics

@@ -17,6 +17,7 @@ class Store:
         self.obj: dict[str, Any] = {"metadata": {"name": "n", "resourceVersion": "1"}, "spec": {"images": {}}}
         self.patches: list[dict[str, Any]] = []
         self.before_patch: Any = None
+        self.after_patch: Any = None
 
     def bump(self, images: dict[str, Any]) -> None:
         version = int(self.obj["metadata"]["resourceVersion"]) + 1
@@ -39,7 +40,11 @@ class Store:
             else:
                 images[name] = entry
         self.bump(images)
-        return copy.deepcopy(self.obj)
+        result = copy.deepcopy(self.obj)
+        if self.after_patch is not None:
+            hook, self.after_patch = self.after_patch, None
+            hook()
+        return result
 
 
 class Cache:
@@ -48,6 +53,9 @@ class Cache:
 
     def get(self, key: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.obj)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {"n": copy.deepcopy(self.obj)} if self.obj else {}
 
 
 def entry(owner: str) -> dict[str, Any]:
@@ -96,3 +104,20 @@ def test_removing_the_last_tag_removes_the_entry() -> None:
     writer = NodeImageWriter(store, Cache(store.obj))  # type: ignore[arg-type]
     writer.update("n", "app", lambda e: None)
     assert store.patches[-1]["spec"]["images"] == {"app": None} and store.obj["spec"]["images"] == {}
+
+
+def test_a_cache_already_past_our_write_answers() -> None:
+    """The agent writes right after us and its event reaches the cache before our patch returns:
+    the cache is newer than our write and must answer (a stale answer would stick for good)."""
+    store = Store()
+    cache = Cache(store.obj)
+    writer = NodeImageWriter(store, cache)  # type: ignore[arg-type]
+
+    def agent_writes() -> None:
+        store.bump({"app": entry("a"), "status-by-agent": entry("x")})
+        cache.obj = copy.deepcopy(store.obj)
+
+    store.after_patch = agent_writes
+    writer.update("n", "app", lambda e: entry("a"))
+    assert "status-by-agent" in writer.get("n")["spec"]["images"]  # type: ignore[index]
+    assert "status-by-agent" in writer.snapshot()["n"]["spec"]["images"]

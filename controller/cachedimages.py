@@ -131,6 +131,8 @@ class CachedImageReconciler:
             return None
         now = self.clock()
         ref = parse(reference)
+        if usage.count and (stored.get("spec") or {}).get("expiresAt"):
+            stored = self._set_expiry(stored, None)  # in use again: at once, not after a coalesced write
         status = stored.get("status") or {}
         tasks = self.task_index.tasks(reference)
         desired = inventory.desired_status(ref, usage, tasks, status)

@@ -236,6 +236,14 @@ def entry_of(reference: Reference) -> tuple[str, str]:
     return reference.name, reference.digest or reference.tag or "latest"
 
 
+def task_digest(image_id: str | None) -> str | None:
+    """The digest of a task status's `imageID`: `sha256:…`, or the digest of `name@sha256:…`."""
+    if not image_id:
+        return None
+    digest = image_id.rpartition("@")[2]
+    return digest if digest.startswith(("sha256:", "sha512:")) else None
+
+
 @dataclass(frozen=True)
 class NodeTask:
     """A task of one node for one image: its spec owners and the agent's status (phase None: the
@@ -358,7 +366,7 @@ def desired_status(
     nodes = sorted(usage.nodes | {t.node for t in succeeded})
     digest: str | None = reference.digest
     if digest is None:
-        from_tasks = sorted({t.image_id for t in succeeded if t.image_id})
+        from_tasks = sorted({d for t in succeeded if (d := task_digest(t.image_id))})
         from_pods = sorted(usage.digests)
         digest = (from_tasks or from_pods or [str(stored.get("digest") or "")])[0] or None
     status: dict[str, Any] = {

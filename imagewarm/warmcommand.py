@@ -259,12 +259,15 @@ def run_job(config: WarmConfig) -> int:
         nodes=config.nodes,
         pull_secrets=[name for _, name in config.pull_secret],
     )
+    follower = warmjob.Follower(client, config.images)
     try:
+        follower.start()  # before the job exists: no status of its nodes goes unseen
         created = warmjob.create(client, job)
     except warmjob.JobError as exc:
+        follower.stop()
         print(f"imagewarm warm: {exc}", file=sys.stderr)
         return 2
-    follower = warmjob.Follower(client, created, config.images)
+    follower.job = created
     kind, name = created["kind"].lower(), created["metadata"]["name"]
     try:  # from here on, Ctrl-C says how to find the job it leaves running
         print(
@@ -282,6 +285,8 @@ def run_job(config: WarmConfig) -> int:
     except warmjob.JobError as exc:
         print(f"imagewarm warm: {exc}", file=sys.stderr)
         return 1
+    finally:
+        follower.stop()
     several = len(config.images) > 1
     header = ("node", "image", "phase", "digest", "seconds", "message") if several else (
         "node", "phase", "digest", "seconds", "message")  # fmt: skip

@@ -12,9 +12,10 @@ unit-tested; `follow` polls the API server.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from imagewarm import api
@@ -121,12 +122,9 @@ def node_rows(image: Reference, job_uid: str, nodeimages: Iterable[Mapping[str, 
         phase = str(status.get("phase") or "Waiting")
         progress = 100 if phase == "Succeeded" else int(status.get("progress") or 0)
         seconds = _seconds(status.get("startTime"), status.get("completionTime")) if status else None
-        rows.append(
-            NodeRow(
-                node, image.familiar, phase, progress, str(status.get("imageID") or ""), seconds,
-                str(status.get("message") or ""),
-            )
-        )  # fmt: skip
+        digest = str(status.get("imageID") or "").rpartition("@")[2]  # `sha256:…` or `name@sha256:…`
+        message = str(status.get("message") or "")
+        rows.append(NodeRow(node, image.familiar, phase, progress, digest, seconds, message))
     return sorted(rows, key=lambda r: r.node)
 
 
@@ -175,17 +173,57 @@ class JobError(RuntimeError):
 
 @dataclass
 class Follower:
-    """Polls the job (and, for a list job, the ImagePullJobs it owns) and the NodeImages."""
+    """Follows a job: watches the NodeImages (start it before creating the job, so no status is
+    missed) and polls the job (and, for a list job, the ImagePullJobs it owns).
+
+    A finished job's tasks leave the NodeImages (the controller compacts them), so each node's row
+    is the last status the watch saw for a task the job owned, not what the NodeImages hold now."""
 
     client: Any
-    job: dict[str, Any]
     images: Sequence[Reference]
     report: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
     poll: float = POLL_SECONDS
+    settle: float = 5.0  # how long a finished job's last statuses may take to arrive
+    job: dict[str, Any] = field(default_factory=dict)
+    _seen: dict[tuple[str, str, str], NodeRow] = field(default_factory=dict)  # (job uid, node, image)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _informer: Any = None
 
     @property
     def label(self) -> str:
         return f"{self.job['kind']} {self.job['metadata']['namespace']}/{self.job['metadata']['name']}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Watch the NodeImages. Raises JobError when they cannot be listed."""
+        from imagewarm.informer import Informer
+
+        self._informer = Informer(
+            self.client, api.NODE_IMAGE.path(), name="warm", watch_timeout=60, handlers=(self._on_nodeimage,)
+        ).start()
+        if not self._informer.wait_synced(timeout):
+            self.stop()
+            raise JobError(f"cannot list NodeImages within {timeout:.0f}s: is the API server reachable?")
+
+    def stop(self) -> None:
+        if self._informer is not None:
+            self._informer.stop(timeout=0.1)
+
+    def _on_nodeimage(self, kind: str, nodeimage: dict[str, Any]) -> None:
+        if kind == "DELETED":
+            return
+        for image in self.images:
+            entry = ((nodeimage.get("spec") or {}).get("images") or {}).get(image.name) or {}
+            tag = image.digest or image.tag or "latest"
+            task = next((t for t in entry.get("tags") or [] if t.get("tag") == tag), None) or {}
+            for owner in task.get("ownerReferences") or []:
+                if owner.get("kind") != "ImagePullJob":
+                    continue
+                for row in node_rows(image, str(owner.get("uid")), [nodeimage]):
+                    with self._lock:
+                        previous = self._seen.get((str(owner.get("uid")), row.node, row.image))
+                        self._seen[(str(owner.get("uid")), row.node, row.image)] = row
+                    if previous is None or (previous.phase, previous.progress) != (row.phase, row.progress):
+                        self.report(bar(row))
 
     def _jobs(self) -> list[dict[str, Any]]:
         """[(ImagePullJob)] the job itself, or the ImagePullJobs an ImageListPullJob owns."""
@@ -207,39 +245,37 @@ class Follower:
         ]
         return sorted(owned, key=lambda c: str(c["spec"].get("image")))
 
-    def rows(
-        self, jobs: Sequence[Mapping[str, Any]], nodeimages: Sequence[Mapping[str, Any]]
-    ) -> list[NodeRow]:
-        from imagewarm.reference import parse
-
-        rows: list[NodeRow] = []
-        for job in jobs:
-            rows += node_rows(parse(job["spec"]["image"]), job["metadata"]["uid"], nodeimages)
-        return rows
+    def rows(self, jobs: Sequence[Mapping[str, Any]]) -> list[NodeRow]:
+        """The last row seen of every node of every job, by job then node."""
+        uids = [str(j["metadata"]["uid"]) for j in jobs]
+        with self._lock:
+            seen = dict(self._seen)
+        return [row for uid in uids for key, row in sorted(seen.items()) if key[0] == uid]
 
     def follow(self) -> tuple[list[dict[str, Any]], list[NodeRow]]:
         """Until every job finished: (the jobs, the node rows). Temporary API errors are retried."""
         from imagewarm import kube
 
-        shown: dict[tuple[str, str], tuple[str, int]] = {}
+        expected = len(self.images) if self.job["kind"] == "ImageListPullJob" else 1
         while True:
             try:
                 jobs = self._jobs()
-                nodeimages = self.client.get(api.NODE_IMAGE.path()).get("items") or []
             except kube.Unavailable as exc:
                 self.report(f"the API server did not answer ({exc}); retrying")
                 time.sleep(self.poll)
                 continue
-            rows = self.rows(jobs, nodeimages)
-            for row in rows:
-                state = (row.phase, row.progress)
-                if shown.get((row.node, row.image)) != state:
-                    shown[(row.node, row.image)] = state
-                    self.report(bar(row))
-            expected = len(self.images) if self.job["kind"] == "ImageListPullJob" else 1
             if len(jobs) >= expected and finished(jobs):
-                return jobs, rows
+                break
             time.sleep(self.poll)
+        # The job's result is written after its nodes' last statuses: wait for the watch to bring them.
+        desired = sum(int((j.get("status") or {}).get("desired") or 0) for j in jobs)
+        deadline = time.monotonic() + self.settle
+        while time.monotonic() < deadline:
+            rows = self.rows(jobs)
+            if len(rows) >= desired and all(r.phase in ("Succeeded", "Failed") for r in rows):
+                break
+            time.sleep(0.1)
+        return jobs, self.rows(jobs)
 
 
 def _create_once(client: Any, path: str, job: dict[str, Any], attempts: int = 6) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,65 +23,32 @@ from imagewarm import api
 from imagewarm.reference import parse
 from localcluster.cluster import Cluster
 from localcluster.images import ImageBuilder, push
-from localcluster.processes import Daemon, free_ports
 from localcluster.registry import Registry, start_registry
 from localcluster.stack import Stack
+from tests.fixtures.controller import ControllerProcess
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_DIR = REPO / "charts" / "imagewarm" / "crds"
 
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEWARM_", "PROMETHEUS_"))}
 
 
-@dataclass
-class Controller:
-    """The real `imagewarm controller` process, started and stopped by the test."""
-
-    cluster: Cluster
-    workdir: Path
-    ttl: str
-    extra: tuple[str, ...] = ()
-    daemon: Daemon | None = None
-
-    def start(self) -> Controller:
-        port = free_ports(1)[0]
-        argv = [
-            sys.executable, "-m", "imagewarm", "controller", "--kubeconfig", str(self.cluster.kubeconfig),
-            "--unused-image-ttl", self.ttl, "--metrics-listen", f"127.0.0.1:{port}", "--log-format", "json",
-            *self.extra,
-        ]  # fmt: skip
-        self.daemon = Daemon(
-            "imagewarm-controller", argv, self.workdir / "controller.log", env=_env()
-        ).start()
-        self.daemon.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, statuses=[200])
-        return self
-
-    def stop(self) -> None:
-        if self.daemon is not None:
-            self.daemon.stop()
-
-
 @pytest.fixture(scope="module")
-def crds(cluster: Cluster) -> Cluster:
-    cluster.kubectl("apply", "-f", str(CRD_DIR))
-    names = [r.crd_name for r in api.RESOURCES]
-    cluster.kubectl(
-        "wait", "--for", "condition=Established", "--timeout", "60s", *(f"crd/{n}" for n in names)
-    )
-    return cluster
+def crds(crds_installed: Cluster) -> Cluster:
+    return crds_installed
 
 
 @pytest.fixture
-def controller(crds: Cluster, tmp_path: Path) -> Iterator[Callable[..., Controller]]:
-    """`controller(ttl, *flags)` starts the controller; every one started is stopped afterwards."""
-    started: list[Controller] = []
+def controller(crds: Cluster) -> Iterator[Callable[..., ControllerProcess]]:
+    """`controller(ttl, *flags)` starts the real controller process; every one started is stopped
+    afterwards, and the CachedImages the test left are deleted."""
+    started: list[ControllerProcess] = []
 
-    def start(ttl: str, *extra: str) -> Controller:
-        running = Controller(crds, tmp_path, ttl, extra).start()
+    def start(ttl: str, *extra: str) -> ControllerProcess:
+        running = ControllerProcess(crds, "--unused-image-ttl", ttl, *extra, name="cachedimages").start()
         started.append(running)
         return running
 
@@ -258,6 +224,31 @@ def test_retain_never_expires(controller, cluster: Cluster, namespace: str, buil
     kept = cached_image(cluster, image)
     assert kept is not None and kept["metadata"]["uid"] == found["metadata"]["uid"]
     assert "expiresAt" not in kept["spec"]
+
+
+def test_the_retain_example_is_kept_up_to_date_and_never_expires(controller, cluster: Cluster) -> None:
+    """examples/cachedimage.yaml: a user's CachedImage for an image no pod uses, named as the
+    controller names it, gets its status and no expiry."""
+    example = REPO / "examples" / "cachedimage.yaml"
+    cluster.kubectl("apply", "-f", str(example))
+    try:
+        controller("1s")
+        image = "registry.example.com/ops/recovery-toolbox:3.1"
+        kept = wait_for(
+            "the example's status written",
+            lambda: (
+                (c := cached_image(cluster, image))
+                and (c.get("status") or {}).get("phase") == "Pending"
+                and c
+            ),
+        )
+        assert kept["status"]["usedBy"] == {"count": 0, "pods": []} and "lastSeenUsed" in kept["status"]
+        time.sleep(3)  # three TTLs
+        again = cached_image(cluster, image)
+        assert again is not None and again["metadata"]["uid"] == kept["metadata"]["uid"]
+        assert "expiresAt" not in again["spec"]
+    finally:
+        cluster.kubectl("delete", "-f", str(example), "--ignore-not-found")
 
 
 def test_kuik_540_an_expired_image_in_use_is_not_deleted(

@@ -1,6 +1,8 @@
 """`imagewarm warm` in cluster mode against the real API server: the job it creates passes the CRD's
 validation with the flags mapped to its fields, Ctrl-C leaves it running and says how to follow and
-delete it, and `imagewarm status` lists it among the jobs in progress."""
+delete it, `imagewarm status` lists it among the jobs in progress; with the real controller and
+simulated node agents it follows the job to the end, a progress bar per node and a summary, exit 0
+only when every node succeeded."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from typing import Any
 import pytest
 
 from imagewarm import api
+from localcluster.agentsim import AgentSim, fake_digest
 from localcluster.cluster import Cluster
+from tests.fixtures.controller import ControllerProcess, Held, unique_image
 
 pytestmark = pytest.mark.e2e
 
@@ -104,3 +108,51 @@ def test_a_missing_namespace_is_a_clear_error(crds: Cluster) -> None:
     )  # fmt: skip
     assert warmed.returncode == 2
     assert "namespace no-such-namespace does not exist" in warmed.stderr
+
+
+# --- followed to the end: the real controller and the simulated node agents (localcluster/agentsim.py;
+# the real agent lands with the proxy). Last in the module: from here on, tasks on every node complete.
+
+
+def _warm(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imagewarm", "warm", "--kubeconfig", str(cluster.kubeconfig), *args],
+        capture_output=True, text=True, env=_env(), timeout=180,
+    )  # fmt: skip
+
+
+def _summary(stdout: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    start = lines.index("summary")
+    return [line.split(None, 5) for line in lines[start + 3 :]]
+
+
+def test_a_warm_followed_to_the_end_succeeds_on_every_node(
+    crds: Cluster, namespace: str, controller: ControllerProcess, agents: tuple[AgentSim, Held]
+) -> None:
+    image, name = unique_image("warm")
+    nodes = [n.name for n in crds.nodes]
+    warmed = _warm(crds, image, "--namespace", namespace, *(a for n in nodes for a in ("--nodes", n)))
+    assert warmed.returncode == 0, warmed.stderr
+    for node in nodes:
+        assert f"{node}  {image}  [{'#' * 20}] 100%  Succeeded" in warmed.stderr
+    rows = _summary(warmed.stdout)
+    assert [r[:3] for r in rows] == [[n, "Succeeded", fake_digest(name, "1")] for n in nodes]
+
+
+def test_a_list_warm_with_a_failing_node_exits_1_saying_why(
+    crds: Cluster, namespace: str, controller: ControllerProcess, agents: tuple[AgentSim, Held]
+) -> None:
+    (first, _), (second, second_name) = unique_image("ok"), unique_image("denied")
+    failing = crds.nodes[1].name
+    _, rules = agents
+    with rules.lock:
+        rules.failures[f"{failing}/{second_name}"] = "401 unauthorized: give the job pullSecrets"
+    warmed = _warm(crds, first, second, "--namespace", namespace, "--selector", "kubernetes.io/os=linux")
+    assert warmed.returncode == 1, warmed.stderr
+    rows = {(r[0], r[1]): r for r in _summary(warmed.stdout)}
+    for node in (n.name for n in crds.nodes):
+        assert rows[(node, first)][2] == "Succeeded"
+    assert rows[(failing, second)][2] == "Failed"
+    assert rows[(failing, second)][5] == "401 unauthorized: give the job pullSecrets"
+    assert "did not succeed on every node" in warmed.stderr

@@ -231,10 +231,14 @@ def test_task_index_follows_nodeimage_statuses():
 
 def test_status_counts_lists_ten_pods_sorted_and_unions_the_nodes():
     usage = inventory.Usage(tuple(f"ns/p{i:02}" for i in range(25)), frozenset({"n2"}), frozenset({DIGEST}))
-    tasks = [inventory.NodeTask("n1", "Succeeded", DIGEST), inventory.NodeTask("n3", "Pulling")]
+    tasks = [
+        inventory.NodeTask("n1", "Succeeded", f"docker.io/library/nginx@{DIGEST}"),  # name@digest, or
+        inventory.NodeTask("n4", "Succeeded", DIGEST),  # the digest alone
+        inventory.NodeTask("n3", "Pulling"),
+    ]
     status = inventory.desired_status(parse(NGINX), usage, tasks, {})
     assert status["usedBy"] == {"count": 25, "pods": [f"ns/p{i:02}" for i in range(10)]}
-    assert status["nodes"] == ["n1", "n2"]
+    assert status["nodes"] == ["n1", "n2", "n4"]
     assert status["phase"] == "Cached" and status["digest"] == DIGEST
 
 

@@ -198,3 +198,17 @@ def test_cluster_mode_refuses_direct_mode_flags(capsys: pytest.CaptureFixture[st
     argv = ["warm", "nginx", "--proxy", "http://127.0.0.1:1", "--nodes", "n1"]
     assert cli.main(argv) == 2
     assert "are for cluster mode" in capsys.readouterr().err
+
+
+def test_the_follower_keeps_each_nodes_last_status_after_the_tasks_are_compacted() -> None:
+    lines: list[str] = []
+    follower = warmjob.Follower(client=None, images=[parse("nginx:1.27")], report=lines.append)
+    follower._on_nodeimage("ADDED", nodeimage("n1", "job-1", None))
+    follower._on_nodeimage("MODIFIED", nodeimage("n1", "job-1", {"phase": "Pulling", "progress": 40}))
+    follower._on_nodeimage("MODIFIED", nodeimage("n1", "job-1", {"phase": "Pulling", "progress": 40}))
+    follower._on_nodeimage("MODIFIED", nodeimage("n1", "job-1", {"phase": "Succeeded", "imageID": DIGEST}))
+    follower._on_nodeimage("MODIFIED", {"metadata": {"name": "n1"}, "spec": {"images": {}}})  # compacted
+    follower._on_nodeimage("ADDED", nodeimage("n2", "another-job", {"phase": "Failed"}))
+    assert [line.split()[-1] for line in lines] == ["Waiting", "Pulling", "Succeeded", "Failed"]
+    job = {"metadata": {"uid": "job-1"}}
+    assert follower.rows([job]) == [warmjob.NodeRow("n1", "nginx:1.27", "Succeeded", 100, DIGEST)]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for people and CI: sets up this machine (idempotent), then does one job.
-#   ./dev.sh demo [ARGS]   the main job: a local cluster, an image warmed and pulled through the cache
+#   ./dev.sh demo [ARGS]   the main job: a local cluster, imagewarm installed with helm, pods pulled cold, warm, through a peer, offline
 #   ./dev.sh test [ARGS]   lint, type and layer checks, then the whole test suite (unit, component, e2e)
 #   ./dev.sh setup         only the set-up: Debian packages, the Python package, the Go-built binaries
 #   ./dev.sh bench         the benchmarks in bench/ (ratio tables)

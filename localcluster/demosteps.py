@@ -41,7 +41,7 @@ from imagewarm.reference import parse
 if TYPE_CHECKING:
     from imagewarm.kube import Kube
     from localcluster.chart import Release
-    from localcluster.cluster import Cluster
+    from localcluster.cluster import Cluster, Node
     from localcluster.images import Image
     from localcluster.registry import Registry
 
@@ -66,6 +66,7 @@ class Demo:
         self.tty = sys.stdout.isatty() if tty is None and out is None else bool(tty)
         self.phases: list[tuple[str, float]] = []
         self.step = ""
+        self.waited = 0.0  # seconds spent waiting for another local cluster (not the demo's own time)
         self._bar_shown = -1
 
     def elapsed(self) -> float:
@@ -111,6 +112,7 @@ class StartedPod:
     step: str
     name: str
     node: str
+    created: datetime.datetime
     images: dict[str, str]  # container -> image as stored (rewritten)
     original: dict[str, str]  # the webhook's annotation
     start_seconds: float  # PodScheduled -> ContainersReady (the API's second resolution)
@@ -127,6 +129,8 @@ class Outcome:
     facts: list[tuple[str, str]] = field(default_factory=list)
     views: dict[str, str] = field(default_factory=dict)  # `kubectl get` of the imagewarm kinds
     checks: list[tuple[str, bool]] = field(default_factory=list)
+    # The sidecar image's NodeImage status entry on each node, read just before the pod was created.
+    prepulled: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -145,7 +149,7 @@ def _apply(cluster: Cluster, obj: dict[str, Any]) -> None:
 
 def _deployment(name: str, image: str, node: str) -> dict[str, Any]:
     labels = {"app": name, APP_LABEL: "sample"}
-    command = "echo hello from $NODE: $(du -sh /data | cut -f1) of data; sleep 3600"
+    command = "echo hello from $NODE: $(du -sh /imagewarm | cut -f1) of data; sleep 3600"
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -179,30 +183,48 @@ def _ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
+def _timestamp(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def _when(pod: dict[str, Any], condition: str) -> datetime.datetime:
     for c in pod["status"]["conditions"]:
         if c["type"] == condition:
-            return datetime.datetime.fromisoformat(c["lastTransitionTime"].replace("Z", "+00:00"))
+            return _timestamp(c["lastTransitionTime"])
     raise StepError(f"pod {pod['metadata']['name']} has no {condition} condition")
 
 
-_PULLED = re.compile(r"Successfully pulled image \"[^\"]+\" in ([0-9.]+)(ms|s)")
+_PULLED = re.compile(r"Successfully pulled image \"[^\"]+\" in ([0-9.hmsµun]+)")
+_GO_DURATION_PART = re.compile(r"([0-9.]+)(h|ms|µs|us|ns|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}
 
 
-def _pulls(kube: Kube, pod: str) -> dict[str, str]:
-    """Container -> the kubelet's own measure of its pull (its `Pulled` event)."""
-    events = kube.get(
-        f"/api/v1/namespaces/{NAMESPACE}/events", fieldSelector=f"involvedObject.name={pod},reason=Pulled"
-    )["items"]
+def go_duration(text: str) -> float:
+    """Seconds in a Go duration as the kubelet prints it (`2m13.641s`, `590ms`)."""
+    parts = _GO_DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a Go duration: {text!r}")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def pull_times(events: list[dict[str, Any]]) -> dict[str, str]:
+    """Container -> the kubelet's own measure of its pull, from a pod's `Pulled` events: "2.31s", or
+    "already present" when the node had the image."""
     found = {}
     for event in events:
-        container = re.sub(r"^spec\.containers\{(.*)\}$", r"\1", event["involvedObject"].get("fieldPath", ""))
+        path = (event.get("involvedObject") or {}).get("fieldPath", "")
+        container = re.sub(r"^spec\.(?:init)?[cC]ontainers\{(.*)\}$", r"\1", path)
         m = _PULLED.search(event.get("message", ""))
         if m:
-            found[container] = f"{float(m.group(1)) / (1000 if m.group(2) == 'ms' else 1):.2f}s"
+            found[container] = f"{go_duration(m.group(1)):.2f}s"
         elif "already present" in event.get("message", ""):
             found[container] = "already present"
     return found
+
+
+def _pulls(kube: Kube, pod: str) -> dict[str, str]:
+    selector = f"involvedObject.name={pod},reason=Pulled"
+    return pull_times(kube.get(f"/api/v1/namespaces/{NAMESPACE}/events", fieldSelector=selector)["items"])
 
 
 def _samples(url: str) -> list[tuple[str, dict[str, str], float]]:
@@ -217,21 +239,24 @@ def _samples(url: str) -> list[tuple[str, dict[str, str], float]]:
     return found
 
 
-_COUNTERS = {
-    "hit": ("imagewarm_proxy_cache_hit_bytes_total", {"kind": "blob"}),
-    "miss": ("imagewarm_proxy_cache_miss_bytes_total", {"kind": "blob"}),
-    "upstream": ("imagewarm_proxy_upstream_bytes_total", {}),
-    "peer_blobs": ("imagewarm_proxy_peer_fetches_total", {"result": "hit"}),
-}
+def _counters(upstream: str) -> dict[str, tuple[str, dict[str, str]]]:
+    return {
+        "hit": ("imagewarm_proxy_cache_hit_bytes_total", {"kind": "blob"}),
+        "miss": ("imagewarm_proxy_cache_miss_bytes_total", {"kind": "blob"}),
+        # The metric counts what a fetch received, from the registry or from a peer: this registry's.
+        "upstream": ("imagewarm_proxy_upstream_bytes_total", {"registry": upstream}),
+        "peer_blobs": ("imagewarm_proxy_peer_fetches_total", {"result": "hit"}),
+    }
 
 
 class ProxyCounters:
     """The proxies' byte counters summed over the demo, across a proxy's restart (which starts its
     counters from zero): `retire(node)` banks a proxy's values before it goes down."""
 
-    def __init__(self, urls: dict[str, str]) -> None:
+    def __init__(self, urls: dict[str, str], upstream: str = "") -> None:
         self.urls = urls
-        self.banked = dict.fromkeys(_COUNTERS, 0.0)
+        self.counters = _counters(upstream)
+        self.banked = dict.fromkeys(self.counters, 0.0)
 
     def read(self, node: str) -> dict[str, float]:
         samples = _samples(self.urls[node])
@@ -241,7 +266,7 @@ class ProxyCounters:
                 for n, found, v in samples
                 if n == name and all(found.get(k) == x for k, x in labels.items())
             )
-            for key, (name, labels) in _COUNTERS.items()
+            for key, (name, labels) in self.counters.items()
         }
 
     def retire(self, node: str) -> None:
@@ -260,17 +285,25 @@ def _mib(size: float) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-def forget_image(cluster: Cluster, digest: str, nodes: list[str] | None = None) -> None:
-    """Remove every name of image `digest` from the nodes' runtimes (all by default), so the next
-    pod there pulls it. The CRI keeps an image under its tag, its digest and its ID: removing only
-    the tag would leave the blobs, and the next pull would fetch no blob."""
+def forget_image(cluster: Cluster, image: Image, nodes: list[str] | None = None) -> None:
+    """Remove every name of `image` from the nodes' runtimes (all by default) and wait until its
+    largest layer has left their content stores, so the next pod there pulls it. The CRI keeps an
+    image under its tag, its digest and its ID: removing only the tag would leave the blobs; and a
+    container of a pod just deleted keeps them until the kubelet has removed it."""
+    layer = max(image.blobs, key=lambda b: b.size).digest
     for node in cluster.nodes:
         if nodes is not None and node.name not in nodes:
             continue
-        listing = node.containerd.ctr("images", "ls", namespace="k8s.io").stdout.splitlines()[1:]
-        names = [line.split()[0] for line in listing if digest in line.split()[1:3]]
-        if names:
-            node.containerd.ctr("images", "rm", "--sync", *names, namespace="k8s.io")
+
+        def gone(node: Node = node) -> bool:
+            listing = node.containerd.ctr("images", "ls", namespace="k8s.io").stdout.splitlines()[1:]
+            names = [line.split()[0] for line in listing if image.digest in line.split()[1:3]]
+            if names:
+                node.containerd.ctr("images", "rm", "--sync", *names, namespace="k8s.io")
+            content = node.containerd.ctr("content", "ls", "-q", namespace="k8s.io").stdout.split()
+            return layer not in content
+
+        _eventually(f"{image.digest}'s blobs gone from {node.name}'s runtime", gone, 60, interval=1)
 
 
 def _eventually(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
@@ -354,6 +387,7 @@ class _Run:
             step=step,
             name=name,
             node=pod["spec"]["nodeName"],
+            created=_timestamp(pod["metadata"]["creationTimestamp"]),
             images={c["name"]: c["image"] for c in pod["spec"]["containers"]},
             original=json.loads(
                 (pod["metadata"].get("annotations") or {}).get(ORIGINAL_IMAGES_ANNOTATION, "{}")
@@ -426,7 +460,8 @@ def steps(
         sidecar = builder.busybox(data_size=sidecar_size)
         for repository, image in (("demo/app", sample), ("demo/logger", sidecar)):
             push(upstream, repository, "1", image)
-            forget_image(cluster, image.digest)  # a cold start is cold, whatever ran here before
+            forget_image(cluster, image)  # a cold start is cold, whatever ran here before
+            teardown.callback(forget_image, cluster, image)  # and the next user's too
         demo.say(
             f"{run.written('demo/app')}: {_mib(sample.size)}; {run.written('demo/logger')}: "
             f"{_mib(sidecar.size)}; upstream {upstream.host} behind a {link_rate * 8 / 1e6:.0f} Mbit/s link"
@@ -479,13 +514,14 @@ def _install(run: _Run, image: str) -> None:
     run.demo.say(f"release imagewarm installed in {time.monotonic() - began:.0f}s: {len(pods)} pods Ready")
     for pod in pods:
         run.demo.say(f"  {pod['metadata']['name']:<40} {pod['spec']['nodeName']}")
-    run.counters = ProxyCounters({n.name: release.proxy_url(n.ip) for n in cluster.nodes})
+    run.counters = ProxyCounters({n.name: release.proxy_url(n.ip) for n in cluster.nodes}, run.link.host)
     cluster.kubectl("create", "namespace", NAMESPACE)
 
     def remove_demo_objects() -> None:
         # Before the release goes: the controller's finalizers must see the jobs deleted.
         cluster.kubectl("delete", "sidecarset", SIDECARSET, "--ignore-not-found", check=False)
-        cluster.kubectl("delete", "imagepulljobs", "--all", "-n", NAMESPACE, "--timeout=30s", check=False)
+        for namespace in (NAMESPACE, RELEASE_NAMESPACE):  # the SidecarSet's pre-pull jobs are there
+            cluster.kubectl("delete", "imagepulljobs", "--all", "-n", namespace, "--timeout=30s", check=False)
         cluster.kubectl("delete", "namespace", NAMESPACE, "--timeout=60s", check=False)
 
     run.teardown.callback(remove_demo_objects)
@@ -533,10 +569,12 @@ def _cold_warm_and_sidecar(run: _Run, sample: Image, sidecar: Image) -> None:
             ),
             30,
         )
-        gets = len(run.upstream.blob_gets(since=since))
+        gets = run.upstream.blob_gets(since=since)
+        data = max(sample.blobs, key=lambda b: b.size)
         run.check(
-            f"{second} warmed from {first}'s cache (peers): {gets} upstream blob GETs",
-            bool(status) and gets == 0,
+            f"{second} took the {_mib(data.size)} data layer from {first}'s proxy (a peer), not the upstream "
+            f"({len(gets)} upstream blob GETs: blobs {first}'s runtime already had, so its proxy never did)",
+            bool(status) and data.digest not in gets,
         )
 
     with demo.phase(f"warm: a pod on {second} starts from its node's cache"):
@@ -574,7 +612,8 @@ def _cold_warm_and_sidecar(run: _Run, sample: Image, sidecar: Image) -> None:
         found = _eventually("the controller's pre-pull ImagePullJob for the SidecarSet", prepull_job, 30)
         demo.say(f"the controller created ImagePullJob {found['metadata']['name']} for {logger}")
         run.follow_node_images([first, second], logger, sidecar.size, "pre-pull")
-        prepulled = all(run.node_image_tag(n, logger).get("phase") == "Succeeded" for n in (first, second))
+        run.outcome.prepulled = {n: run.node_image_tag(n, logger) for n in (first, second)}
+        prepulled = all(t.get("phase") == "Succeeded" for t in run.outcome.prepulled.values())
         injected = run.start_pod("sidecar", "sample-sidecar", image, first, "node cache (sidecar pre-pulled)")
         run.check(f"the sidecar image was pre-pulled on {first} and {second} before the pod", prepulled)
         run.check(
@@ -629,7 +668,7 @@ def _peer_and_offline(run: _Run, sample: Image) -> None:
             ),
             60,
         )
-        forget_image(cluster, sample.digest, [second])
+        forget_image(cluster, sample, [second])
         before = run.counters.read(first)
         peer = run.start_pod("peer", "sample-peer", image, second, f"peer proxy ({first}), node proxy down")
         after = run.counters.read(first)
@@ -647,11 +686,14 @@ def _peer_and_offline(run: _Run, sample: Image) -> None:
         demo.say(f"upstream registry {run.upstream.host} and its link stopped")
         cluster.kubectl("delete", "deployment", "sample-cold", "-n", NAMESPACE)
         _eventually(f"the sample pod on {first} gone", lambda: not run.pods_of("sample-cold"), 60)
-        forget_image(cluster, sample.digest, [first])
+        forget_image(cluster, sample, [first])
+        before = run.counters.read(first)
         offline = run.start_pod("offline", "sample-offline", image, first, "node cache, upstream offline")
+        served = run.counters.read(first)["hit"] - before["hit"]
         run.check(
-            f"the pod on {first} is Running with the upstream stopped ({offline.pulls.get('app')})",
-            bool(offline.name),
+            f"the pod on {first} is Running with the upstream stopped: {_mib(served)} from its proxy's "
+            f"cache, pulled in {offline.pulls.get('app')}",
+            served >= image_data(sample),
         )
         _eventually(
             f"{second}'s proxy back and Ready",
@@ -672,6 +714,7 @@ def _summarise(run: _Run, sample: Image) -> None:
         ("upstream link", f"{run.link.bytes_per_second * 8 / 1e6:.0f} Mbit/s"),
         ("blob GETs at the upstream (all steps)", str(upstream_gets)),
         ("bytes from the upstream", _mib(totals["upstream"])),
+        ("bytes from peer proxies", _mib(max(0.0, totals["miss"] - totals["upstream"]))),
         ("bytes served from the proxies' caches", _mib(totals["hit"])),
         ("bytes served while fetching (misses)", _mib(totals["miss"])),
         ("hit ratio (bytes)", f"{ratio:.0%}"),

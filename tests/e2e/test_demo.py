@@ -1,62 +1,111 @@
 """`imagewarm demo`'s steps on the session cluster (the demo's own cluster could not start beside it:
-one local cluster per machine), with a small image: every row of its `pulls` table, the pod started
-through the peer proxy while the node proxy is down among them."""
+one local cluster per machine), with small images: the product image installed with helm, pods
+pulled cold, warmed by an ImagePullJob, from the cache, through a peer while their node proxy is
+down, and with the upstream stopped; a SidecarSet's image pre-pulled before a pod gets it injected.
+The assertions read the cluster itself (pods, NodeImage statuses, the upstream's log), not only what
+the demo printed."""
 
 from __future__ import annotations
 
+import datetime
+import json
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from imagewarm.reference import parse
 from localcluster.cluster import Cluster
-from localcluster.demo import SERVED_BY_PEER, Demo, steps
+from localcluster.demo import summary
+from localcluster.demosteps import NAMESPACE, Demo, steps
 from localcluster.registry import start_registry
 
 pytestmark = pytest.mark.e2e
 
 
-def test_the_demo_steps_pull_from_the_cache_through_a_peer_and_with_the_upstream_down(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def get(cluster: Cluster, *args: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+    return result
+
+
+def tags(cluster: Cluster, node: str, image: str) -> list[dict[str, Any]]:
+    """`node`'s NodeImage status entries for `image` (one per tag; at least one)."""
+    ref = parse(image)
+    status = get(cluster, "nodeimage", node).get("status") or {}
+    entry = (status.get("imageStatuses") or {}).get(f"{ref.registry}/{ref.repository}") or {}
+    found = [t for t in entry.get("tags") or [] if t.get("tag") == ref.tag]
+    assert found, (node, image, status)
+    return found
+
+
+def completed(tag: dict[str, Any]) -> datetime.datetime | None:
+    """When a NodeImage status entry says its pull succeeded, or None."""
+    if tag.get("phase") != "Succeeded" or not tag.get("completionTime"):
+        return None
+    return datetime.datetime.fromisoformat(tag["completionTime"].replace("Z", "+00:00"))
+
+
+@pytest.mark.timeout(1500)  # with the session cluster's start, which may wait for the machine lock
+def test_the_demo_steps_through_the_helm_installed_product(cluster: Cluster, tmp_path: Path) -> None:
     upstream = start_registry(tmp_path / "upstream")
     lines: list[str] = []
-    try:
-        with ExitStack() as teardown:
-            outcome = steps(cluster, upstream, Demo(out=lines.append), teardown, image_size=5 << 20)
-    finally:
-        upstream.stop()
-        _remove_demo_pods_and_images(cluster)
-    progress = "\n".join(lines)
+    first, second = cluster.nodes[0].name, cluster.nodes[1].name
+    demo = Demo(out=lines.append)
+    with ExitStack() as teardown:
+        teardown.callback(upstream.stop)
+        outcome = steps(cluster, upstream, demo, teardown, image_size=12 << 20, sidecar_size=3 << 20)
+        progress = "\n".join(lines)
+        print(progress)  # shown when the test fails
+
+        # Every sample pod that is still there runs, the last two among them.
+        pods = get(cluster, "pods", "-n", NAMESPACE)["items"]
+        phases = {p["metadata"]["name"]: p["status"]["phase"] for p in pods}
+        assert outcome.pod("peer").name in phases and outcome.pod("offline").name in phases, phases
+        assert set(phases.values()) == {"Running"}, phases
+        # The offline pod runs with the upstream stopped.
+        assert not upstream.running
+        offline = next(p for p in pods if p["metadata"]["name"] == outcome.pod("offline").name)
+        assert offline["spec"]["nodeName"] == first
+        assert offline["status"]["containerStatuses"][0]["ready"]
+
+        # The SidecarSet's image was on both nodes (their agents said so: the NodeImage statuses the
+        # step read before it created the pod) before the pod was created, and the pod got it.
+        sidecar_pod = outcome.pod("sidecar")
+        assert sidecar_pod.original["logger"].endswith("/demo/logger:1")
+        assert set(outcome.prepulled) == {first, second}
+        for node, tag in outcome.prepulled.items():
+            done = completed(tag)
+            assert done is not None and done <= sidecar_pod.created, (node, tag, sidecar_pod.created)
+        # The agents' statuses (read now) still say Succeeded.
+        for node in (first, second):
+            assert all(completed(tag) for tag in tags(cluster, node, sidecar_pod.original["logger"]))
+
     assert outcome.ok, progress
-
-    first, last = cluster.nodes[0].name, cluster.nodes[-1].name
-    assert [row[:3] for row in outcome.pulls] == [
-        ("demo-1", first, "cache"),
-        ("demo-2", last, "cache"),
-        ("demo-peer", last, SERVED_BY_PEER),
-        ("demo-offline", first, "cache, upstream down"),
+    assert [(p.step, p.node) for p in outcome.pods] == [
+        ("cold", first),
+        ("warm", second),
+        ("sidecar", first),
+        ("peer", second),
+        ("offline", first),
     ], progress
-    # The kubelet really pulled each image (its Pulled event), none was left on the node.
-    assert all(row[3].endswith("s") for row in outcome.pulls), outcome.pulls
-
+    # Each pod's image was rewritten to the node proxy, the original kept in the annotation.
+    for pod in outcome.pods:
+        assert pod.images["app"].startswith("localhost:7439/") and pod.original["app"].endswith("/demo/app:1")
+    # The kubelet really pulled every time (none found the image already on its node) but the
+    # sidecar pod's app, whose node kept it.
+    for step in ("cold", "warm", "peer", "offline"):
+        assert outcome.pod(step).pulls["app"].endswith("s"), outcome.pod(step).pulls
+    assert outcome.pod("sidecar").pulls["logger"].endswith("s")
+    # Only the cold pull fetched blobs from the upstream; warm, sidecar and peer fetched none.
+    assert outcome.pod("cold").upstream_blob_gets >= 1
+    for step in ("warm", "sidecar", "peer"):
+        assert outcome.pod(step).upstream_blob_gets == 0, step
+    claims = dict(outcome.checks)
+    peer_claim = next(c for c in claims if c.startswith(f"the pod on {second} was served by {first}'s proxy"))
+    assert claims[peer_claim]
     facts = dict(outcome.facts)
-    assert facts["pod with the node proxy down"].startswith(f"Running: hello from {last}"), facts
-    served, fetched = facts["peer proxy (node proxy down)"].split(": ", 1)[1].split(", ")
-    assert int(served.split()[0]) >= 1 and int(fetched.split()[0]) >= 1, facts
-    assert facts["upstream blob GETs for 2 pods"] == "0", facts
-    assert facts["pod with the upstream down"].startswith(f"Running: hello from {first}"), facts
-
-
-def _remove_demo_pods_and_images(cluster: Cluster) -> None:
-    """Leave the session cluster as found: the local images are deterministic, so a later test's
-    image could otherwise share this one's blobs and find them already on a node."""
-    pods = ("demo-1", "demo-2", "demo-peer", "demo-offline")
-    cluster.kubectl("delete", "pod", *pods, "--ignore-not-found", "--wait=true", "--grace-period=1")
-    for node in cluster.nodes:
-        listing = node.containerd.ctr("images", "ls", namespace="k8s.io").stdout.splitlines()[1:]
-        rows = [line.split() for line in listing]
-        digests = {row[2] for row in rows if "/demo/app:" in row[0]}
-        names = [row[0] for row in rows if row[2] in digests]
-        if names:
-            node.containerd.ctr("images", "rm", "--sync", *names, namespace="k8s.io")
+    assert float(facts["hit ratio (bytes)"].rstrip("%")) > 50, facts
+    assert "NAME" in outcome.views["nodeimages"] and first in outcome.views["nodeimages"], outcome.views
+    assert "sample-warm" in outcome.views["imagepulljobs"], outcome.views
+    assert "cold" in summary(outcome, demo)

@@ -223,6 +223,7 @@ def step_errors() -> tuple[type[Exception], ...]:
     from localcluster.productimage import ProductImageError
     from localcluster.pythonruntime import RuntimeFilesError
     from localcluster.stack import StackError
+    from localcluster.wheels import WheelError
 
     return (
         BuildError,
@@ -237,6 +238,7 @@ def step_errors() -> tuple[type[Exception], ...]:
         StackError,
         StepError,
         WarmError,
+        WheelError,
         subprocess.CalledProcessError,  # KubectlError, and the commands the steps run
     )
 

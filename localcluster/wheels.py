@@ -23,12 +23,13 @@ from packaging.tags import sys_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
+from imagewarm.errors import ImagewarmError
 from localcluster import pythonruntime
 
 Progress = Callable[[str], None]
 
 
-class WheelError(RuntimeError):
+class WheelError(ImagewarmError, RuntimeError):
     """A wheel cannot be resolved, fetched, built or installed; the message says what to do."""
 
 

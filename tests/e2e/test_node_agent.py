@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from imagewarm.digest import Digest
 from imagewarm.informer import Informer
 from imagewarm.kube import Kube
 from imagewarm.reference import registry_segment
@@ -81,11 +82,11 @@ def nodes(
 
 
 def cached(cache_dir: Path, digest: str) -> bool:
-    return Layout(cache_dir).blob(digest).exists()
+    return Layout(cache_dir).blob(Digest.parse(digest)).exists()
 
 
 def pins(cache_dir: Path, digest: str) -> set[str]:
-    directory = Layout(cache_dir).pin_dir(digest)
+    directory = Layout(cache_dir).pin_dir(Digest.parse(digest))
     return {Layout.pin_owner(path) for path in directory.iterdir()} if directory.exists() else set()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from imagewarm.errors import ImagewarmError
 from localcluster.cluster import Cluster
+from localcluster.network import node_ip
 
 CHART = Path(__file__).resolve().parent.parent / "charts" / "imagewarm"
 RELEASE = "imagewarm"
@@ -67,7 +68,12 @@ def harness_values(
             "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}},
         },
         "webhook": {"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}},
-        "controller": {"enabled": controller, "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}},
+        "controller": {
+            "enabled": controller,
+            # No cluster DNS here: node 1's proxy by its address (hostNetwork, $(HOST_IP)).
+            "imageProxy": f"http://{node_ip(1)}:{PROXY_PORT}",
+            "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}},
+        },
     }
 
 

@@ -37,6 +37,7 @@ def rule_of(config: WebhookConfig) -> Rule:
         proxy_prefix=config.proxy_prefix,
         excluded_registries=config.excluded_registries,
         excluded_images=config.exclude_image,
+        only_registries=config.only_registries,
     )
 
 

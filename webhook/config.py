@@ -36,6 +36,14 @@ class WebhookConfig:
     exclude_registry: tuple[str, ...] = setting(
         (), help="registry never rewritten (localhost always is)", repeated=True, metavar="HOST[:PORT]"
     )
+    only_registry: tuple[str, ...] = setting(
+        (),
+        help="rewrite only images of this registry (repeatable: the proxy's --upstream and "
+        "--insecure-upstream list, so no pod is sent to a proxy that refuses its registry); "
+        "none given: every registry not excluded",
+        repeated=True,
+        metavar="HOST[:PORT]",
+    )
     exclude_image: tuple[str, ...] = setting(
         (), help="glob of images never rewritten, e.g. 'docker.io/library/*'", repeated=True, metavar="GLOB"
     )
@@ -78,6 +86,11 @@ class WebhookConfig:
     def excluded_registries(self) -> frozenset[str]:
         """Registries (lower case, `host[:port]`) whose images stay as they are."""
         return frozenset(r.lower() for r in (*DEFAULT_EXCLUDED_REGISTRIES, *self.exclude_registry))
+
+    @property
+    def only_registries(self) -> frozenset[str]:
+        """Registries (lower case, `host[:port]`) whose images are rewritten; empty: all."""
+        return frozenset(r.lower() for r in self.only_registry)
 
     @property
     def service_dns_names(self) -> tuple[str, ...]:

@@ -16,13 +16,15 @@ from imagewarm import reference
 
 @dataclass(frozen=True)
 class Rule:
-    """What is never rewritten: the proxy itself, `excluded_registries` (lower-case `host[:port]`)
-    and images matching any glob of `excluded_images` (matched against the image as written, its
-    canonical form and its `registry/repository` name)."""
+    """What is never rewritten: the proxy itself, `excluded_registries` (lower-case `host[:port]`),
+    images matching any glob of `excluded_images` (matched against the image as written, its
+    canonical form and its `registry/repository` name) and, when `only_registries` is not empty,
+    images of any registry it does not list (the proxy refuses registries it was not given)."""
 
     proxy_prefix: str
     excluded_registries: frozenset[str]
     excluded_images: tuple[str, ...] = ()
+    only_registries: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ def _decide(image: str, rule: Rule) -> Outcome:
     registry = ref.registry.lower()
     host = registry.rsplit(":", 1)[0] if not registry.startswith("[") else registry
     if registry in rule.excluded_registries or host in rule.excluded_registries:
+        return Outcome()
+    if rule.only_registries and registry not in rule.only_registries:
         return Outcome()
     if rule.excluded_images and _matches(rule.excluded_images, image, str(ref), ref.name):
         return Outcome()

@@ -109,6 +109,16 @@ def test_defaults_install_the_proxy_the_webhook_and_the_controller():
     assert (settings.namespace, settings.service_name) == (NAMESPACE, "imagewarm-webhook")
     assert settings.webhook_config_name == one(objects, "MutatingWebhookConfiguration")["metadata"]["name"]
     assert settings.proxy_prefix == "localhost:7439"
+    # Only the registries the proxy serves are rewritten: the others' pods pull from them directly.
+    proxy_settings = parse_args(
+        ProxyConfig,
+        container(objects, "DaemonSet", "imagewarm-proxy")["args"],
+        {"HOST_IP": "10.0.0.1", "NODE_NAME": "n1"},
+    )
+    assert settings.only_registries == {*proxy_settings.upstream, *proxy_settings.insecure_upstream}
+    assert settings.only_registries == {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io"}
+    assert not flags(container(render({"webhook": {"onlyUpstreams": False}}), "Deployment",
+                               "imagewarm-webhook")["args"], "--only-registry")  # fmt: skip
     probe = container(objects, "Deployment", "imagewarm-webhook")["readinessProbe"]["httpGet"]
     assert probe["scheme"] == "HTTPS" and probe["path"] == "/healthz"
 
@@ -118,6 +128,8 @@ def test_defaults_install_the_proxy_the_webhook_and_the_controller():
     assert args[0] == "controller" and "--leader-elect=true" in args
     assert flags(args, "--leader-election-namespace") == [NAMESPACE] == flags(args, "--namespace")
     assert flags(args, "--metrics-listen") == ["0.0.0.0:8080"]
+    # CachedImage sizes: manifests read through the proxies' Service.
+    assert flags(args, "--image-proxy") == [f"http://imagewarm-proxy.{NAMESPACE}.svc:7439"]
 
 
 def test_the_proxy_daemonset_on_real_nodes():

@@ -287,3 +287,17 @@ def test_warnings_quote_at_most_the_start_of_a_long_image_and_long_images_are_no
     short = "Bad/app:1"
     assert repr(short) in on_create(pod(short), RULE).warnings[0]
     assert rewrite._decide.cache_info().currsize == 1
+
+
+def test_with_only_registries_the_others_stay_as_written() -> None:
+    # The proxy refuses a registry it was not given: rewriting its images would fail their pulls.
+    rule = Rule(proxy_prefix="localhost:7439", excluded_registries=frozenset(),
+                only_registries=frozenset({"docker.io", "registry.corp:5000"}))  # fmt: skip
+    decision = on_create(pod("nginx:1.27", "registry.corp:5000/app:1", "ghcr.io/org/tool:2"), rule)
+    patched = jsonpatch.apply_patch(pod("nginx:1.27", "registry.corp:5000/app:1", "ghcr.io/org/tool:2"),
+                                    decision.patch)  # fmt: skip
+    assert [c["image"] for c in patched["spec"]["containers"]] == [
+        "localhost:7439/docker.io/library/nginx:1.27",
+        "localhost:7439/registry.corp_5000/app:1",
+        "ghcr.io/org/tool:2",
+    ]

@@ -47,7 +47,13 @@ setup_binaries() {
     "$PYTHON" -m localcluster.binaries
 }
 
-setup() { setup_debian; setup_python; setup_binaries; }
+setup_wheels() {
+    # The product image's wheels (and its build backend), fetched once: building the image, in the
+    # tests too, then needs no network.
+    "$PYTHON" -m localcluster.productimage --fetch
+}
+
+setup() { setup_debian; setup_python; setup_binaries; setup_wheels; }
 
 run_tests() {
     say "ruff (lint)"

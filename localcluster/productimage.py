@@ -46,7 +46,16 @@ from imagewarm.command import table
 from imagewarm.errors import ImagewarmError
 from localcluster import binaries, pythonruntime
 from localcluster.images import Image, ImageBuilder, Layer, tar_info, write_oci_archive
-from localcluster.wheels import WheelError, build_wheel, dependency_wheels, install_wheel, pinned_dependencies
+from localcluster.wheels import (
+    WheelError,
+    backend_requirements,
+    backend_wheels,
+    build_wheel,
+    default_wheelhouse,
+    dependency_wheels,
+    install_wheel,
+    pinned_dependencies,
+)
 
 if TYPE_CHECKING:
     from localcluster.cluster import Cluster, Node
@@ -403,8 +412,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, help="where to write the archive (default dist/imagewarm-<version>.tar)"
     )
+    parser.add_argument(
+        "--fetch",
+        action="store_true",
+        help="only fetch (once) the wheels the image is built from, so later builds, and the tests, "
+        "need no network: ./dev.sh setup does this",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.fetch:
+            wheelhouse = default_wheelhouse()
+            pins = pinned_dependencies(list(project()["dependencies"]))
+            dependency_wheels(pins, wheelhouse, _print_progress)
+            backend_wheels(backend_requirements(ROOT), wheelhouse, _print_progress)
+            return 0
         output = args.output or ROOT / "dist" / f"imagewarm-{project()['version']}.tar"
         image = build_product_image(output)
     except (ProductImageError, WheelError, pythonruntime.RuntimeFilesError) as exc:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -154,15 +155,58 @@ def install_wheel(wheel: Path, root: Path, *, console_scripts: bool = False) -> 
             script.chmod(0o755)
 
 
-def build_wheel(root: Path, files: Sequence[str], out: Path) -> Path:
+def default_wheelhouse() -> Path:
+    """Where fetched wheels are kept between runs (``~/.cache/imagewarm/images/wheels``)."""
+    from localcluster import binaries
+
+    return binaries.cache_root() / "images" / "wheels"
+
+
+def backend_requirements(root: Path) -> list[str]:
+    """The build backend's requirements of the project at ``root`` (pyproject ``build-system``)."""
+    with (root / "pyproject.toml").open("rb") as file:
+        return list(tomllib.load(file)["build-system"]["requires"])
+
+
+def backend_wheels(requirements: Sequence[str], wheelhouse: Path, progress: Progress) -> None:
+    """Make sure ``wheelhouse`` holds a wheel satisfying each of ``requirements`` (the build
+    backend), fetching from PyPI what is missing: the wheel is then built offline from it."""
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    missing = []
+    for text in requirements:
+        wanted = Requirement(text)
+        have = [parse_wheel_filename(p.name) for p in wheelhouse.glob("*.whl")]
+        if not any(
+            n == canonicalize_name(wanted.name) and wanted.specifier.contains(v) for n, v, _, _ in have
+        ):
+            missing.append(text)
+    if not missing:
+        return
+    progress(f"fetching the build backend from PyPI: {' '.join(missing)}")
+    with tempfile.TemporaryDirectory(dir=wheelhouse, prefix=".fetch-") as tmp:
+        argv = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps", "-q",
+                "--disable-pip-version-check", "--progress-bar", "off", "-d", tmp, *missing]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise WheelError(
+                f"pip could not fetch {' '.join(missing)} (is PyPI reachable?):\n{proc.stderr[-3000:]}"
+            )
+        for fetched in Path(tmp).glob("*.whl"):
+            os.replace(fetched, wheelhouse / fetched.name)
+
+
+def build_wheel(root: Path, files: Sequence[str], out: Path, wheelhouse: Path | None = None) -> Path:
     """The imagewarm wheel, built by setuptools in an isolated build environment (``pip wheel``, the
-    same backend and requirements as ``python -m build``) from a copy of ``files``."""
+    same backend and requirements as ``python -m build``) from a copy of ``files``, offline: the
+    backend comes from ``wheelhouse`` (``backend_wheels`` put it there)."""
+    wheelhouse = wheelhouse or default_wheelhouse()
+    backend_wheels(backend_requirements(root), wheelhouse, lambda _: None)
     with tempfile.TemporaryDirectory(prefix="iw-src-") as tmp:
         for name in files:
             (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / name, Path(tmp) / name)
         argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q",
-                "-w", str(out), tmp]  # fmt: skip
+                "--no-index", "--find-links", str(wheelhouse), "-w", str(out), tmp]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True)
     wheels = sorted(out.glob("imagewarm-*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:

@@ -232,8 +232,14 @@ def test_the_containerfiles_build_script_gives_the_same_trees_as_dev_sh_image(tm
     pins = wheels.pinned_dependencies(productimage.project()["dependencies"])
     (tmp_path / "constraints.txt").write_text("".join(f"{n}=={v}\n" for n, v in pins.items()))
     wheelhouse = binaries.cache_root() / "images" / "wheels"
-    env = {**os.environ, "PATH": "/usr/bin:/bin", "PIP_CONSTRAINT": str(tmp_path / "constraints.txt"),
-           "PIP_FIND_LINKS": str(wheelhouse), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": "/usr/bin:/bin",
+        "PIP_CONSTRAINT": str(tmp_path / "constraints.txt"),
+        "PIP_FIND_LINKS": str(wheelhouse),
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_NO_INDEX": "1",
+    }  # fmt: skip (offline: the wheelhouse holds the build backend too)
     proc = subprocess.run(
         ["sh", "-ec", script], cwd=source, env=env, capture_output=True, text=True, timeout=600
     )

@@ -24,7 +24,7 @@ from imagewarm.informer import Informer
 from imagewarm.kube import Conflict, Kube, KubeError, NotFound
 
 # (node, image name, tag) -> None to succeed, or the failure message.
-Outcome = Callable[[str, str, str], str | None]
+TaskOutcome = Callable[[str, str, str], str | None]
 # (node, image name, tag) -> True to keep the task Pulling (a pull that takes long).
 Hold = Callable[[str, str, str], bool]
 
@@ -44,7 +44,7 @@ class AgentSim:
         nodes: Iterable[str] | None = None,
         *,
         pull_seconds: float = 0.5,
-        outcome: Outcome = lambda node, name, tag: None,
+        outcome: TaskOutcome = lambda node, name, tag: None,
         hold: Hold = lambda node, name, tag: False,
         threads: int = 2,
     ) -> None:

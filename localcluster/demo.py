@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from imagewarm.command import Command, table
 from imagewarm.config import parse_bool, parse_bytes, parse_positive_int, setting
-from localcluster.demosteps import Demo, Outcome, StepError, steps
+from localcluster.demosteps import Demo, DemoResult, StepError, steps
 
 if TYPE_CHECKING:
     from localcluster.cluster import Cluster
@@ -147,7 +147,7 @@ def _cluster_progress(demo: Demo) -> Callable[[str], None]:
     return say
 
 
-def summary(outcome: Outcome, demo: Demo) -> str:
+def summary(outcome: DemoResult, demo: Demo) -> str:
     """The tables printed at the end (README.md shows one)."""
     pods = [
         (p.step, p.node, p.served_from, p.pulls.get("app", "?"), f"{p.start_seconds:.0f}s")

@@ -122,7 +122,7 @@ class StartedPod:
 
 
 @dataclass
-class Outcome:
+class DemoResult:
     """What the steps showed, for the summary and the tests; `ok` when every claim held."""
 
     pods: list[StartedPod] = field(default_factory=list)
@@ -335,7 +335,7 @@ class _Run:
         self.link = SlowLink(host, int(port), link_rate).start()
         teardown.callback(self.link.stop)
         self.nodes = [node.name for node in cluster.nodes]
-        self.outcome = Outcome()
+        self.outcome = DemoResult()
         self.release: Release | None = None
         self.counters = ProxyCounters({})
 
@@ -440,11 +440,11 @@ def steps(
     image_size: int,
     sidecar_size: int = 16 << 20,
     link_rate: int = 25_000_000,
-) -> Outcome:
+) -> DemoResult:
     """The demo's steps on a running 2-node `cluster` with a running `upstream` (which the last step
     stops), the upstream behind a `link_rate` bytes/s link (25 MB/s = 200 Mbit/s). Installs the
     release (removed by `teardown`, with every object made here). Raises StepError (or a helm,
-    kubectl or image error) when a step fails; `Outcome.checks` records each claim it verified."""
+    kubectl or image error) when a step fails; `DemoResult.checks` records each claim it verified."""
     from localcluster.images import ImageBuilder, push
     from localcluster.productimage import build_product_image, import_into
 

@@ -7,7 +7,7 @@ import datetime
 import pytest
 
 from localcluster.demo import summary
-from localcluster.demosteps import Demo, Outcome, StartedPod, go_duration, pull_times
+from localcluster.demosteps import Demo, DemoResult, StartedPod, go_duration, pull_times
 
 
 def event(container: str, message: str) -> dict[str, object]:
@@ -72,7 +72,7 @@ def test_the_summary_has_a_row_per_pod_and_every_claim() -> None:
     pod = StartedPod(step="cold", name="p", node="n1", created=now, images={"app": "localhost:7439/r/a:1"},
                      original={"app": "r/a:1"}, start_seconds=14.0, pulls={"app": "11.60s"},
                      upstream_blob_gets=2, served_from="upstream")  # fmt: skip
-    outcome = Outcome(pods=[pod], facts=[("hit ratio (bytes)", "75%")], views={"nodeimages": "NAME ..."},
+    outcome = DemoResult(pods=[pod], facts=[("hit ratio (bytes)", "75%")], views={"nodeimages": "NAME ..."},
                       checks=[("it worked", True), ("it failed", False)])  # fmt: skip
     text = summary(outcome, Demo(out=lambda line: None))
     assert "cold  n1    upstream" in text and "11.60s" in text and "14s" in text

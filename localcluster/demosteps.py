@@ -37,6 +37,7 @@ import requests
 from imagewarm.api import ORIGINAL_IMAGES_ANNOTATION
 from imagewarm.errors import ImagewarmError
 from imagewarm.reference import parse
+from localcluster import scrape
 
 if TYPE_CHECKING:
     from imagewarm.kube import Kube
@@ -227,18 +228,6 @@ def _pulls(kube: Kube, pod: str) -> dict[str, str]:
     return pull_times(kube.get(f"/api/v1/namespaces/{NAMESPACE}/events", fieldSelector=selector)["items"])
 
 
-def _samples(url: str) -> list[tuple[str, dict[str, str], float]]:
-    """A proxy's metric samples: (name, labels, value)."""
-    found = []
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
-        if m:
-            found.append(
-                (m.group(1), dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")), float(m.group(3)))
-            )
-    return found
-
-
 def _counters(upstream: str) -> dict[str, tuple[str, dict[str, str]]]:
     return {
         "hit": ("imagewarm_proxy_cache_hit_bytes_total", {"kind": "blob"}),
@@ -259,7 +248,7 @@ class ProxyCounters:
         self.banked = dict.fromkeys(self.counters, 0.0)
 
     def read(self, node: str) -> dict[str, float]:
-        samples = _samples(self.urls[node])
+        samples = scrape.samples(self.urls[node])
         return {
             key: sum(
                 v

@@ -13,13 +13,11 @@ plane at more nodes than this machine can run kubelets for.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
+from localcluster import scrape
 from localcluster.cluster import Cluster
 from localcluster.processes import Daemon, free_port_on
 from localcluster.stack import _env, _fresh_dir, _imagewarm
@@ -88,15 +86,7 @@ class NodeProxy:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of its samples of metric `name` whose labels include `labels`."""
-        total = 0.0
-        for line in requests.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
-            if not m or m.group(1) != name:
-                continue
-            found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            if all(found.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-        return total
+        return scrape.metric(self.url, name, **labels)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

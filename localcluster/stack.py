@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,9 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
 from imagewarm.errors import ImagewarmError
+from localcluster import scrape
 from localcluster.cluster import Cluster
 from localcluster.processes import Daemon, free_port_on, free_ports
 from localcluster.registry import Registry
@@ -210,11 +208,11 @@ class Stack:
 
     def proxy_metric(self, name: str, **labels: str) -> float:
         """The sum of the proxy's samples of metric `name` whose labels include `labels`."""
-        return _metric(self.proxy_url, name, labels)
+        return scrape.metric(self.proxy_url, name, **labels)
 
     def peer_metric(self, name: str, **labels: str) -> float:
         """As proxy_metric, for the peer proxy (started with `peer=True`)."""
-        return _metric(self.peer_url, name, labels)
+        return scrape.metric(self.peer_url, name, **labels)
 
     def stop(self) -> None:
         """Stop the programs and unregister the webhook (idempotent)."""
@@ -244,19 +242,6 @@ def share_hosts_entry(cluster: Cluster, name: str) -> None:
         elif link.is_dir():
             shutil.rmtree(link)
         link.symlink_to(target, target_is_directory=True)
-
-
-def _metric(url: str, name: str, labels: dict[str, str]) -> float:
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
 
 
 def _wait(daemon: Daemon, wait: Callable[[], object]) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from localcluster import scrape
 from localcluster.processes import free_ports
 
 
@@ -73,13 +74,7 @@ class ProxyProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples whose labels include `labels`."""
-        total = 0.0
-        for line in self.metrics().splitlines():
-            if not line.startswith(name + "{") and not line.startswith(name + " "):
-                continue
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return scrape.metric(self.url, name, **labels)
 
 
 def start_proxy(

@@ -11,7 +11,6 @@ The tests run in order on one release (module fixture): install, use, upgrade, u
 from __future__ import annotations
 
 import json
-import re
 import threading
 import tomllib
 import uuid
@@ -22,6 +21,7 @@ import pytest
 import requests
 
 from imagewarm.reference import registry_segment
+from localcluster import scrape
 from localcluster.chart import NAMESPACE, PROXY_PORT, RELEASE, Release, harness_values
 from localcluster.cluster import Cluster
 from localcluster.images import ImageBuilder, push
@@ -96,14 +96,7 @@ def diagnose(cluster: Cluster) -> str:
 
 def metric(url: str, name: str, **labels: str) -> float:
     """The sum of a proxy's samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
-        if m and m.group(1) == name:
-            found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            if all(found.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-    return total
+    return scrape.metric(url, name, **labels)
 
 
 def ready(pod: dict[str, Any]) -> bool:

@@ -120,14 +120,35 @@ class Release:
         args += ["--values", str(self._values_file(values))]
         if wait:
             args += ["--wait", "--timeout", timeout]
-        return self._helm(*args)
+        out = self._helm(*args)
+        if wait:
+            self.wait_rolled_out(timeout)
+        return out
 
     def upgrade(self, values: dict[str, Any], *, wait: bool = True, timeout: str = "3m") -> str:
         args = ["upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE]
         args += ["--values", str(self._values_file(values))]
         if wait:
             args += ["--wait", "--timeout", timeout]
-        return self._helm(*args)
+        out = self._helm(*args)
+        if wait:
+            self.wait_rolled_out(timeout)
+        return out
+
+    def wait_rolled_out(self, timeout: str = "3m") -> None:
+        """Wait until every DaemonSet and Deployment of the release has all its pods updated and
+        Ready. `helm --wait` does not: it counts a DaemonSet ready with `maxUnavailable` pods
+        still missing (the proxy's is 1), so one node's proxy may still be starting."""
+        selector = f"app.kubernetes.io/instance={RELEASE}"
+        names = self.cluster.kubectl(
+            "get", "daemonsets,deployments", "-n", NAMESPACE, "-l", selector, "-o", "name"
+        ).stdout.split()
+        for name in names:
+            proc = self.cluster.kubectl(
+                "rollout", "status", name, "-n", NAMESPACE, f"--timeout={timeout}", check=False, timeout=300
+            )
+            if proc.returncode != 0:
+                raise HelmError(f"{name} did not roll out: {(proc.stderr or proc.stdout).strip()}")
 
     def uninstall(self, *, wait: bool = True) -> str:
         args = ["uninstall", RELEASE, "--namespace", NAMESPACE]

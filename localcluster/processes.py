@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,20 +34,40 @@ class MissingTool(ImagewarmError, RuntimeError):
     """A program the harness runs is not installed; the message names the package to install."""
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """Return ``n`` distinct ports that were free a moment ago.
-
-    All sockets are bound at once before any is closed, so the ports differ from each other.
-    Another process may still take one before it is used; callers that need certainty retry.
-    """
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (the local ports of outgoing connections)."""
     try:
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Return ``n`` distinct ports that were free a moment ago, never handed out before by this
+    process, below the kernel's ephemeral range.
+
+    Ports of the ephemeral range are what a kernel gives any socket bound to port 0 and every
+    outgoing connection: a port picked there and released could be taken by a connection before
+    its server binds it (a kubelet then failed with "address already in use"). A port handed out
+    earlier may not be bound yet by the server it was for, so it is not handed out again."""
+    low, high = 10000, _ephemeral_low()
+    found: list[int] = []
+    with _handed_out_lock:
+        if len(_handed_out) > (high - low) // 2:
+            _handed_out.clear()
+        for port in random.sample(range(low, high), high - low):
+            if len(found) == n:
+                break
+            if port not in _handed_out and _bindable(host, port):
+                found.append(port)
+                _handed_out.add(port)
+    if len(found) < n:
+        raise RuntimeError(f"fewer than {n} free ports on {host} between {low} and {high}")
+    return found
 
 
 def free_port_on(*hosts: str) -> int:

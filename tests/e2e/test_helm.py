@@ -298,6 +298,9 @@ def test_upgrade_creates_pods_throughout_the_rollout_and_mirrors_unrewritten_pul
     failures: list[str] = []
     stop = threading.Event()
 
+    # An image of a registry the proxy serves (the webhook rewrites only those), in pods no node matches.
+    never_run = f"{values['insecureUpstreams'][0]}/team/app:1"
+
     def create_pods() -> None:
         # Pods no node matches: admitted (and rewritten), never run.
         while not stop.is_set():
@@ -305,7 +308,7 @@ def test_upgrade_creates_pods_throughout_the_rollout_and_mirrors_unrewritten_pul
             pod = {
                 "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": plain},
                 "spec": {"nodeSelector": {"imagewarm.io/test": "nowhere"},
-                         "containers": [{"name": "app", "image": "team/app:1"}]},
+                         "containers": [{"name": "app", "image": never_run}]},
             }  # fmt: skip
             proc = cluster.kubectl("create", "-f", "-", input=json.dumps(pod), check=False, timeout=30)
             if proc.returncode == 0:

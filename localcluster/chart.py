@@ -48,9 +48,12 @@ def harness_values(
     mode: str = "rewrite",
     mirror_registries: Sequence[str] = (),
     controller: bool = True,
+    image_proxy: bool = True,
 ) -> dict[str, Any]:
     """Chart values for the local cluster: `image` (REPOSITORY:TAG, imported onto every node, so
-    never pulled), the upstreams as plain-HTTP registries, per-node listen address and host paths."""
+    never pulled), the upstreams as plain-HTTP registries, per-node listen address and host paths.
+    `image_proxy`: the controller reads image sizes through node 1's proxy (off where a test counts
+    each proxy's requests)."""
     repository, tag = split_reference(image)
     return {
         "mode": mode,
@@ -71,7 +74,7 @@ def harness_values(
         "controller": {
             "enabled": controller,
             # No cluster DNS here: node 1's proxy by its address (hostNetwork, $(HOST_IP)).
-            "imageProxy": f"http://{node_ip(1)}:{PROXY_PORT}",
+            "imageProxy": f"http://{node_ip(1)}:{PROXY_PORT}" if image_proxy else "none",
             "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}},
         },
     }

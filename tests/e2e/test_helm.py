@@ -65,6 +65,7 @@ def values(cluster: Cluster, upstream: Registry, mirrored: Registry) -> dict[str
         certs_root=cluster.certs_root,
         cache_root=cluster.workdir / "imagewarm-cache",
         insecure_upstreams=[upstream.host, mirrored.host],
+        image_proxy=False,  # these tests count each proxy's manifest requests: only the kubelets'
     )
 
 

@@ -130,6 +130,8 @@ def test_defaults_install_the_proxy_the_webhook_and_the_controller():
     assert flags(args, "--metrics-listen") == ["0.0.0.0:8080"]
     # CachedImage sizes: manifests read through the proxies' Service.
     assert flags(args, "--image-proxy") == [f"http://imagewarm-proxy.{NAMESPACE}.svc:7439"]
+    off = container(render({"controller": {"imageProxy": "none"}}), "Deployment", "imagewarm-controller")
+    assert not flags(off["args"], "--image-proxy")
 
 
 def test_the_proxy_daemonset_on_real_nodes():

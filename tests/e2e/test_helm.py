@@ -386,7 +386,7 @@ def test_uninstall_leaves_no_webhook_and_pods_still_start(
         assert not listed.stdout.strip(), listed.stdout
     eventually(lambda: not any(release.pods(c) for c in ("proxy", "webhook", "controller")), 90, "pods gone")
 
-    image = builder.busybox(data_size=1 << 20)
+    image = builder.busybox(data_size=(1 << 20) + 2273)  # its own data layer (seeded by the size)
     push(upstream, "team/after", "1", image)
     cluster.trust_registry(upstream)
     written = f"{upstream.host}/team/after:1"

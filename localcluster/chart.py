@@ -119,6 +119,14 @@ class Release:
 
     def install(self, values: dict[str, Any], *, wait: bool = True, timeout: str = "3m") -> str:
         """`helm install` (the namespace created), waiting for every pod Ready with `wait`."""
+        # A release namespace still terminating (an earlier uninstall deleted it) refuses new objects.
+        phase = self.cluster.kubectl(
+            "get", "namespace", NAMESPACE, "-o", "jsonpath={.status.phase}", check=False
+        ).stdout.strip()
+        if phase == "Terminating":
+            self.cluster.kubectl(
+                "wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=180s", check=False, timeout=200
+            )
         args = ["install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--create-namespace"]
         args += ["--values", str(self._values_file(values))]
         if wait:

@@ -82,6 +82,21 @@ def _best_wheel(wheelhouse: Path, name: str, version: str) -> Path | None:
     return best[2] if best else None
 
 
+def _fetch(pip_args: Sequence[str], specs: Sequence[str], wheelhouse: Path) -> None:
+    """`pip <pip_args> <dir> <specs>` into a temporary directory, then its wheels moved into
+    ``wheelhouse`` (a fetch cut short leaves nothing half there). Raises WheelError."""
+    with tempfile.TemporaryDirectory(dir=wheelhouse, prefix=".fetch-") as tmp:
+        argv = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *pip_args[:1],
+                "--progress-bar", "off", *pip_args[1:], tmp, *specs]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise WheelError(
+                f"pip could not fetch {' '.join(specs)} (is PyPI reachable?):\n{proc.stderr[-3000:]}"
+            )
+        for fetched in Path(tmp).glob("*.whl"):
+            os.replace(fetched, wheelhouse / fetched.name)
+
+
 def dependency_wheels(pins: dict[str, str], wheelhouse: Path, progress: Progress) -> list[Path]:
     """A wheel for each pin, fetched from PyPI (``pip wheel --no-deps``: PyPI's wheel as published,
     or built from its sdist) into ``wheelhouse`` when missing there."""
@@ -89,16 +104,7 @@ def dependency_wheels(pins: dict[str, str], wheelhouse: Path, progress: Progress
     missing = [f"{n}=={v}" for n, v in pins.items() if _best_wheel(wheelhouse, n, v) is None]
     if missing:
         progress(f"fetching {len(missing)} wheel(s) from PyPI: {' '.join(missing)}")
-        with tempfile.TemporaryDirectory(dir=wheelhouse, prefix=".fetch-") as tmp:
-            argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
-                    "--progress-bar", "off", "-q", "-w", tmp, *missing]  # fmt: skip
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise WheelError(
-                    f"pip could not fetch {' '.join(missing)} (is PyPI reachable?):\n{proc.stderr[-3000:]}"
-                )
-            for fetched in Path(tmp).glob("*.whl"):
-                os.replace(fetched, wheelhouse / fetched.name)
+        _fetch(["wheel", "--no-deps", "-w"], missing, wheelhouse)
     wheels = []
     for name, version in pins.items():
         wheel = _best_wheel(wheelhouse, name, version)
@@ -183,16 +189,7 @@ def backend_wheels(requirements: Sequence[str], wheelhouse: Path, progress: Prog
     if not missing:
         return
     progress(f"fetching the build backend from PyPI: {' '.join(missing)}")
-    with tempfile.TemporaryDirectory(dir=wheelhouse, prefix=".fetch-") as tmp:
-        argv = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps", "-q",
-                "--disable-pip-version-check", "--progress-bar", "off", "-d", tmp, *missing]  # fmt: skip
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise WheelError(
-                f"pip could not fetch {' '.join(missing)} (is PyPI reachable?):\n{proc.stderr[-3000:]}"
-            )
-        for fetched in Path(tmp).glob("*.whl"):
-            os.replace(fetched, wheelhouse / fetched.name)
+    _fetch(["download", "--only-binary=:all:", "--no-deps", "-d"], missing, wheelhouse)
 
 
 def build_wheel(root: Path, files: Sequence[str], out: Path, wheelhouse: Path | None = None) -> Path:

@@ -11,10 +11,12 @@ The tests run in order on one release (module fixture): install, use, upgrade, u
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,12 +89,27 @@ def diagnose(cluster: Cluster) -> str:
     pods = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
     events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp", check=False).stdout
     names = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-o", "name", check=False).stdout.split()
-    logs = "\n".join(
-        f"--- {name}\n"
-        + cluster.kubectl("logs", "-n", NAMESPACE, name, "--tail=15", check=False).stdout[-2500:]
-        for name in names
-    )
-    return f"pods:\n{pods}\nevents:\n{events[-2000:]}\nlogs:\n{logs}"
+    # Every pod's whole log (all containers, the previous instance too) is kept beside the cluster's.
+    kept = Path(tempfile.mkdtemp(prefix="imagewarm-diagnosis-"))
+    tails = []
+    for name in names:
+        text = cluster.kubectl("logs", "-n", NAMESPACE, name, "--all-containers", check=False).stdout
+        previous = cluster.kubectl("logs", "-n", NAMESPACE, name, "--previous", check=False).stdout
+        (kept / f"{name.replace('/', '_')}.log").write_text(f"{previous}\n--- current\n{text}")
+        lines = text.splitlines()
+        # The agent's and the informers' lines, and every warning, would drown in the tail.
+        notable = [
+            line
+            for line in lines
+            if '"imagewarm.proxy.agent' in line
+            or '"imagewarm.informer' in line
+            or '"level": "warning"' in line
+            or '"level": "error"' in line
+        ]
+        shown = [*notable[-30:], "... last lines:", *lines[-15:]]
+        tails.append(f"--- {name}\n" + "\n".join(line[:400] for line in shown))
+    logs = "\n".join(tails)
+    return f"pods:\n{pods}\nevents:\n{events[-2000:]}\nlogs (whole logs in {kept}):\n{logs}"
 
 
 def metric(url: str, name: str, **labels: str) -> float:

@@ -131,6 +131,11 @@ class Tee:
             if source is not None:
                 return source
         response, label, on_failure = self._open(target, credentials)
+        try:
+            writer.start_over()  # the fill starts from byte 0 (a no-op unless it adopted a file)
+        except BaseException:
+            response.close()
+            raise
         size = _content_length(response)
         writer.expected_size = size
         return _Source(response, label, on_failure, size)

@@ -156,15 +156,19 @@ def test_kill_9_writer_aborts_followers_and_leaves_no_blob(tmp_path: Path, sourc
     assert not store.has(digest)
     with pytest.raises(NotCached):
         store.open(digest)
-    assert list(store.layout.partial_dir.iterdir()) == [], "restart deletes the stale partial"
+    stale = [(p.name, p.stat().st_size) for p in store.layout.partial_dir.iterdir()]
+    assert stale == [(store.layout.partial(digest).name, len(data) // 2)], "kept for resuming"
     assert list(store.layout.locks_dir.iterdir()) == []
     assert store.total_bytes() == 0
 
     again = store.claim(digest, len(data))
     assert isinstance(again, Writer), "a new claim succeeds after the writer died"
-    again.write(data)
+    assert again.adopted == len(data) // 2
+    again.resume(len(data))
+    again.write(data[len(data) // 2 :])
     again.commit()
     assert store.open(digest).read() == data
+    assert list(store.layout.partial_dir.iterdir()) == []
 
 
 def test_new_claim_takes_over_from_a_killed_writer_while_others_run(tmp_path: Path, source: tuple) -> None:

@@ -260,3 +260,33 @@ def test_disk_full_cleans_up_and_recovers(small_disk: Path) -> None:
     claimed = store.claim(_digest(blob))
     assert isinstance(claimed, CachedBlob) and claimed.read() == blob
     assert store.total_bytes() == len(blob)
+
+
+def test_a_resumed_fill_that_fills_the_disk_still_verifies_what_streams_through(small_disk: Path) -> None:
+    """The running hash handed over at DiskFull covers the adopted bytes, read back from the file."""
+    root = small_disk / "cache"
+    big = os.urandom(3 << 20)
+    half = len(big) // 3
+    first = BlobStore(root)
+    writer = first.claim(_digest(big), len(big))
+    assert isinstance(writer, Writer)
+    writer.write(big[:half])
+    writer._close_partial()  # killed: its files stay, its flocks go
+    assert writer._lock_fd is not None
+    os.close(writer._lock_fd)
+    writer._lock_fd = None
+    first.close()
+
+    store = BlobStore(root)
+    again = store.claim(_digest(big), len(big))
+    assert isinstance(again, Writer) and again.adopted == half
+    again.resume(len(big))
+    written = half
+    with pytest.raises(DiskFull):
+        while written < len(big):
+            again.write(big[written : written + CHUNK])
+            written += CHUNK
+    check = again.running_hash()  # what a fetch keeps verifying with once it streams through
+    check.update(big[written:])
+    assert check.hexdigest() == _digest(big).hex
+    assert list(store.layout.partial_dir.iterdir()) == [] and list(store.layout.locks_dir.iterdir()) == []

@@ -155,27 +155,27 @@ class Tee:
         size = resumed_size(
             response.status_code, content_range, response.headers.get("Content-Length"), start
         )
-        if size is not None:
-            try:
-                writer.resume(size)
-            except BaseException:
-                response.close()
-                raise
-            metrics.RESUMED_FILLS.inc()
-            metrics.RESUMED_BYTES.inc(start)
-            log.info(
-                "resuming the fill",
-                extra={"digest": target.reference, "at_byte": start, "blob_bytes": size, "source": label},
-            )
-            return _Source(response, label, on_failure, size)
-        if response.status_code == 200:
-            self._fall_back(target, writer, "range_ignored", 200)
-            size = _content_length(response)
-            writer.expected_size = size
-            return _Source(response, label, on_failure, size)
-        response.close()
-        self._fall_back(target, writer, "inconsistent", response.status_code, content_range)
-        return None
+        if response.status_code != 200 and size is None:
+            response.close()
+            self._fall_back(target, writer, "inconsistent", response.status_code, content_range)
+            return None
+        try:
+            if size is None:  # a 200: the whole blob, usable as it is
+                self._fall_back(target, writer, "range_ignored", 200)
+                size = _content_length(response)
+                writer.expected_size = size
+                return _Source(response, label, on_failure, size)
+            writer.resume(size)
+        except BaseException:
+            response.close()
+            raise
+        metrics.RESUMED_FILLS.inc()
+        metrics.RESUMED_BYTES.inc(start)
+        log.info(
+            "resuming the fill",
+            extra={"digest": target.reference, "at_byte": start, "blob_bytes": size, "source": label},
+        )
+        return _Source(response, label, on_failure, size)
 
     @staticmethod
     def _fall_back(

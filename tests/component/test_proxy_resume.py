@@ -9,6 +9,7 @@ Whatever the partial file holds, only a blob that verifies is ever served whole.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import threading
 import time
@@ -252,3 +253,17 @@ def test_partial_files_too_small_to_resume_are_fetched_whole(registry, images, p
     assert got.status_code == 200 and got.content == layer.read_bytes()
     assert blob_requests(registry, "resume/small", since) == [("GET", 200)]
     assert proxy.metric("imagewarm_proxy_resumed_fills_total") == 0
+
+
+def test_the_running_proxy_removes_partial_files_grown_too_old_to_resume(proxy_factory, registry):
+    """No --max-cache-bytes: the master's upkeep still sweeps what a killed worker left long ago."""
+    proxy = proxy_factory(insecure=(registry.host,), workers=1, extra=("--eviction-interval", "200ms"))
+    layout = Layout(proxy.cache_dir)
+    old = plant_partial(proxy.cache_dir, "sha256:" + "ab" * 32, bytes(2 * MiB))
+    young = plant_partial(proxy.cache_dir, "sha256:" + "cd" * 32, bytes(2 * MiB))
+    past = time.time() - 7 * 3600
+    os.utime(old, (past, past))
+    wait_until(lambda: not old.exists(), timeout=30, message="the old partial file stayed")
+    assert young.exists(), "a recent one waits for its digest's next fill"
+    assert "removed partial files of killed fills too old to resume" in proxy.log_tail(100)
+    assert sorted(p.name for p in layout.partial_dir.iterdir()) == [young.name]

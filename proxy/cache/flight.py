@@ -47,6 +47,8 @@ RESUME_MIN_BYTES = 1 << 20
 # ... and was last written at most this long ago: long enough for a restarted pod, a rebooted node or
 # a rollout; short enough that a fill nobody comes back for does not hold cache space for days.
 RESUME_MAX_AGE = 6 * 3600.0
+_ADOPT_TRIES = 5
+_ADOPT_WAIT = 0.002
 
 
 @dataclass(frozen=True)
@@ -139,11 +141,16 @@ class Writer:
     def _stale_size(self, fd: int, policy: ResumePolicy) -> int | None:
         """The size of the partial file behind `fd` if its writer is gone and the policy accepts it
         (it is then locked by us); None otherwise."""
-        try:
-            # Not blocking: a starting store may hold it a moment to judge it; then we do without.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
+        for attempt in range(_ADOPT_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # A store's sweep holds it an instant to judge it; we hold the claim, so no live writer
+                # can (never wait long on a lock someone may hold for good).
+                if attempt == _ADOPT_TRIES - 1:
+                    return None
+                time.sleep(_ADOPT_WAIT)
         held = os.fstat(fd)
         if held.st_nlink == 0 or not os.path.samestat(held, os.stat(self._partial)):
             return None  # removed or replaced meanwhile

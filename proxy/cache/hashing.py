@@ -108,10 +108,6 @@ class ResumedHash:
         self._thread = threading.Thread(target=self._catch_up, name="rehash", daemon=True)
         self._thread.start()
 
-    @property
-    def caught_up(self) -> bool:
-        return self._direct
-
     def update(self, data: bytes | bytearray | memoryview) -> None:
         """`data` has just been appended to the file."""
         if not self._direct:

@@ -5,6 +5,7 @@ same with real processes and SIGKILL is in tests/component/test_proxy_resume.py)
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
@@ -405,3 +406,18 @@ def test_concurrent_claims_after_a_death_make_one_resumed_writer(store: BlobStor
     for thread in threads:
         thread.join(20)
     assert sorted(results) == ["other"] * 4 + ["writer"]
+
+
+def test_a_partial_file_someone_holds_locked_is_not_adopted(store: BlobStore) -> None:
+    partial = killed_after(store, DATA, HALF)
+    holder = os.open(partial, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # e.g. a descriptor a forked child inherited
+        writer = claim_writer(store)
+        assert writer.adopted == 0, "never wait on a lock that may be held for good"
+        writer.write(DATA)
+        writer.commit()
+    finally:
+        os.close(holder)
+    with store.open(DIGEST) as blob:
+        assert blob.read() == DATA

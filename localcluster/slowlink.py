@@ -15,7 +15,8 @@ _CHUNK = 64 << 10
 
 
 class SlowLink:
-    """`SlowLink(target_host, target_port, bytes_per_second).start()`; clients connect to `host`."""
+    """`SlowLink(target_host, target_port, bytes_per_second).start()`; clients connect to `host`.
+    `bytes_down` counts what crossed the link from the target to its clients (headers included)."""
 
     def __init__(self, target_host: str, target_port: int, bytes_per_second: int) -> None:
         self.target = (target_host, target_port)
@@ -25,6 +26,7 @@ class SlowLink:
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.bytes_down = 0
 
     @property
     def host(self) -> str:
@@ -68,7 +70,9 @@ class SlowLink:
             while chunk := source.recv(_CHUNK):
                 sink.sendall(chunk)
                 sent += len(chunk)
-                if rate:
+                if rate:  # the target-to-client direction
+                    with self._lock:
+                        self.bytes_down += len(chunk)
                     ahead = sent / rate - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)

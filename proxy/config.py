@@ -161,7 +161,10 @@ class ProxyConfig:
         metavar="DURATION",
     )
     eviction_interval: float = setting(
-        30.0, help="how often the size limit is enforced", parse=parse_duration, metavar="DURATION"
+        30.0,
+        help="how often the size limit is enforced and partial files too old to resume are removed",
+        parse=parse_duration,
+        metavar="DURATION",
     )
     log_level: str = setting("info", help="debug, info, warning or error")
     log_format: str = setting("json", help="json or text")

@@ -43,6 +43,21 @@ DISK_FULL_SKIPPED_WRITES = counter(
 DIGEST_MISMATCHES = counter(
     "proxy_digest_mismatches_total", "Upstream transfers dropped because their digest did not verify"
 )
+RESUMED_FILLS = counter(
+    "proxy_resumed_fills_total",
+    "Blob fills that adopted the partial file a killed proxy left and asked the source for the rest only",
+)
+RESUMED_BYTES = counter(
+    "proxy_resumed_bytes_total", "Bytes of adopted partial files that resumed fills did not fetch again"
+)
+RESUME_FALLBACKS = counter(
+    "proxy_resume_fallbacks_total",
+    "Adopted partial files dropped, by reason (range_ignored: the source answered 200 to the range; "
+    "inconsistent: its 206 was not the rest of the blob; unsatisfiable: it answered 416; the fill then "
+    "started from byte 0) and resumed fills discarded (mismatch: the completed blob did not verify; "
+    "the next fill starts from byte 0)",
+    ["reason"],
+)
 PEER_FETCHES = counter(
     "proxy_peer_fetches_total",
     "Blob misses asked of peer proxies, by result (hit: a peer sent it; miss: no peer had it; "

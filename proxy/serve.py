@@ -1,6 +1,7 @@
 """gunicorn serving the proxy: worker processes with a thread per client connection
-(`imagewarm.worker`), metrics aggregated across them, the evictor and the startup-taint removal
-running in the master once it listens, and with `--node-name` the node agent's process started by
+(`imagewarm.worker`), metrics aggregated across them, the cache's upkeep (eviction, and removing
+partial files of killed writers too old to resume) and the startup-taint removal running in the
+master once it listens, and with `--node-name` the node agent's process started by
 the master (one per node); peer discovery in each worker."""
 
 from __future__ import annotations
@@ -25,9 +26,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("imagewarm.proxy.serve")
 
 
-def run_evictor(store: BlobStore, max_bytes: int, interval: float, stop: threading.Event) -> None:
-    evictor = Evictor(store, max_bytes)
+def run_upkeep(store: BlobStore, max_bytes: int | None, interval: float, stop: threading.Event) -> None:
+    """Every `interval`: remove partial files no fill will resume, then evict if over `max_bytes`."""
+    evictor = Evictor(store, max_bytes) if max_bytes else None
     while not stop.wait(interval):
+        try:
+            removed, freed = store.remove_stale_partials()
+        except Exception:
+            log.exception("removing stale partial files failed; will retry")
+        else:
+            if removed:
+                log.info(
+                    "removed partial files of killed fills too old to resume",
+                    extra={"count": removed, "bytes": freed},
+                )
+        if evictor is None:
+            continue
         try:
             report = evictor.run_once()
         except Exception:
@@ -90,13 +104,12 @@ class ProxyServer(BaseApplication):  # type: ignore[misc]
             "serving",
             extra={"listen": serving.bind_address(*self.config.listen), "workers": self.config.workers},
         )
-        if self.config.max_cache_bytes:
-            threading.Thread(
-                target=run_evictor,
-                name="evictor",
-                daemon=True,
-                args=(self.store, self.config.max_cache_bytes, self.config.eviction_interval, self.stop),
-            ).start()
+        threading.Thread(
+            target=run_upkeep,
+            name="upkeep",
+            daemon=True,
+            args=(self.store, self.config.max_cache_bytes or None, self.config.eviction_interval, self.stop),
+        ).start()
         # The runtime's fallback list, with the --peer list; workers add discovered peers as they come.
         self.app.extensions["imagewarm.proxy"].write_runtime_hosts()
         if self.config.node_name:

@@ -4,6 +4,11 @@ concurrent misses in any worker follow the one fetch instead of starting their o
 Whatever streams, the end is held back until the blob's digest is verified: on a mismatch (or a
 truncated, stalled or aborted fetch) the body raises before it, so gunicorn drops the connection and
 the client sees a failed transfer, never a clean success with wrong bytes.
+
+A claim that adopted the partial file of a killed writer (`Writer.adopted`) asks its source for the
+rest only (`Range: bytes=N-`, the same source order: a peer, else the upstream) and resumes on a 206
+that is exactly the rest of the blob; on a 200 (the source ignores ranges) or anything else it starts
+over from byte 0. The client still gets the whole blob, the adopted bytes read back from the file.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import requests
 from flask import Response
@@ -19,8 +25,9 @@ from flask import Response
 from imagewarm import protocol
 from proxy import metrics
 from proxy.cache.store import CachedBlob, DiskFull, FetchAborted, Follower, Writer
-from proxy.errors import UpstreamUnavailable
+from proxy.errors import RegistryError, UpstreamUnavailable
 from proxy.peers.lookup import Peers
+from proxy.ranges import parse_length, resumed_size
 from proxy.routes import Target
 from proxy.upstream.access import AccessControl, Unverifiable
 from proxy.upstream.auth import Credentials
@@ -61,8 +68,18 @@ def _headers(digest: str, size: int | None, cache: str) -> dict[str, str]:
 
 
 def _content_length(response: requests.Response) -> int | None:
-    value = response.headers.get("Content-Length", "")
-    return int(value) if value.isdigit() else None
+    return parse_length(response.headers.get("Content-Length"))
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a fill reads from: the open response, its metrics label, what to call if its bytes fail,
+    and the whole blob's size (the client's Content-Length; None if not stated)."""
+
+    response: requests.Response
+    label: str
+    on_failure: Callable[[], None] | None
+    size: int | None
 
 
 class Tee:
@@ -81,23 +98,101 @@ class Tee:
         self.access.check(target.registry, target.repository, credentials, probe)
 
     def _open(
-        self, target: Target, credentials: Credentials | None
+        self, target: Target, credentials: Credentials | None, start: int = 0
     ) -> tuple[requests.Response, str, Callable[[], None] | None]:
         """Where to read a missing blob from: a peer that has it cached (the client's access proven
         first, as for cached content; by the peer when the upstream is down), else the upstream. With
-        the response: its metrics label, and what to call if its bytes fail (a peer is set aside)."""
+        the response: its metrics label, and what to call if its bytes fail (a peer is set aside).
+        With `start`, asks for the bytes from there on (the answer may be a 206 or a 200)."""
         if self.peers is not None and self.peers.urls():  # none known yet: no access probe for nothing
             # If the upstream cannot vouch for the client now and this node has no decision to fall back
             # on, the peer that has the blob checks the forwarded credentials by its own rule.
             with contextlib.suppress(Unverifiable):
                 self.check_access(target, credentials)
-            found = self.peers.blob(target, credentials)
+            found = self.peers.blob(target, credentials, start)
             if found is not None:
                 url, response = found
                 return response, "peers", functools.partial(self.peers.failed, url)
-        response = self.upstream.blob(target.registry, target.repository, target.reference, credentials)
+        response = self.upstream.blob(
+            target.registry,
+            target.repository,
+            target.reference,
+            credentials,
+            byte_range=f"bytes={start}-" if start else None,
+        )
         self.access.granted(target.registry, target.repository, credentials)
         return response, target.registry, None
+
+    def _open_fill(self, target: Target, credentials: Credentials | None, writer: Writer) -> _Source:
+        """The source of `writer`'s bytes, with `writer` resumed or started over accordingly and its
+        expected size set. Raises as `_open` does (the caller aborts the writer)."""
+        if writer.adopted:
+            source = self._resumed(target, credentials, writer)
+            if source is not None:
+                return source
+        response, label, on_failure = self._open(target, credentials)
+        try:
+            writer.start_over()  # the fill starts from byte 0 (a no-op unless it adopted a file)
+        except BaseException:
+            response.close()
+            raise
+        size = _content_length(response)
+        writer.expected_size = size
+        return _Source(response, label, on_failure, size)
+
+    def _resumed(self, target: Target, credentials: Credentials | None, writer: Writer) -> _Source | None:
+        """Ask for the rest of an adopted partial file. The source for the fill if the answer is a 206 of
+        the rest (resumed) or a 200 (started over); None when the blob must be asked for again whole."""
+        start = writer.adopted
+        try:
+            response, label, on_failure = self._open(target, credentials, start)
+        except RegistryError as exc:
+            if exc.code != "RANGE_INVALID":
+                raise
+            self._fall_back(target, writer, "unsatisfiable", exc.status)
+            return None
+        content_range = response.headers.get("Content-Range")
+        size = resumed_size(
+            response.status_code, content_range, response.headers.get("Content-Length"), start
+        )
+        if response.status_code != 200 and size is None:
+            response.close()
+            self._fall_back(target, writer, "inconsistent", response.status_code, content_range)
+            return None
+        try:
+            if size is None:  # a 200: the whole blob, usable as it is
+                self._fall_back(target, writer, "range_ignored", 200)
+                size = _content_length(response)
+                writer.expected_size = size
+                return _Source(response, label, on_failure, size)
+            writer.resume(size)
+        except BaseException:
+            response.close()
+            raise
+        metrics.RESUMED_FILLS.inc()
+        metrics.RESUMED_BYTES.inc(start)
+        log.info(
+            "resuming the fill",
+            extra={"digest": target.reference, "at_byte": start, "blob_bytes": size, "source": label},
+        )
+        return _Source(response, label, on_failure, size)
+
+    @staticmethod
+    def _fall_back(
+        target: Target, writer: Writer, reason: str, status: int, content_range: str | None = None
+    ) -> None:
+        metrics.RESUME_FALLBACKS.labels(reason=reason).inc()
+        log.info(
+            "cannot resume the fill: the source did not send the rest of the blob; fetching it from byte 0",
+            extra={
+                "digest": target.reference,
+                "adopted_bytes": writer.adopted,
+                "reason": reason,
+                "status": status,
+                **({"content_range": content_range[:100]} if content_range is not None else {}),
+            },
+        )
+        writer.start_over()
 
     def head(self, target: Target, credentials: Credentials | None) -> Response:
         size = self.upstream.head_blob(target.registry, target.repository, target.reference, credentials)
@@ -153,22 +248,20 @@ class Tee:
         """This request holds the claim: fetch (from a peer or the upstream) on a thread of its own
         (see `proxy.upstream.fetch`) that fills the cache while this response streams what it wrote."""
         try:
-            upstream, source, on_failure = self._open(target, credentials)
+            source = self._open_fill(target, credentials, writer)
         except BaseException:
             writer.abort()
             raise
-        size = _content_length(upstream)
-        writer.expected_size = size
         try:
-            fetch = Fetch(writer, upstream, source, target.name, on_failure).start()
+            fetch = Fetch(writer, source.response, source.label, target.name, source.on_failure).start()
         except BaseException:
-            upstream.close()
+            source.response.close()
             writer.abort()
             raise
         response = Response(
             fetch.body(),
             status=200,
-            headers=_headers(target.reference, size, protocol.MISS),
+            headers=_headers(target.reference, source.size, protocol.MISS),
             direct_passthrough=True,
         )
         response.call_on_close(fetch.close)
@@ -271,15 +364,14 @@ class Tee:
             yield from _followed(claim)
             return
         try:
-            upstream, source, on_failure = self._open(target, credentials)
+            source = self._open_fill(target, credentials, claim)
         except BaseException:
             claim.abort()
             raise
-        claim.expected_size = _content_length(upstream)
         try:
-            fetch = Fetch(claim, upstream, source, target.name, on_failure).start()
+            fetch = Fetch(claim, source.response, source.label, target.name, source.on_failure).start()
         except BaseException:
-            upstream.close()
+            source.response.close()
             claim.abort()
             raise
         try:

@@ -4,8 +4,17 @@ Followers that stream it as it grows.
 Two flocks make this work across threads and gunicorn workers alike:
 - the digest's lock file (`locks/`), held exclusively by the one Writer from claim to commit/abort;
 - the partial file's own inode, held exclusively by its Writer. A Follower probes *that inode*: a
-  partial left by a killed writer has no holder, and a new Writer never reuses it (it publishes a
-  fresh inode by rename), so a Follower can tell its writer is gone without any in-memory state.
+  partial left by a killed writer has no holder, so a Follower can tell its writer is gone without
+  any in-memory state.
+
+A partial file left by a killed writer is a prefix of the blob (bytes are only ever appended), so a
+new Writer may adopt it instead of fetching those bytes again (`Writer.adopted`, then `resume` or
+`start_over`). The rule that keeps every Follower right: an inode's bytes, once written, never
+change. Resuming appends to the adopted inode; starting over publishes a fresh inode by rename and
+abandons the old one, never truncated or rewritten. So whatever inode a Follower opened, the bytes it
+read are a prefix of that inode's final content, which is served only if it commits, i.e. verified.
+While the new Writer asks the source whether it can resume, the adopted file is under a private
+name, locked: Followers find no partial and wait for the claim, as for any writer not yet published.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import hashlib
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -22,13 +32,43 @@ from typing import Self
 from imagewarm.digest import Digest
 from proxy.cache import durable
 from proxy.cache.errors import DigestMismatch, DiskFull, FetchAborted, SizeMismatch
-from proxy.cache.hashing import PipelinedHash
+from proxy.cache.hashing import PipelinedHash, ResumedHash
 from proxy.cache.paths import Layout
 
 FOLLOW_CHUNK = 1 << 20
 # Followers poll the growing file: start fast so the first bytes go out at once, back off when idle.
 POLL_MIN = 0.001
 POLL_MAX = 0.02
+
+# A killed writer's partial file is resumed when it holds at least this much: below one chunk of a
+# fetch, re-reading and re-hashing it, and the chance a torn tail ends in a mismatch, are not worth
+# the few milliseconds of transfer saved.
+RESUME_MIN_BYTES = 1 << 20
+# ... and was last written at most this long ago: long enough for a restarted pod, a rebooted node or
+# a rollout; short enough that a fill nobody comes back for does not hold cache space for days.
+RESUME_MAX_AGE = 6 * 3600.0
+_ADOPT_TRIES = 5
+_ADOPT_WAIT = 0.002
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    """Which partial files of killed writers are worth resuming (the rest are removed)."""
+
+    min_bytes: int = RESUME_MIN_BYTES
+    max_age: float = RESUME_MAX_AGE
+
+    def accepts(self, status: os.stat_result, now: float) -> bool:
+        return status.st_size >= self.min_bytes and now - status.st_mtime <= self.max_age
+
+
+@dataclass(frozen=True)
+class _Adopted:
+    """A killed writer's partial file, locked by us, under a private name until we decide."""
+
+    fd: int
+    path: Path
+    size: int
 
 
 class Writer:
@@ -40,6 +80,11 @@ class Writer:
     Raises SizeMismatch (when more bytes arrive than `expected_size`, or fewer at commit),
     DigestMismatch at commit, DiskFull on ENOSPC; in each case nothing is kept and followers see
     FetchAborted.
+
+    With a `resume` policy, a claim that finds a partial file its writer left (killed) adopts it when
+    the policy accepts it: `adopted` is then its size, and the caller either `resume`s (the source
+    sends the rest from byte `adopted`) or `start_over`s (the first `write` does that by itself).
+    An abort before deciding puts the adopted file back for a later claim.
     """
 
     def __init__(
@@ -49,22 +94,103 @@ class Writer:
         expected_size: int | None,
         lock_fd: int,
         counter: durable.Counter,
+        resume: ResumePolicy | None = None,
     ) -> None:
         self.digest = digest
         self.expected_size = expected_size
         self.bytes_written = 0
+        self.adopted = 0  # bytes of a killed writer's partial file this writer holds, undecided
+        self.resumed = False
         self._layout = layout
         self._lock_fd: int | None = lock_fd
         self._counter = counter
-        self._hash = PipelinedHash(digest.algorithm)  # hashing overlaps the next write
+        self._hash: PipelinedHash | ResumedHash = PipelinedHash(digest.algorithm)  # overlaps the next write
         self._partial = layout.partial(digest)
         self._fd: int | None = None
+        self._held: _Adopted | None = None
+        self._hash_at_disk_full: hashlib._Hash | None = None
         self._verified = False
         try:
-            self._fd = self._publish_partial()
+            if resume is None or not self._adopt(resume):
+                self._fd = self._publish_partial()
         except BaseException:
             self._release_claim()
             raise
+
+    def _adopt(self, policy: ResumePolicy) -> bool:
+        """Take a killed writer's partial file if the policy accepts it: lock it and move it under a
+        private name (see the module's docstring). False when there is none worth it."""
+        try:
+            fd = os.open(self._partial, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:  # none (the usual case), or not a file we can write: a fresh one replaces it
+            return False
+        hidden = self._layout.new_partial(self.digest, secrets.token_hex(8))
+        try:
+            size = self._stale_size(fd, policy)
+            if size is not None:
+                os.rename(self._partial, hidden)
+        except OSError:
+            size = None
+        if size is None:
+            os.close(fd)
+            return False
+        self._held = _Adopted(fd, hidden, size)
+        self.adopted = size
+        return True
+
+    def _stale_size(self, fd: int, policy: ResumePolicy) -> int | None:
+        """The size of the partial file behind `fd` if its writer is gone and the policy accepts it
+        (it is then locked by us); None otherwise."""
+        for attempt in range(_ADOPT_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # A store's sweep holds it an instant to judge it; we hold the claim, so no live writer
+                # can (never wait long on a lock someone may hold for good).
+                if attempt == _ADOPT_TRIES - 1:
+                    return None
+                time.sleep(_ADOPT_WAIT)
+        held = os.fstat(fd)
+        if held.st_nlink == 0 or not os.path.samestat(held, os.stat(self._partial)):
+            return None  # removed or replaced meanwhile
+        return held.st_size if policy.accepts(held, time.time()) else None
+
+    def resume(self, expected_size: int) -> None:
+        """Keep the adopted bytes: publish the file again and append the rest from byte `adopted`.
+        The adopted bytes are hashed again, read back from the file while the rest arrives."""
+        held = self._held
+        if held is None:
+            raise FetchAborted(f"writer for {self.digest} adopted no partial file to resume")
+        if expected_size <= held.size:
+            raise ValueError(f"{self.digest}: {held.size} bytes adopted, not fewer than {expected_size}")
+        read_fd = os.open(held.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.lseek(held.fd, held.size, os.SEEK_SET)
+            os.rename(held.path, self._partial)  # followers may attach from here on
+        except BaseException:
+            os.close(read_fd)
+            raise
+        self._held = None
+        self.adopted = 0
+        self._hash.close()
+        self._hash = ResumedHash(self.digest.algorithm, read_fd, held.size)
+        self._fd = held.fd
+        self.bytes_written = held.size
+        self.expected_size = expected_size
+        self.resumed = True
+
+    def start_over(self) -> None:
+        """Drop the adopted bytes (if any) and fill from byte 0 into a fresh partial file."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        self.adopted = 0
+        try:
+            held.path.unlink(missing_ok=True)
+        finally:
+            os.close(held.fd)  # whoever still reads the old inode sees its writer gone
+        self._fd = self._publish_partial()
 
     def _publish_partial(self) -> int:
         # Create a fresh inode under a private name, lock it, then rename it over any stale partial:
@@ -91,9 +217,13 @@ class Writer:
     def running_hash(self) -> hashlib._Hash:
         """A copy of the hash of every byte written so far: lets a caller whose caching stopped (DiskFull)
         keep verifying the rest of the stream it passes through."""
+        if self._hash_at_disk_full is not None:
+            return self._hash_at_disk_full.copy()
         return self._hash.copy()
 
     def write(self, chunk: bytes | memoryview) -> None:
+        if self._held is not None:
+            self.start_over()
         if self._fd is None or self._verified:
             raise FetchAborted(f"writer for {self.digest} is closed or verified; claim again")
         if self.expected_size is not None and self.bytes_written + len(chunk) > self.expected_size:
@@ -102,6 +232,9 @@ class Writer:
         try:
             durable.write_all(self._fd, chunk)
         except OSError as error:
+            if durable.is_disk_full(error):
+                # Before the abort: a resumed hash stops reading the file back when it is closed.
+                self._hash_at_disk_full = self._hash.copy()
             self.abort()
             if durable.is_disk_full(error):
                 raise DiskFull(error.errno, f"cache disk full writing {self.digest}: free space") from error
@@ -113,6 +246,8 @@ class Writer:
         """Check every byte is here with the right digest (no more writes may follow). Raises
         SizeMismatch or DigestMismatch after aborting. Lets a caller release bytes it held back from a
         client before the slower `commit` (fsync) finishes."""
+        if self._held is not None:
+            self.start_over()
         if self._fd is None:
             raise FetchAborted(f"writer for {self.digest} is closed; claim again")
         if self._verified:
@@ -152,7 +287,17 @@ class Writer:
         self._release_claim()
 
     def abort(self) -> None:
-        """Drop the partial file and release the claim; followers raise FetchAborted. Idempotent."""
+        """Drop the partial file and release the claim; followers raise FetchAborted. Idempotent.
+        An adopted file not yet resumed goes back where it was: this writer added nothing to it."""
+        held, self._held = self._held, None
+        if held is not None:
+            self.adopted = 0
+            try:
+                os.rename(held.path, self._partial)
+            except OSError:
+                held.path.unlink(missing_ok=True)
+            finally:
+                os.close(held.fd)
         if self._fd is not None:
             # Unlink first, then release: a follower that sees the lock gone also sees no blob.
             try:

@@ -2,7 +2,8 @@
 
 Contract (DESIGN.md, "Rules"): a digest names a file only once its bytes were verified; a blob
 appears by an atomic rename after fsync; a process killed at any instant leaves no half blob
-visible. Concurrent misses share one fetch across threads and processes (see `proxy.cache.flight`).
+visible. Concurrent misses share one fetch across threads and processes (see `proxy.cache.flight`);
+the partial file of a killed writer stays (for `ResumePolicy.max_age`) so the next fill resumes it.
 Readers hold a shared flock on the blob they serve, so eviction (an exclusive, non-blocking flock)
 never removes a blob in use. The store keeps no in-memory state that other processes would need:
 several gunicorn workers open the same root, before or after fork.
@@ -31,7 +32,7 @@ from proxy.cache.errors import (
     SizeMismatch,
     StoreError,
 )
-from proxy.cache.flight import Follower, Writer
+from proxy.cache.flight import Follower, ResumePolicy, Writer
 from proxy.cache.manifest_store import ManifestStore
 from proxy.cache.paths import NEW_SUFFIX, PARTIAL_SUFFIX, Layout
 
@@ -45,6 +46,7 @@ __all__ = [
     "Follower",
     "ManifestStore",
     "NotCached",
+    "ResumePolicy",
     "SizeMismatch",
     "StoreError",
     "Writer",
@@ -117,18 +119,26 @@ class BlobStore:
     """Blobs by digest under `root` (see `proxy.cache.paths` for the layout).
 
     Opening the store creates its directories; the first process to open it (no other live store
-    holds the open lock) recovers: it deletes every leftover partial and temporary file and recounts
-    committed bytes with one stat per blob (no hashing). Later processes only delete partial files
-    whose writer is gone. The store is safe to share across threads and across fork.
+    holds the open lock) recovers: it deletes every leftover temporary file and the partial files of
+    killed writers that `resume` does not accept (too small, too old), and recounts committed bytes
+    with one stat per blob (no hashing). Later processes, and `remove_stale_partials` (called
+    periodically), only delete what no live writer holds. A claim adopts an accepted partial file
+    (see `Writer.adopted`). The store is safe to share across threads and across fork.
     """
 
     def __init__(
-        self, root: Path, *, stall_timeout: float = STALL_TIMEOUT, touch_interval: float = TOUCH_INTERVAL
+        self,
+        root: Path,
+        *,
+        stall_timeout: float = STALL_TIMEOUT,
+        touch_interval: float = TOUCH_INTERVAL,
+        resume: ResumePolicy | None = None,
     ) -> None:
         self.root = Path(root)
         self.layout = Layout(self.root)
         self.stall_timeout = stall_timeout
         self.touch_interval = touch_interval
+        self.resume = resume or ResumePolicy()
         for directory in self.layout.directories():
             directory.mkdir(parents=True, exist_ok=True)
         self._counter = durable.Counter(self.layout.counter)
@@ -154,9 +164,16 @@ class BlobStore:
         fcntl.flock(self._open_fd, fcntl.LOCK_SH)
         return True
 
-    def _remove_stale_partials(self, everything: bool) -> None:
+    def remove_stale_partials(self) -> tuple[int, int]:
+        """Delete the files of killed writers that are no longer worth resuming (older than
+        `resume.max_age`, or too small) and unpublished ones; returns (files, bytes) removed."""
+        return self._remove_stale_partials(everything=False)
+
+    def _remove_stale_partials(self, everything: bool) -> tuple[int, int]:
         with os.scandir(self.layout.partial_dir) as entries:
             names = [entry.name for entry in entries]
+        removed = freed = 0
+        now = time.time()
         for name in names:
             path = self.layout.partial_dir / name
             if name.endswith((PARTIAL_SUFFIX, NEW_SUFFIX)):
@@ -167,13 +184,19 @@ class BlobStore:
                     continue
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    path.unlink(missing_ok=True)
-                except BlockingIOError:
+                    status = os.fstat(fd)
+                    if name.endswith(PARTIAL_SUFFIX) and self.resume.accepts(status, now):
+                        continue  # the next claim of its digest resumes it
+                    if status.st_nlink and os.path.samestat(status, os.stat(path)):
+                        path.unlink()
+                        removed, freed = removed + 1, freed + status.st_size
+                except (BlockingIOError, FileNotFoundError):
                     pass
                 finally:
                     os.close(fd)
             elif everything:  # small-write temporaries carry no lock; only safe when we are alone
                 path.unlink(missing_ok=True)
+        return removed, freed
 
     def close(self) -> None:
         if self._open_fd >= 0:
@@ -266,7 +289,7 @@ class BlobStore:
                 if blob is not None:
                     durable.unlock_and_remove(lock_path, lock_fd)
                     return blob
-                return Writer(self.layout, digest, expected_size, lock_fd, self._counter)
+                return Writer(self.layout, digest, expected_size, lock_fd, self._counter, self.resume)
             follower = Follower.attach(self.layout, digest, expected_size, stall)
             if follower is not None:
                 return follower

@@ -4,7 +4,9 @@ node then pulls from a neighbour's cache instead of every node fetching the same
 A peer request carries `X-Imagewarm-Peer` (see `imagewarm.protocol`): the peer answers from its cache
 only, checking the forwarded client credentials as for any client. What a peer sends is teed into the
 cache and verified against the digest like upstream bytes, so a faulty peer cannot plant content.
-A peer that does not answer is skipped for `retry_after` seconds. The list of peers is read per miss
+A peer that does not answer is skipped for `retry_after` seconds. A fill resuming a partial file asks
+for the rest only (`Range`); peers answer ranges of cached blobs (206), and an answer of the whole
+blob (200) is used as it is. The list of peers is read per miss
 (`--peer` plus those `proxy.peers.discovery` finds), so it may change while the proxy runs.
 """
 
@@ -44,12 +46,14 @@ class Peers:
         self._down_until: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def blob(self, target: Target, credentials: Credentials | None) -> tuple[str, requests.Response] | None:
-        """(peer URL, streaming 200 response) for the blob from the first peer that has it cached, or
-        None."""
+    def blob(
+        self, target: Target, credentials: Credentials | None, start: int = 0
+    ) -> tuple[str, requests.Response] | None:
+        """(peer URL, streaming response) for the blob from the first peer that has it cached, or None.
+        The response is a 200, or with `start` (`Range: bytes=START-`) possibly a 206 the caller checks."""
         if not self.urls():
             return None  # none known (yet): not a miss of any peer
-        found = self._first("GET", target, credentials)
+        found = self._first("GET", target, credentials, start)
         if found is None:
             metrics.PEER_FETCHES.labels(result="miss").inc()
             return None
@@ -64,10 +68,12 @@ class Peers:
         return found[1] if found is not None else None
 
     def _first(
-        self, method: str, target: Target, credentials: Credentials | None
+        self, method: str, target: Target, credentials: Credentials | None, start: int = 0
     ) -> tuple[str, requests.Response] | None:
         path = f"/v2/{registry_segment(target.registry)}/{target.repository}/blobs/{target.reference}"
         headers = {protocol.PEER_HEADER: "1"}
+        if start:
+            headers["Range"] = f"bytes={start}-"
         if credentials is not None:
             headers["Authorization"] = credentials.basic()
         for url in self.urls():
@@ -87,7 +93,7 @@ class Peers:
                     extra={"peer": url, "error": str(exc), "retry_after_seconds": self._retry_after},
                 )
                 continue
-            if response.status_code == 200:
+            if response.status_code == 200 or (start and response.status_code == 206):
                 return url, response
             response.close()
         return None

@@ -10,6 +10,10 @@ not stop the fetch: the blob is still cached and followers in other workers stil
 
 The response never sends the blob's last chunk before its digest is verified: on a mismatch, a
 truncated or stalled body, the response raises (the server drops the connection) and nothing is kept.
+A resumed fill (the writer adopted a killed writer's partial file, the source sends the rest) is the
+same transfer starting at byte `writer.bytes_written`: the client reads the adopted bytes back from
+the partial file, like a client that fell behind the window, and its last chunk waits for the digest
+too; if the completed blob does not verify, the adopted bytes are discarded with it.
 If the cache disk fills mid-way, the fetch keeps verifying and the rest of the bytes go to the client
 through the window only (streaming through, uncached; the fetch then waits for the client).
 """
@@ -31,7 +35,7 @@ import urllib3
 
 from imagewarm.errors import ImagewarmError
 from proxy import metrics
-from proxy.cache.store import DigestMismatch, DiskFull, Writer
+from proxy.cache.store import DigestMismatch, DiskFull, SizeMismatch, Writer
 
 log = logging.getLogger("imagewarm.proxy.fetch")
 
@@ -93,8 +97,9 @@ class Fetch:
         self._changed = threading.Condition()
         self._window: collections.deque[tuple[int, bytes]] = collections.deque()
         self._window_bytes = 0
-        self._received = 0  # bytes from upstream so far
-        self._cached = 0  # of which in the partial file (stops growing when the disk is full)
+        self._start = writer.bytes_written  # a resumed fill's adopted bytes, already in the file
+        self._received = self._start  # bytes of the blob so far (adopted, then from upstream)
+        self._cached = self._start  # of which in the partial file (stops growing when the disk is full)
         self._caching = True
         self._sent = 0  # bytes the client has been given
         self._verified = False
@@ -118,6 +123,15 @@ class Fetch:
             metrics.FETCH_SECONDS.labels(registry=self.registry).observe(time.monotonic() - started)
         except DigestMismatch as exc:  # also SizeMismatch: a truncated or oversize body
             metrics.DIGEST_MISMATCHES.inc()
+            if self._start and not isinstance(exc, SizeMismatch):
+                # The adopted bytes may be the bad ones (a node that lost power mid-fill): they are gone
+                # with the rest, so the next fill starts from byte 0 instead of resuming them again.
+                metrics.RESUME_FALLBACKS.labels(reason="mismatch").inc()
+                log.warning(
+                    "a resumed fill did not verify: its adopted bytes were discarded, the next fill "
+                    "starts from byte 0",
+                    extra={"digest": self.digest, "adopted_bytes": self._start},
+                )
             self._fail("upstream bytes do not match the digest; transfer dropped, nothing cached", exc)
         except _TRANSFER_ERRORS as exc:
             self._fail("upstream blob transfer failed; transfer dropped, nothing cached", exc)
@@ -233,8 +247,9 @@ class Fetch:
         if self._error and not self._verified:  # once verified, a failed commit only loses the cache
             raise TransferFailed(self._error)
         sent = self._sent
-        # Held back: the last chunk goes only once the digest is verified.
-        last_chunk_start = self._window[-1][0] if self._window else 0
+        # Held back: the last chunk goes only once the digest is verified (a resumed fill's adopted bytes
+        # may go before the first new chunk arrives: a 206 of the rest always has a last chunk).
+        last_chunk_start = self._window[-1][0] if self._window else self._start
         limit = self._received if self._verified else last_chunk_start
         if sent >= limit:
             return _DONE if self._verified and sent == self._received else None

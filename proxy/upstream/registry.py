@@ -23,6 +23,7 @@ from imagewarm.digest import Digest, InvalidDigest
 from imagewarm.mediatypes import MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES
 from proxy.config import ProxyConfig
 from proxy.errors import RegistryError, UpstreamUnavailable
+from proxy.ranges import parse_length
 from proxy.upstream.auth import Challenge, Credentials, TokenCache, cache_key, parse_challenge
 
 log = logging.getLogger("imagewarm.proxy.upstream")
@@ -247,8 +248,8 @@ class Upstream:
         )
         with response:
             _raise_for(response, "MANIFEST_UNKNOWN", name)
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
+            declared = parse_length(response.headers.get("Content-Length"))
+            if declared is not None and declared > MAX_MANIFEST_BYTES:
                 raise RegistryError(
                     "MANIFEST_INVALID",
                     f"{name}: manifest of {declared} bytes is over the "
@@ -307,8 +308,7 @@ class Upstream:
         response = self.request("HEAD", registry, repository, f"blobs/{digest}", credentials)
         with response:
             _raise_for(response, "BLOB_UNKNOWN", f"{registry}/{repository}@{digest}")
-        length = response.headers.get("Content-Length", "")
-        return int(length) if length.isdigit() else None
+        return parse_length(response.headers.get("Content-Length"))
 
     def blob(
         self,
@@ -333,8 +333,9 @@ class Upstream:
 
 
 def _backoff(attempt: int, retry_after: str | None = None) -> float:
-    if retry_after and retry_after.strip().isdigit():
-        return min(float(retry_after), MAX_RETRY_AFTER)
+    seconds = parse_length(retry_after)  # the delay-seconds form; an HTTP date is not worth parsing
+    if seconds is not None:
+        return min(float(seconds), MAX_RETRY_AFTER)
     return min(0.1 * 2.0**attempt, MAX_BACKOFF)
 
 

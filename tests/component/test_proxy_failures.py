@@ -1,5 +1,6 @@
 """The proxy (real gunicorn processes) when things go wrong mid-transfer: the client leaves, the proxy
-is killed with SIGKILL, the cache disk fills. An upstream that can hold a blob's second half back (a
+is killed with SIGKILL (and the upstream ignores the range the restarted proxy asks to resume
+with), the cache disk fills. An upstream that can hold a blob's second half back (a
 small Flask registry written here) puts each failure at a known point of the transfer."""
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ HALF = len(BLOB) // 2
 
 
 class GatedUpstream:
-    """Serves BLOB in every repository. While `hold` is set, a GET sends the first half, then waits for
-    `release` before sending the rest."""
+    """Serves BLOB in every repository, always whole (it ignores `Range`, as a server may: RFC 9110
+    lets it answer 200; `ranges` records what GETs asked for). While `hold` is set, a GET sends the
+    first half, then waits for `release` before sending the rest."""
 
     def __init__(self) -> None:
         self.port = free_ports(1)[0]
         self.hits: Counter[str] = Counter()
+        self.ranges: list[str | None] = []
         self.hold = threading.Event()
         self.release = threading.Event()
         self.first_half_sent = threading.Event()
@@ -60,6 +63,8 @@ class GatedUpstream:
         @app.route("/v2/<path:repository>/blobs/<digest>", methods=["GET", "HEAD"])
         def blob(repository: str, digest: str) -> Response:
             self.hits[request.method] += 1
+            if request.method == "GET":
+                self.ranges.append(request.headers.get("Range"))
             headers = {"Content-Length": str(len(BLOB)), "Docker-Content-Digest": DIGEST}
             if digest != DIGEST:
                 return Response("{}", status=404)
@@ -133,7 +138,9 @@ def test_client_leaving_a_cold_fetch_does_not_stop_it(gated, proxy_factory):
     assert proxy.metric("imagewarm_proxy_upstream_bytes_total") == len(BLOB)
 
 
-def test_kill_9_mid_transfer_then_restart_serves_correct_bytes(gated, proxy_factory):
+def test_kill_9_mid_transfer_then_restart_serves_correct_bytes_from_an_upstream_ignoring_range(
+    gated, proxy_factory
+):
     proxy = proxy_factory(insecure=(gated.host,), workers=2)
     layout = Layout(proxy.cache_dir)
     url = blob_url(proxy, gated.host, "app", DIGEST)
@@ -153,13 +160,18 @@ def test_kill_9_mid_transfer_then_restart_serves_correct_bytes(gated, proxy_fact
     gated.hold.clear()
     gated.release.set()
     proxy.start()
-    assert not list(layout.partial_dir.iterdir()), "restart must delete the stale partial file"
+    left = partial_size(proxy.cache_dir)
+    assert left >= HALF, "the restart keeps the stale partial file for resuming"
     assert not layout.blob(Digest.parse(DIGEST)).exists()
     response = requests.get(url, timeout=30)
     assert response.status_code == 200 and response.content == BLOB
-    assert gated.hits["GET"] == 2  # fetched again: the partial bytes were never served
+    # The proxy asked for the rest; this upstream sent the whole blob (200), so it started over.
+    assert gated.ranges == [None, f"bytes={left}-"]
+    assert proxy.metric("imagewarm_proxy_resume_fallbacks_total", reason="range_ignored") == 1
+    assert proxy.metric("imagewarm_proxy_resumed_fills_total") == 0
     wait_until(layout.blob(Digest.parse(DIGEST)).exists, message="the refetched blob was never cached")
     assert hashlib.sha256(layout.blob(Digest.parse(DIGEST)).read_bytes()).hexdigest() == DIGEST.split(":")[1]
+    assert not list(layout.partial_dir.iterdir()), "the abandoned partial file is gone"
 
 
 @pytest.fixture

@@ -156,15 +156,19 @@ def test_kill_9_writer_aborts_followers_and_leaves_no_blob(tmp_path: Path, sourc
     assert not store.has(digest)
     with pytest.raises(NotCached):
         store.open(digest)
-    assert list(store.layout.partial_dir.iterdir()) == [], "restart deletes the stale partial"
+    stale = [(p.name, p.stat().st_size) for p in store.layout.partial_dir.iterdir()]
+    assert stale == [(store.layout.partial(digest).name, len(data) // 2)], "kept for resuming"
     assert list(store.layout.locks_dir.iterdir()) == []
     assert store.total_bytes() == 0
 
     again = store.claim(digest, len(data))
     assert isinstance(again, Writer), "a new claim succeeds after the writer died"
-    again.write(data)
+    assert again.adopted == len(data) // 2
+    again.resume(len(data))
+    again.write(data[len(data) // 2 :])
     again.commit()
     assert store.open(digest).read() == data
+    assert list(store.layout.partial_dir.iterdir()) == []
 
 
 def test_new_claim_takes_over_from_a_killed_writer_while_others_run(tmp_path: Path, source: tuple) -> None:
@@ -256,3 +260,33 @@ def test_disk_full_cleans_up_and_recovers(small_disk: Path) -> None:
     claimed = store.claim(_digest(blob))
     assert isinstance(claimed, CachedBlob) and claimed.read() == blob
     assert store.total_bytes() == len(blob)
+
+
+def test_a_resumed_fill_that_fills_the_disk_still_verifies_what_streams_through(small_disk: Path) -> None:
+    """The running hash handed over at DiskFull covers the adopted bytes, read back from the file."""
+    root = small_disk / "cache"
+    big = os.urandom(3 << 20)
+    half = len(big) // 3
+    first = BlobStore(root)
+    writer = first.claim(_digest(big), len(big))
+    assert isinstance(writer, Writer)
+    writer.write(big[:half])
+    writer._close_partial()  # killed: its files stay, its flocks go
+    assert writer._lock_fd is not None
+    os.close(writer._lock_fd)
+    writer._lock_fd = None
+    first.close()
+
+    store = BlobStore(root)
+    again = store.claim(_digest(big), len(big))
+    assert isinstance(again, Writer) and again.adopted == half
+    again.resume(len(big))
+    written = half
+    with pytest.raises(DiskFull):
+        while written < len(big):
+            again.write(big[written : written + CHUNK])
+            written += CHUNK
+    check = again.running_hash()  # what a fetch keeps verifying with once it streams through
+    check.update(big[written:])
+    assert check.hexdigest() == _digest(big).hex
+    assert list(store.layout.partial_dir.iterdir()) == [] and list(store.layout.locks_dir.iterdir()) == []

@@ -120,7 +120,22 @@ class Fetch:
         started = time.monotonic()
         try:
             self._transfer()
-            metrics.FETCH_SECONDS.labels(registry=self.registry).observe(time.monotonic() - started)
+            seconds = time.monotonic() - started
+            metrics.FETCH_SECONDS.labels(registry=self.registry).observe(seconds)
+            # One line per blob a node fetched: what an operator asks first ("who pulled what, and
+            # from where?"), and what a test that counts fetches shows when it fails.
+            log.info(
+                "blob fetched",
+                extra={
+                    "digest": self.digest,
+                    "image": self.image,
+                    "source": self.registry,  # the registry, or "peers" (another node's proxy)
+                    "bytes": self._received,
+                    "resumed_from": self._start,
+                    "seconds": round(seconds, 3),
+                    "cached": self._caching,
+                },
+            )
         except DigestMismatch as exc:  # also SizeMismatch: a truncated or oversize body
             metrics.DIGEST_MISMATCHES.inc()
             if self._start and not isinstance(exc, SizeMismatch):

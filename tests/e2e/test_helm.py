@@ -292,7 +292,9 @@ def test_an_image_pull_job_through_the_charts_controller_warms_node_2(
     warmed = set(upstream.blob_gets("team/warm"))
     assert max(image.blobs, key=lambda b: b.size).digest in warmed
     assert metric(url, "imagewarm_agent_pulls_total", result="succeeded") >= 1
-    assert metric(other_url, "imagewarm_proxy_cache_miss_bytes_total", kind="blob") == other_misses
+    assert metric(other_url, "imagewarm_proxy_cache_miss_bytes_total", kind="blob") == other_misses, diagnose(
+        cluster
+    )
 
     # A pod on node 2 then starts from its proxy's cache: the upstream sends no blob again.
     hits = metric(url, "imagewarm_proxy_cache_hit_bytes_total", kind="blob")

@@ -26,6 +26,7 @@ import argparse
 import base64
 import contextlib
 import http.client
+import itertools
 import json
 import multiprocessing
 import os
@@ -408,6 +409,18 @@ def measure_native(
     }
 
 
+def dropped_syns() -> int:
+    """Connection attempts the kernel dropped or had to retry so far (machine-wide TcpExt counters:
+    a full accept queue's ListenDrops, and SYNs retransmitted, each costing its client one second).
+    A max latency near 1,000 ms in a cell where this moved is a dropped SYN, not the webhook."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    counters: dict[str, int] = {}
+    for header, values in itertools.pairwise(lines):
+        if header.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            counters = dict(zip(header.split()[1:], map(int, values.split()[1:]), strict=True))
+    return counters.get("ListenDrops", 0) + counters.get("TCPSynRetrans", 0)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the gunicorn workers (the children of `pid`) so far."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -483,7 +496,7 @@ def main() -> int:
             for label, clients, rate in LOADS:
                 results = {}
                 for name, method, path, body, check in cells:
-                    before = cpu_seconds(process.pid)
+                    before, drops = cpu_seconds(process.pid), dropped_syns()
                     if rate:
                         count = min(total, int(rate * OPEN_LOOP_SECONDS))
                         result = measure(port, ca_pem, method, path, body, clients, count, check, rate)
@@ -493,6 +506,7 @@ def main() -> int:
                         )
                     sent = result.get("sent", result["requests"])
                     result["cpu"] = (cpu_seconds(process.pid) - before) / sent * 1000
+                    result["drops"] = dropped_syns() - drops
                     results[name] = result
                 anchor = results["healthz (anchor)"]
                 for name, result in results.items():
@@ -508,16 +522,16 @@ def main() -> int:
         f"{os.cpu_count()} CPUs shared with the clients, load average {os.getloadavg()[0]:.1f} at the end; "
         f"closed loops: wrk, {seconds:g} s per cell; open loops: Python clients, "
         f"up to {total} requests per cell; "
-        f"cpu ms: the server's CPU time per request\n"
+        f"cpu ms: the server's CPU time per request; SYN drops: the kernel's, machine-wide, during the cell\n"
     )
     print(
         f"{'request':<22}{'load':>24}{'req/s':>8}{'cpu ms':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-        f"{'p50/anchor':>12}{'p99/anchor':>12}"
+        f"{'p50/anchor':>12}{'p99/anchor':>12}{'SYN drops':>11}"
     )
     for name, label, result, ratio, ratio99 in rows:
         print(
             f"{name:<22}{label:>24}{result['rps']:>8.0f}{result['cpu']:>8.2f}{result['p50']:>9.2f}"
-            f"{result['p99']:>9.2f}{result['max']:>9.2f}{ratio:>12.2f}{ratio99:>12.2f}"
+            f"{result['p99']:>9.2f}{result['max']:>9.2f}{ratio:>12.2f}{ratio99:>12.2f}{result['drops']:>11.0f}"
         )
     saturated = [r for name, label, r, _, _ in rows if label == SATURATED]
     mutate = [(label, r) for name, label, r, _, _ in rows if name != "healthz (anchor)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 from typing import Any
 
@@ -41,6 +42,9 @@ class FakeStore:
         self.waits += 1
         threading.Event().wait(timeout)
         return self._synced
+
+    def state(self) -> dict[str, Any]:
+        return {"synced": self._synced, "objects": len(self.objects)}
 
 
 SIDECARSET = {
@@ -212,7 +216,12 @@ def test_pods_without_containers_or_with_wrong_types_are_allowed_unchanged(clien
 
 def test_healthz_and_metrics(client: Any) -> None:
     client.post("/mutate", json=review(web_pod()))
-    assert client.get("/healthz").get_json() == {"ok": True, "sidecarsetsSynced": True}
+    assert client.get("/healthz").get_json() == {
+        "ok": True,
+        "sidecarsetsSynced": True,
+        "worker": os.getpid(),
+        "sidecarsetCache": {"synced": True, "objects": 1},
+    }
     text = client.get("/metrics").get_data(as_text=True)
     for name in (
         "imagewarm_webhook_requests_total",

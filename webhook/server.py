@@ -36,14 +36,13 @@ def informers(config: WebhookConfig) -> tuple[Informer | None, Informer | None]:
     if not config.sidecarsets:
         return None, None
     kube = Kube.load(config.kubeconfig or None)
-    sidecarsets = Informer(
-        kube,
-        SIDECARSETS_PATH,
-        name="sidecarsets",
-        on_progress=lambda cache: metrics.sidecarset_cache_progressed(cache.state(), cache.progressed_at),
-    ).start()
-    namespaces = Informer(kube, NAMESPACES_PATH, name="namespaces").start()
+    sidecarsets = Informer(kube, SIDECARSETS_PATH, name="sidecarsets", on_progress=export_progress).start()
+    namespaces = Informer(kube, NAMESPACES_PATH, name="namespaces", on_progress=export_progress).start()
     return sidecarsets, namespaces
+
+
+def export_progress(cache: Informer) -> None:
+    metrics.cache_progressed(cache.name, cache.state(), cache.progressed_at)
 
 
 def wsgi_app(config: WebhookConfig) -> Any:

@@ -140,10 +140,14 @@ def injected_by_every_worker(workers: WorkerConnections, app: dict[str, Any], im
     return all(images(admitted)[1:] == [f"{PREFIX}/{image}"] for admitted in workers.admitted(app).values())
 
 
-def per_worker(metrics: str, name: str) -> dict[int, float]:
-    """The values of the gauge `name` by worker pid (multiprocess mode "liveall")."""
-    found = re.findall(rf'^{name}{{pid="(\d+)"}} (\S+)$', metrics, re.MULTILINE)
-    return {int(pid): float(value) for pid, value in found}
+def per_worker(metrics: str, name: str, cache: str = "sidecarsets") -> dict[int, float]:
+    """The values of the gauge `name` for `cache`, by worker pid (multiprocess mode "liveall")."""
+    found = {}
+    for labels, value in re.findall(rf"^{name}{{(.*)}} (\S+)$", metrics, re.MULTILINE):
+        parsed = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if parsed.get("cache") == cache:
+            found[int(parsed["pid"])] = float(value)
+    return found
 
 
 def test_every_worker_injects_sidecarsets_changed_across_a_crd_storage_rebuild(
@@ -208,10 +212,11 @@ def test_every_worker_injects_sidecarsets_changed_across_a_crd_storage_rebuild(
         ]
         # The per-worker probe an operator sees: every live worker's cache, by pid.
         metrics = workers.metrics()
-        versions = per_worker(metrics, "imagewarm_webhook_sidecarset_cache_resource_version")
-        assert set(versions) == set(workers.connections)
+        versions = per_worker(metrics, "imagewarm_webhook_cache_resource_version")
+        assert set(versions) == set(workers.connections)  # the workers, not the master
         assert all(value >= version for value in versions.values()), versions
-        assert set(per_worker(metrics, "imagewarm_webhook_sidecarset_cache_lists")) == set(versions)
+        assert set(per_worker(metrics, "imagewarm_webhook_cache_lists")) == set(versions)
+        assert set(per_worker(metrics, "imagewarm_webhook_cache_objects", "namespaces")) == set(versions)
         print("each worker's cache:", workers.states())
     finally:
         held.close()

@@ -394,3 +394,15 @@ def test_a_junk_pod_is_counted_invalid_and_told_what_is_wrong(client: Any) -> No
         "imagewarm: pod left unchanged: spec.containers[0].name must be a string, not a list"
     ]
     assert (decisions("invalid"), decisions("error")) == (invalid + 1, errors)
+
+
+def test_cache_progress_is_exported_by_cache(client: Any) -> None:
+    from webhook import metrics
+
+    state = {"lists": 2, "objects": 3, "resourceVersion": "4711", "watches": 5}
+    metrics.cache_progressed("sidecarsets", state, 1700000000.0)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'imagewarm_webhook_cache_lists{cache="sidecarsets"} 2.0' in text
+    assert 'imagewarm_webhook_cache_objects{cache="sidecarsets"} 3.0' in text
+    assert 'imagewarm_webhook_cache_resource_version{cache="sidecarsets"} 4711.0' in text
+    assert 'imagewarm_webhook_cache_progress_timestamp_seconds{cache="sidecarsets"} 1.7e+09' in text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -22,6 +23,7 @@ log = logging.getLogger("imagewarm.informer")
 
 Handler = Callable[[str, dict[str, Any]], None]
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
+Progress = Callable[["Informer"], None]
 
 
 class Source(Protocol):
@@ -54,7 +56,10 @@ class Informer:
 
     `transform`, when given, maps every object as it arrives (list or watch) to what is kept: the
     cache and the handlers only ever see its result, so a program can hold a few fields of each of
-    thousands of Pods instead of whole objects. It must keep `metadata.name` (and `namespace`)."""
+    thousands of Pods instead of whole objects. It must keep `metadata.name` (and `namespace`).
+
+    `on_progress`, when given, is called on the informer's thread after every list, event and
+    bookmark (a program's metrics of how current its cache is: `state()`)."""
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class Informer:
         field_selector: str = "",
         handlers: tuple[Handler, ...] = (),
         transform: Transform | None = None,
+        on_progress: Progress | None = None,
     ) -> None:
         self.source = source
         self.path = path
@@ -84,8 +90,13 @@ class Informer:
         }
         self.handlers = handlers
         self.transform = transform
+        self.on_progress = on_progress
         self.resource_version = ""
         self.lists = 0  # how many times the collection was listed (1 + relists)
+        self.watches = 0  # how many watch requests were made
+        # When the API server last told us how current the cache is (a list, an event or a bookmark;
+        # time.time()). A watch sends a bookmark about every minute: a much older one is a stuck watch.
+        self.progressed_at = 0.0
         self._objects: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._synced = threading.Event()
@@ -114,6 +125,20 @@ class Informer:
         with self._lock:
             return dict(self._objects)
 
+    def state(self) -> dict[str, Any]:
+        """How current the cache is, for probes and metrics."""
+        with self._lock:
+            objects = len(self._objects)
+        since = round(time.time() - self.progressed_at, 3) if self.progressed_at else None
+        return {
+            "synced": self.synced,
+            "resourceVersion": self.resource_version,
+            "objects": objects,
+            "lists": self.lists,
+            "watches": self.watches,
+            "secondsSinceProgress": since,
+        }
+
     def add_handler(self, handler: Handler) -> None:
         """Add a handler; call it before `start()` so that it sees every object."""
         self.handlers = (*self.handlers, handler)
@@ -141,6 +166,7 @@ class Informer:
                     self._list()
                     need_list = False
                     backoff = self.min_backoff
+                self.watches += 1
                 for event in self.source.watch(
                     self.path, self.resource_version, timeout_seconds=self.watch_timeout, params=self.params
                 ):
@@ -178,6 +204,7 @@ class Informer:
             self.resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
             self.lists += 1
         self._synced.set()
+        self._progressed()
         for key, obj in fresh.items():
             if key not in old:
                 self._notify("ADDED", obj)
@@ -193,6 +220,7 @@ class Informer:
         if kind == "BOOKMARK":
             if version:
                 self.resource_version = str(version)
+            self._progressed()
             return
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             return
@@ -205,7 +233,16 @@ class Informer:
                 self._objects[key_of(obj)] = obj
             if version:
                 self.resource_version = str(version)
+        self._progressed()
         self._notify(kind, obj)
+
+    def _progressed(self) -> None:
+        self.progressed_at = time.time()
+        if self.on_progress is not None:
+            try:
+                self.on_progress(self)
+            except Exception:
+                log.exception("informer progress hook failed", extra={"informer": self.name})
 
     def _notify(self, kind: str, obj: dict[str, Any]) -> None:
         for handler in self.handlers:

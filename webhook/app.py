@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -84,7 +85,14 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> Response:
-        return jsonify(ok=True, sidecarsetsSynced=sidecarsets.synced if sidecarsets is not None else None)
+        # Which worker answered and how current its SidecarSet cache is: each gunicorn worker has its
+        # own, and a client holding a keep-alive connection keeps talking to the same worker.
+        return jsonify(
+            ok=True,
+            sidecarsetsSynced=sidecarsets.synced if sidecarsets is not None else None,
+            worker=os.getpid(),
+            sidecarsetCache=sidecarsets.state() if sidecarsets is not None else None,
+        )
 
     @app.get("/metrics")
     def metrics_view() -> Response:

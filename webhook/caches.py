@@ -25,6 +25,8 @@ class Store(Protocol):
 
     def wait_synced(self, timeout: float) -> bool: ...
 
+    def state(self) -> dict[str, Any]: ...
+
 
 class SidecarSets:
     """Parsed SidecarSets from a store; an invalid one is logged once and left out."""

@@ -1,10 +1,11 @@
 """The webhook's Prometheus metrics (declared once, at import)."""
 
 import functools
+from typing import Any
 
 from prometheus_client import Counter
 
-from imagewarm.metrics import counter, histogram
+from imagewarm.metrics import counter, gauge, histogram
 
 REQUESTS = counter(
     "webhook_requests_total",
@@ -35,3 +36,47 @@ def requests(operation: str, code: str) -> Counter:
 @functools.cache
 def decisions(reason: str) -> Counter:
     return DECISIONS.labels(reason)
+
+
+# Per worker (a `pid` label, live workers only) and cache ("sidecarsets", "namespaces"): each gunicorn
+# worker keeps its own caches, and a worker whose SidecarSet cache fell behind admits pods without the
+# SidecarSets it has not seen. Labelled so that only workers, never the master (which imports this
+# module too), have values.
+CACHE_LISTS = gauge(
+    "webhook_cache_lists",
+    "Complete lists by this worker's cache: 1, plus one per 410 Gone (expired watch)",
+    ["cache"],
+    unitless_ok=True,
+    multiprocess_mode="liveall",
+)
+CACHE_OBJECTS = gauge(
+    "webhook_cache_objects",
+    "Objects in this worker's cache",
+    ["cache"],
+    unitless_ok=True,
+    multiprocess_mode="liveall",
+)
+CACHE_RESOURCE_VERSION = gauge(
+    "webhook_cache_resource_version",
+    "The resourceVersion this worker's cache is at (workers should agree within seconds)",
+    ["cache"],
+    unitless_ok=True,
+    multiprocess_mode="liveall",
+)
+CACHE_PROGRESS = gauge(
+    "webhook_cache_progress_timestamp_seconds",
+    "When this worker's cache last heard from the API server (a list, an event or a bookmark; "
+    "bookmarks come about every minute, so an older one means a stuck watch)",
+    ["cache"],
+    multiprocess_mode="liveall",
+)
+
+
+def cache_progressed(cache: str, state: dict[str, Any], now: float) -> None:
+    """Export one worker's `cache` state (`Informer.state()`), heard from at `now`."""
+    CACHE_LISTS.labels(cache).set(state["lists"])
+    CACHE_OBJECTS.labels(cache).set(state["objects"])
+    version = str(state["resourceVersion"])
+    if version.isdigit():  # opaque to clients, but an etcd revision in every API server we know
+        CACHE_RESOURCE_VERSION.labels(cache).set(int(version))
+    CACHE_PROGRESS.labels(cache).set(now)

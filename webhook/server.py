@@ -19,6 +19,7 @@ from gunicorn.app.base import BaseApplication
 from imagewarm import serving
 from imagewarm.informer import Informer
 from imagewarm.kube import Kube, KubeError
+from webhook import metrics
 from webhook.app import create_app
 from webhook.config import WebhookConfig
 from webhook.selfcert import CertManager
@@ -35,9 +36,13 @@ def informers(config: WebhookConfig) -> tuple[Informer | None, Informer | None]:
     if not config.sidecarsets:
         return None, None
     kube = Kube.load(config.kubeconfig or None)
-    sidecarsets = Informer(kube, SIDECARSETS_PATH, name="sidecarsets").start()
-    namespaces = Informer(kube, NAMESPACES_PATH, name="namespaces").start()
+    sidecarsets = Informer(kube, SIDECARSETS_PATH, name="sidecarsets", on_progress=export_progress).start()
+    namespaces = Informer(kube, NAMESPACES_PATH, name="namespaces", on_progress=export_progress).start()
     return sidecarsets, namespaces
+
+
+def export_progress(cache: Informer) -> None:
+    metrics.cache_progressed(cache.name, cache.state(), cache.progressed_at)
 
 
 def wsgi_app(config: WebhookConfig) -> Any:

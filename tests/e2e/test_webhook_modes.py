@@ -1,25 +1,28 @@
 """The webhook end to end in the modes and states the API server can put it in: registered in opt-in
-mode, its SidecarSet cache relisting after its watch expired, and answering before that cache could
-sync. One webhook process for the module (tests/e2e/webhook_harness.py), one more where a test needs
-a webhook whose cache cannot sync.
+mode, every worker's SidecarSet cache kept current across a rebuild of the CRD's storage, and
+answering before that cache could sync. One webhook process for the module
+(tests/e2e/webhook_harness.py), one more where a test needs a webhook whose cache cannot sync.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import ssl
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
 from imagewarm import certs
-from imagewarm.informer import Informer
-from imagewarm.kube import Kube
+from imagewarm.kube import Gone, Kube
 from localcluster.cluster import Cluster
 from tests.e2e import webhook_harness
 from tests.e2e.webhook_harness import (
@@ -32,6 +35,7 @@ from tests.e2e.webhook_harness import (
     SERVICE,
     SIDECARSETS_PATH,
     Webhook,
+    WorkerConnections,
     create,
     eventually,
     images,
@@ -50,7 +54,6 @@ kube = webhook_harness.kube
 webhook = webhook_harness.webhook
 
 CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/sidecarsets.imagewarm.io"
-RELISTED = "watch expired; listing again informer=sidecarsets"  # the informer's log line (text format)
 NOT_SYNCED = "imagewarm: SidecarSet cache not synced yet; no SidecarSet injected"
 
 
@@ -107,45 +110,117 @@ def test_opt_in_mode_rewrites_only_namespaces_labelled_enabled(
         rewritten(cluster, unlabelled, pod("back", "redis:7"))
 
 
-def test_sidecarset_cache_relists_after_its_watch_expired(
+def hold_storage(kube: Kube, path: str) -> ssl.SSLSocket:
+    """Start a create at `path` whose body never arrives: until the socket is closed, the API server's
+    handler holds the storage it started on. A CRD's old storage is torn down only once no such
+    request is in flight (or after twice the request timeout: 120 s by default)."""
+    url = urlparse(kube.server)
+    assert url.hostname and url.port and kube.cert is not None
+    context = ssl.create_default_context(cafile=kube.verify if isinstance(kube.verify, str) else None)
+    context.load_cert_chain(*kube.cert)
+    raw = socket.create_connection((url.hostname, url.port))
+    held = context.wrap_socket(raw, server_hostname=url.hostname)
+    held.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n{".encode()
+    )
+    return held
+
+
+def watch_answered_gone(kube: Kube, resource_version: str) -> bool:
+    try:
+        for _ in kube.watch(SIDECARSETS_PATH, resource_version, timeout_seconds=1):
+            pass
+    except Gone:
+        return True
+    return False
+
+
+def injected_by_every_worker(workers: WorkerConnections, app: dict[str, Any], image: str) -> bool:
+    return all(images(admitted)[1:] == [f"{PREFIX}/{image}"] for admitted in workers.admitted(app).values())
+
+
+def per_worker(metrics: str, name: str, cache: str = "sidecarsets") -> dict[int, float]:
+    """The values of the gauge `name` for `cache`, by worker pid (multiprocess mode "liveall")."""
+    found = {}
+    for labels, value in re.findall(rf"^{name}{{(.*)}} (\S+)$", metrics, re.MULTILINE):
+        parsed = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if parsed.get("cache") == cache:
+            found[int(parsed["pid"])] = float(value)
+    return found
+
+
+def test_every_worker_injects_sidecarsets_changed_across_a_crd_storage_rebuild(
     webhook: Webhook, cluster: Cluster, kube: Kube, namespace: str
 ) -> None:
-    """The API server's watch cache, not etcd, answers watches, so compacting etcd expires nothing.
-    What does: a changed CRD spec makes the API server rebuild the resource's storage. The new watch
-    cache starts at the current revision, every open watch on the old one ends, and a watch resumed
-    from an earlier resourceVersion is answered 410 Gone: the informer must list again."""
-    relisted_before = webhook.log_lines(RELISTED)
-    name = f"relist-{uuid.uuid4().hex[:6]}"
+    """A changed CRD spec makes the API server build the resource a new storage (a new watch cache,
+    which answers 410 Gone to a watch from before it) and tear down the old one once no short request
+    uses it, at most 2 x the request timeout later. Until then the watches on the old storage stay
+    open and keep delivering every change (both storages read the same etcd keys); when it goes, they
+    end. A worker resumes on the new storage and lists again only if it is answered 410: when events
+    or bookmarks from the old storage took its resourceVersion past the new watch cache's start, the
+    watch just resumes, and a worker that first listed after the rebuild has nothing to expire.
+    Counting relists therefore says nothing. What must hold is that every gunicorn worker (each has
+    its own cache) injects what changed, before and after the old storage goes."""
+    workers = WorkerConnections(webhook, kube)
+    name = f"rebuilt-{uuid.uuid4().hex[:6]}"
+    path = f"{SIDECARSETS_PATH}/{name}"
+    app = pod("app", "nginx:1.27", labels={"sidecar": name})
     column = "/spec/versions/0/additionalPrinterColumns/0/description"
     original = kube.get(CRD_PATH)["spec"]["versions"][0]["additionalPrinterColumns"][0]["description"]
-    informer = Informer(kube, SIDECARSETS_PATH, name="e2e-sidecarsets", watch_timeout=5).start()
+    before = kube.get(SIDECARSETS_PATH)["metadata"]["resourceVersion"]
+    watches_before = {pid: state["watches"] for pid, state in workers.states().items()}
+    held = hold_storage(kube, SIDECARSETS_PATH)
+
+    def change(image: str) -> str:
+        obj = sidecarset(name, image=f"registry.example.com/{image}")
+        obj["metadata"]["resourceVersion"] = kube.get(path)["metadata"]["resourceVersion"]
+        return str(kube.replace(path, obj)["metadata"]["resourceVersion"])
+
     try:
-        assert informer.wait_synced(10) and informer.lists == 1
         kube.patch(
             CRD_PATH, [{"op": "replace", "path": column, "value": f"{original} ({name})"}], kind="json"
         )
-        eventually(lambda: informer.lists == 2, 30, "the informer to get 410 Gone and list again")
-        # Created while the watches are down and the caches relisting: seen by the relist or the
-        # watch resumed after it, never lost between them.
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(sidecarset(name)))
-        eventually(lambda: informer.get(name) is not None, 15, "the informer to see the new SidecarSet")
-        app = pod("app", "nginx:1.27", labels={"sidecar": name})
-        stored = eventually(
-            lambda: (s := rewritten(cluster, namespace, app)) and len(images(s)) == 2 and s,
-            20,
-            "the webhook to inject the SidecarSet created meanwhile",
+        eventually(
+            lambda: watch_answered_gone(kube, before), 30, "the new storage to answer 410 to an old watch"
         )
+        # Right after the rebuild, while the held request keeps the old storage (and the workers'
+        # watches on it) alive: a new SidecarSet, then a change of it.
+        kube.create(SIDECARSETS_PATH, sidecarset(name))
+        change("log-agent:2.4")
+        eventually(
+            lambda: injected_by_every_worker(workers, app, "registry.example.com/log-agent:2.4"),
+            30,
+            "every webhook worker to inject the SidecarSet changed after the rebuild",
+        )
+        held.close()  # the old storage goes, and with it every watch on it
+        eventually(
+            lambda: all(s["watches"] > watches_before[pid] for pid, s in workers.states().items()),
+            30,
+            "every worker's watch on the old storage to end",
+        )
+        version = int(change("log-agent:2.5"))
+        eventually(
+            lambda: injected_by_every_worker(workers, app, "registry.example.com/log-agent:2.5"),
+            30,
+            "every webhook worker, resumed on the new storage, to inject the next change",
+        )
+        stored = rewritten(cluster, namespace, app)
         assert images(stored) == [
             f"{PREFIX}/docker.io/library/nginx:1.27",
-            f"{PREFIX}/registry.example.com/log-agent:2.3",
+            f"{PREFIX}/registry.example.com/log-agent:2.5",
         ]
-        # Both gunicorn workers have their own cache; each got 410 and listed again.
-        eventually(
-            lambda: webhook.log_lines(RELISTED) >= relisted_before + 2, 10, "both webhook workers to relist"
-        )
-        assert informer.lists == 2  # one relist, then the watch resumed
+        # The per-worker probe an operator sees: every live worker's cache, by pid.
+        metrics = workers.metrics()
+        versions = per_worker(metrics, "imagewarm_webhook_cache_resource_version")
+        assert set(versions) == set(workers.connections)  # the workers, not the master
+        assert all(value >= version for value in versions.values()), versions
+        assert set(per_worker(metrics, "imagewarm_webhook_cache_lists")) == set(versions)
+        assert set(per_worker(metrics, "imagewarm_webhook_cache_objects", "namespaces")) == set(versions)
+        print("each worker's cache:", workers.states())
     finally:
-        informer.stop(1)
+        held.close()
+        workers.close()
         kube.patch(CRD_PATH, [{"op": "replace", "path": column, "value": original}], kind="json")
         cluster.kubectl("delete", "sidecarsets.imagewarm.io", name, "--ignore-not-found")
 

@@ -8,22 +8,28 @@ needs to be pulled. Test modules use the fixtures by name (`webhook = webhook_ha
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import pytest
 
 from imagewarm.kube import Kube
 from localcluster.cluster import Cluster
 from localcluster.processes import free_ports
 from webhook.registration import mutating_webhook_configuration
+from webhook.selfcert import Material
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "imagewarm-system"
@@ -123,6 +129,74 @@ class Webhook:
     def log_lines(self, text: str) -> int:
         """How many lines of the whole log contain `text`."""
         return sum(text in line for line in self.log.read_text(errors="replace").splitlines())
+
+
+class WorkerConnections:
+    """One keep-alive HTTPS connection to each of a webhook's gunicorn workers (`/healthz` says which
+    worker answered; a connection stays with the worker that accepted it), to ask each worker what
+    its own caches make of a pod. `workers` is how many the webhook runs."""
+
+    def __init__(self, server: Webhook, kube: Kube, workers: int = 2) -> None:
+        material = Material.from_secret(kube.get(SECRET_PATH))
+        assert material is not None, "the webhook has not written its certificate Secret"
+        context = ssl.create_default_context(cadata=material.ca_bundle.decode())
+        context.check_hostname = False  # the certificate names the Service; we dial its endpoint
+        self.connections: dict[int, http.client.HTTPSConnection] = {}
+        for _ in range(50):  # the workers balance new connections: this takes a few tries
+            connection = http.client.HTTPSConnection(server.ip, server.port, timeout=10, context=context)
+            pid = self._get(connection, "/healthz")["worker"]
+            if pid in self.connections:
+                connection.close()
+            else:
+                self.connections[pid] = connection
+            if len(self.connections) == workers:
+                return
+        raise AssertionError(f"reached {len(self.connections)} of the webhook's {workers} workers")
+
+    def close(self) -> None:
+        for connection in self.connections.values():
+            connection.close()
+
+    @staticmethod
+    def _get(connection: http.client.HTTPSConnection, path: str) -> dict[str, Any]:
+        connection.request("GET", path)
+        return json.loads(connection.getresponse().read())  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        """`/metrics` as one worker shows it (with every worker's per-pid gauges)."""
+        connection = next(iter(self.connections.values()))
+        connection.request("GET", "/metrics")
+        return connection.getresponse().read().decode()
+
+    def states(self) -> dict[int, dict[str, Any]]:
+        """Each worker's SidecarSet cache state, by pid (also keeps the connections from idling out)."""
+        return {pid: self._get(c, "/healthz")["sidecarsetCache"] for pid, c in self.connections.items()}
+
+    def admitted(self, obj: dict[str, Any], namespace: str = "default") -> dict[int, dict[str, Any]]:
+        """The pod `obj` as each worker would admit it (its patch applied), by pid."""
+        result = {}
+        for pid, connection in self.connections.items():
+            candidate = json.loads(json.dumps(obj))
+            candidate["metadata"]["namespace"] = namespace
+            review = {
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {
+                    "uid": str(uuid.uuid4()),
+                    "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "operation": "CREATE",
+                    "namespace": namespace,
+                    "object": candidate,
+                },
+            }
+            connection.request(
+                "POST", "/mutate", body=json.dumps(review), headers={"Content-Type": "application/json"}
+            )
+            answer = json.loads(connection.getresponse().read())["response"]
+            patch = json.loads(base64.b64decode(answer["patch"])) if answer.get("patch") else []
+            result[pid] = jsonpatch.apply_patch(candidate, patch)
+        return result
 
 
 @pytest.fixture(scope="module")

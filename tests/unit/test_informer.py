@@ -233,3 +233,40 @@ def test_the_backoff_starts_again_after_a_successful_list_and_watch(caplog: Any)
     waits = [r.retry_seconds for r in caplog.records if hasattr(r, "retry_seconds")]
     assert waits == [0.001, 0.002, 0.004, 0.008, 0.001]
     assert informer.lists == 2
+
+
+def test_progress_is_reported_after_every_list_event_and_bookmark() -> None:
+    """What a program exports per cache (the webhook: per gunicorn worker) to show how current it is."""
+    source = ScriptedSource(
+        lists=[{"metadata": {"resourceVersion": "10"}, "items": [obj("a", "5")]}],
+        watches=[
+            [{"type": "ADDED", "object": obj("b", "11")}, {"type": "BOOKMARK", "object": obj("", "20")}],
+            [],  # ended by the server
+        ],
+    )
+    reported: list[tuple[str, int, int]] = []
+
+    def progressed(informer: Informer) -> None:
+        state = informer.state()
+        reported.append((state["resourceVersion"], state["objects"], state["lists"]))
+        raise RuntimeError("a broken hook must not stop the cache")
+
+    informer = Informer(source, "/x", on_progress=progressed).start()
+    assert source.done.wait(5)
+    informer.stop()
+    assert reported == [("10", 1, 1), ("11", 2, 1), ("20", 2, 1)]
+    state = informer.state()
+    assert state["synced"] and state["watches"] == 3 and state["resourceVersion"] == "20"
+    assert 0 <= state["secondsSinceProgress"] < 5
+
+
+def test_state_before_the_first_list() -> None:
+    informer = Informer(ScriptedSource(lists=[], watches=[]), "/x")
+    assert informer.state() == {
+        "synced": False,
+        "resourceVersion": "",
+        "objects": 0,
+        "lists": 0,
+        "watches": 0,
+        "secondsSinceProgress": None,
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 from typing import Any
 
@@ -41,6 +42,9 @@ class FakeStore:
         self.waits += 1
         threading.Event().wait(timeout)
         return self._synced
+
+    def state(self) -> dict[str, Any]:
+        return {"synced": self._synced, "objects": len(self.objects)}
 
 
 SIDECARSET = {
@@ -212,7 +216,12 @@ def test_pods_without_containers_or_with_wrong_types_are_allowed_unchanged(clien
 
 def test_healthz_and_metrics(client: Any) -> None:
     client.post("/mutate", json=review(web_pod()))
-    assert client.get("/healthz").get_json() == {"ok": True, "sidecarsetsSynced": True}
+    assert client.get("/healthz").get_json() == {
+        "ok": True,
+        "sidecarsetsSynced": True,
+        "worker": os.getpid(),
+        "sidecarsetCache": {"synced": True, "objects": 1},
+    }
     text = client.get("/metrics").get_data(as_text=True)
     for name in (
         "imagewarm_webhook_requests_total",
@@ -385,3 +394,15 @@ def test_a_junk_pod_is_counted_invalid_and_told_what_is_wrong(client: Any) -> No
         "imagewarm: pod left unchanged: spec.containers[0].name must be a string, not a list"
     ]
     assert (decisions("invalid"), decisions("error")) == (invalid + 1, errors)
+
+
+def test_cache_progress_is_exported_by_cache(client: Any) -> None:
+    from webhook import metrics
+
+    state = {"lists": 2, "objects": 3, "resourceVersion": "4711", "watches": 5}
+    metrics.cache_progressed("sidecarsets", state, 1700000000.0)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'imagewarm_webhook_cache_lists{cache="sidecarsets"} 2.0' in text
+    assert 'imagewarm_webhook_cache_objects{cache="sidecarsets"} 3.0' in text
+    assert 'imagewarm_webhook_cache_resource_version{cache="sidecarsets"} 4711.0' in text
+    assert 'imagewarm_webhook_cache_progress_timestamp_seconds{cache="sidecarsets"} 1.7e+09' in text

@@ -128,6 +128,12 @@ class _Connection:
 
 
 class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
+    # On a graceful stop, how long an idle keep-alive connection may still take one more request
+    # (answered with `Connection: close`, as every request is once the worker stops) before it is
+    # closed. A client may be sending on it at the instant we close it, and a POST that fails that
+    # way is not retried: for the webhook, a pod admitted unrewritten. 0: close idle ones at once.
+    idle_drain_seconds = 0.0
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
@@ -220,13 +226,17 @@ class ConnectionThreadWorker(AsyncWorker):  # type: ignore[misc]
                 connection.busy = False
 
     def _drain(self) -> None:
-        """Graceful stop: let requests in progress finish (up to `graceful_timeout`), then close the
-        idle keep-alive connections so their threads end."""
-        deadline = time.monotonic() + self.cfg.graceful_timeout
-        while time.monotonic() < deadline:
+        """Graceful stop: let requests in progress finish (up to `graceful_timeout`), give idle
+        keep-alive connections `idle_drain_seconds` to take a last request, then close the rest so
+        their threads end."""
+        started = time.monotonic()
+        deadline = started + self.cfg.graceful_timeout
+        idle_deadline = min(deadline, started + self.idle_drain_seconds)
+        while (now := time.monotonic()) < deadline:
             with self._lock:
                 busy = any(connection.busy for connection in self._connections.values())
-            if not busy:
+                left = len(self._connections)
+            if not busy and (not left or now >= idle_deadline):
                 break
             time.sleep(0.02)
         with self._lock:

@@ -272,12 +272,45 @@ def test_silent_and_idle_connections_neither_block_requests_nor_a_stop(tmp_path:
         started = time.monotonic()
         served.process.terminate()
         served.process.wait(10)
-        # Graceful stop closes idle connections at once instead of waiting out their keep-alive.
-        assert time.monotonic() - started < 4
+        # Graceful stop closes idle connections after their 2 s for a last review, instead of
+        # waiting out their 120 s keep-alive.
+        assert time.monotonic() - started < 6
         assert served.process.returncode == 0
     finally:
         served.process.kill()
         silent.close()
+        for tls in idle:
+            tls.close()
+
+
+def test_on_a_stop_an_idle_keep_alive_connection_still_carries_a_review(tmp_path: Path) -> None:
+    """The API server sends each review on a connection it holds open; a review sent on one just
+    after SIGTERM is answered (with `Connection: close`), not lost with a closed connection (which,
+    with failurePolicy Ignore, admits its pod unrewritten)."""
+    served = serve(tmp_path)
+    context = ssl.create_default_context(cafile=str(served.ca_file))
+    idle = [_keep_alive_request(served, context) for _ in range(4)]
+    body = json.dumps(review(POD)).encode()
+    try:
+        served.process.terminate()
+        time.sleep(1.4)  # past when the workers used to close idle connections (their next heartbeat)
+        for tls in idle:
+            tls.sendall(
+                b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            head, _, payload = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), answer[:200]
+            assert b"connection: close" in head.lower()
+            assert json.loads(payload)["response"]["patch"]
+        served.process.wait(10)
+        assert served.process.returncode == 0
+    finally:
+        served.process.kill()
         for tls in idle:
             tls.close()
 

@@ -366,3 +366,16 @@ def test_the_dashboard_queries_only_metrics_the_components_declare():
     dashboard = (CHART / "dashboards" / "imagewarm.json").read_text()
     queried = set(re.findall(r"\bimagewarm_[a-z_]+", dashboard))
     assert queried and queried <= declared, sorted(queried - declared)
+
+
+def test_a_stopping_webhook_replica_drains_before_it_closes_its_listener():
+    deployment = one(render(), "Deployment", f"{RELEASE}-webhook")
+    pod = deployment["spec"]["template"]["spec"]
+    [webhook] = pod["containers"]
+    assert webhook["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    # The grace period covers the drain and gunicorn's 5 s graceful stop.
+    assert pod["terminationGracePeriodSeconds"] >= 5 + 5
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+    undrained = one(render({"webhook": {"drainSeconds": 0}}), "Deployment", f"{RELEASE}-webhook")
+    assert "lifecycle" not in undrained["spec"]["template"]["spec"]["containers"][0]

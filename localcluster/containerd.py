@@ -24,6 +24,8 @@ from localcluster.processes import Daemon
 
 CNI_BIN_DIR = "/usr/lib/cni"
 RUNC = "/usr/sbin/runc"
+# overlayfs does not load on this machine kind; snapshots are named by ChainID either way.
+SNAPSHOTTER = "native"
 # The kernel limits unix socket paths (sun_path) to 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -59,9 +61,9 @@ temp = {q(base / "tmp")}
 [plugins."io.containerd.transfer.v1.local"]
   [[plugins."io.containerd.transfer.v1.local".unpack_config]]
     platform = "linux/amd64"
-    snapshotter = "native"
+    snapshotter = "{SNAPSHOTTER}"
 [plugins."io.containerd.cri.v1.images"]
-  snapshotter = "native"
+  snapshotter = "{SNAPSHOTTER}"
   [plugins."io.containerd.cri.v1.images".pinned_images]
 {sandbox}  [plugins."io.containerd.cri.v1.images".registry]
     config_path = {q(certs_dir)}
@@ -80,7 +82,7 @@ temp = {q(base / "tmp")}
     default_runtime_name = "runc"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-      snapshotter = "native"
+      snapshotter = "{SNAPSHOTTER}"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
         SystemdCgroup = false
         Root = {q(base / "runc")}

@@ -22,6 +22,7 @@ What it creates is removed by `teardown` (an ExitStack the caller closes, also o
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import re
 import shutil
@@ -38,6 +39,7 @@ from imagewarm.api import ORIGINAL_IMAGES_ANNOTATION
 from imagewarm.errors import ImagewarmError
 from imagewarm.reference import parse
 from localcluster import scrape
+from localcluster.containerd import SNAPSHOTTER
 
 if TYPE_CHECKING:
     from imagewarm.kube import Kube
@@ -280,6 +282,7 @@ def forget_image(cluster: Cluster, image: Image, nodes: list[str] | None = None)
     image under its tag, its digest and its ID: removing only the tag would leave the blobs; and a
     container of a pod just deleted keeps them until the kubelet has removed it."""
     layer = max(image.blobs, key=lambda b: b.size).digest
+    top = chain_ids(image)[-1]
     for node in cluster.nodes:
         if nodes is not None and node.name not in nodes:
             continue
@@ -290,9 +293,29 @@ def forget_image(cluster: Cluster, image: Image, nodes: list[str] | None = None)
             if names:
                 node.containerd.ctr("images", "rm", "--sync", *names, namespace="k8s.io")
             content = node.containerd.ctr("content", "ls", "-q", namespace="k8s.io").stdout.split()
+            # The unpacked layers too: containerd fetches no layer whose snapshot it still has (a
+            # deleted pod's container holds them until the kubelet removes it; then they can go).
+            snapshots = node.containerd.ctr(
+                "snapshots", "--snapshotter", SNAPSHOTTER, "ls", namespace="k8s.io"
+            )
+            if top in snapshots.stdout:
+                node.containerd.ctr(
+                    "snapshots", "--snapshotter", SNAPSHOTTER, "rm", top, namespace="k8s.io", check=False
+                )
+                return False
             return layer not in content
 
         _eventually(f"{image.digest}'s blobs gone from {node.name}'s runtime", gone, 60, interval=1)
+
+
+def chain_ids(image: Image) -> list[str]:
+    """The ChainIDs of the image's layers (OCI image spec): what containerd names their snapshots."""
+    chain: list[str] = []
+    for diff_id in image.config_json()["rootfs"]["diff_ids"]:
+        if chain:
+            diff_id = "sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest()
+        chain.append(diff_id)
+    return chain
 
 
 def _eventually(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +80,15 @@ def test_the_summary_has_a_row_per_pod_and_every_claim() -> None:
     assert "cold  n1    upstream" in text and "11.60s" in text and "14s" in text
     assert "kubectl get nodeimages\nNAME ..." in text
     assert "it failed  NO" in text and not outcome.ok
+
+
+def test_chain_ids_follow_the_oci_image_spec(tmp_path: Path) -> None:
+    """The snapshot names containerd gives an image's layers (checked against a real containerd
+    when the demo waits for a forgotten image's snapshots to go)."""
+    from localcluster.demosteps import chain_ids
+    from localcluster.images import ImageBuilder
+
+    image = ImageBuilder(tmp_path).busybox(data_size=1 << 10)
+    diff_ids = image.config_json()["rootfs"]["diff_ids"]
+    second = "sha256:" + hashlib.sha256(f"{diff_ids[0]} {diff_ids[1]}".encode()).hexdigest()
+    assert chain_ids(image) == [diff_ids[0], second]

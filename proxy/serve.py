@@ -1,7 +1,7 @@
 """gunicorn serving the proxy: worker processes with a thread per client connection
 (`imagewarm.worker`), metrics aggregated across them, the cache's upkeep (eviction, and removing
-partial files of killed writers too old to resume) and the startup-taint removal running in the
-master once it listens, and with `--node-name` the node agent's process started by
+partial files of killed or broken-off fills too old to resume) and the startup-taint removal
+running in the master once it listens, and with `--node-name` the node agent's process started by
 the master (one per node); peer discovery in each worker."""
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ Interruption = Literal["kept", "too_small", "no_progress", "closed"]
 
 @dataclass(frozen=True)
 class ResumePolicy:
-    """Which partial files of killed writers are worth resuming (the rest are removed)."""
+    """Which partial files of killed or interrupted writers are worth resuming (the rest are removed)."""
 
     min_bytes: int = RESUME_MIN_BYTES
     max_age: float = RESUME_MAX_AGE
@@ -97,9 +97,10 @@ class Writer:
     FetchAborted. When the transfer itself breaks off, `interrupt()` instead of `abort()` keeps the
     bytes written so far for the next claim to resume (followers see FetchAborted all the same).
 
-    With a `resume` policy, a claim that finds a partial file its writer left (killed) adopts it when
-    the policy accepts it: `adopted` is then its size, and the caller either `resume`s (the source
-    sends the rest from byte `adopted`) or `start_over`s (the first `write` does that by itself).
+    With a `resume` policy, a claim that finds a partial file its writer left (killed, or interrupted)
+    adopts it when the policy accepts it: `adopted` is then its size, and the caller either `resume`s
+    (the source sends the rest from byte `adopted`) or `start_over`s (the first `write` does that by
+    itself).
     An abort before deciding puts the adopted file back for a later claim.
     """
 

@@ -14,10 +14,11 @@ A transfer that breaks off (the source resets, stalls past the read timeout, or 
 Content-Length) says nothing against the bytes that arrived: they stay in the partial file
 (`Writer.interrupt`) and the next fill of the blob resumes from them. Bytes that do not verify, or
 more of them than announced, are discarded.
-A resumed fill (the writer adopted a killed writer's partial file, the source sends the rest) is the
-same transfer starting at byte `writer.bytes_written`: the client reads the adopted bytes back from
-the partial file, like a client that fell behind the window, and its last chunk waits for the digest
-too; if the completed blob does not verify, the adopted bytes are discarded with it.
+A resumed fill (the writer adopted a killed or interrupted writer's partial file, the source sends
+the rest) is the same transfer starting at byte `writer.bytes_written`: the client reads the adopted
+bytes back from the partial file, like a client that fell behind the window, and its last chunk
+waits for the digest too; if the completed blob does not verify, the adopted bytes are discarded
+with it.
 If the cache disk fills mid-way, the fetch keeps verifying and the rest of the bytes go to the client
 through the window only (streaming through, uncached; the fetch then waits for the client).
 """

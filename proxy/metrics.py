@@ -45,7 +45,8 @@ DIGEST_MISMATCHES = counter(
 )
 RESUMED_FILLS = counter(
     "proxy_resumed_fills_total",
-    "Blob fills that adopted the partial file a killed proxy left and asked the source for the rest only",
+    "Blob fills that adopted the partial file a killed proxy or a broken-off transfer left and asked "
+    "the source for the rest only",
 )
 RESUMED_BYTES = counter(
     "proxy_resumed_bytes_total", "Bytes of adopted partial files that resumed fills did not fetch again"
@@ -57,6 +58,20 @@ RESUME_FALLBACKS = counter(
     "started from byte 0) and resumed fills discarded (mismatch: the completed blob did not verify; "
     "the next fill starts from byte 0)",
     ["reason"],
+)
+INTERRUPTED_FILLS = counter(
+    "proxy_interrupted_fills_total",
+    "Blob fills whose transfer broke off (the source reset, stalled or closed early), by what became of "
+    "their partial file (kept: for the next fill to resume; too_small: under the resume minimum, "
+    "removed; no_progress: a resumed fill that added nothing, removed so the next starts from byte 0)",
+    ["partial"],
+)
+# Set by the master's upkeep (every --eviction-interval), which lists the partial files anyway.
+RESUMABLE_PARTIAL_BYTES = gauge(
+    "proxy_resumable_partial_bytes",
+    "Disk held by partial files of killed or broken-off fills, kept for their next fill to resume "
+    "(not counted in --max-cache-bytes; removed once too old to resume)",
+    multiprocess_mode="livemostrecent",
 )
 PEER_FETCHES = counter(
     "proxy_peer_fetches_total",

@@ -1,7 +1,7 @@
 """gunicorn serving the proxy: worker processes with a thread per client connection
 (`imagewarm.worker`), metrics aggregated across them, the cache's upkeep (eviction, and removing
-partial files of killed writers too old to resume) and the startup-taint removal running in the
-master once it listens, and with `--node-name` the node agent's process started by
+partial files of killed or broken-off fills too old to resume) and the startup-taint removal
+running in the master once it listens, and with `--node-name` the node agent's process started by
 the master (one per node); peer discovery in each worker."""
 
 from __future__ import annotations
@@ -31,14 +31,20 @@ def run_upkeep(store: BlobStore, max_bytes: int | None, interval: float, stop: t
     evictor = Evictor(store, max_bytes) if max_bytes else None
     while not stop.wait(interval):
         try:
-            removed, freed = store.remove_stale_partials()
+            sweep = store.remove_stale_partials()
         except Exception:
             log.exception("removing stale partial files failed; will retry")
         else:
-            if removed:
+            metrics.RESUMABLE_PARTIAL_BYTES.set(sweep.resumable_bytes)
+            if sweep.removed:
                 log.info(
-                    "removed partial files of killed fills too old to resume",
-                    extra={"count": removed, "bytes": freed},
+                    "removed partial files of killed or broken-off fills too old to resume",
+                    extra={
+                        "count": sweep.removed,
+                        "bytes": sweep.freed_bytes,
+                        "resumable_left": sweep.resumable,
+                        "resumable_bytes": sweep.resumable_bytes,
+                    },
                 )
         if evictor is None:
             continue

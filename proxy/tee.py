@@ -5,10 +5,12 @@ Whatever streams, the end is held back until the blob's digest is verified: on a
 truncated, stalled or aborted fetch) the body raises before it, so gunicorn drops the connection and
 the client sees a failed transfer, never a clean success with wrong bytes.
 
-A claim that adopted the partial file of a killed writer (`Writer.adopted`) asks its source for the
-rest only (`Range: bytes=N-`, the same source order: a peer, else the upstream) and resumes on a 206
-that is exactly the rest of the blob; on a 200 (the source ignores ranges) or anything else it starts
-over from byte 0. The client still gets the whole blob, the adopted bytes read back from the file.
+A claim that adopted the partial file of a killed writer, or of one whose transfer broke off (a
+reset, a stall past the read timeout, a peer gone: see `proxy.upstream.fetch`), asks its source for
+the rest only (`Writer.adopted`; `Range: bytes=N-`, the same source order: a peer, else the
+upstream) and resumes on a 206 that is exactly the rest of the blob; on a 200 (the source ignores
+ranges) or anything else it starts over from byte 0. The client still gets the whole blob, the
+adopted bytes read back from the file.
 """
 
 from __future__ import annotations

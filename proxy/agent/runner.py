@@ -5,7 +5,9 @@ share one upstream fetch), with the task's pull-secret credentials, for the node
 `timeoutSeconds` bounds each attempt, `backoffLimit` the retries (1 s doubling, capped at 60 s, in
 between), `activeDeadlineSeconds` the whole task from its startTime. An attempt that ends, by
 timeout or error, leaves every blob the proxy verified in the cache, so the next attempt (or a
-restarted agent) fetches only the blobs still missing: resuming is per whole blob.
+restarted agent) fetches only the blobs still missing; a timed-out attempt leaves the proxy's fill
+running for the next to join, and a blob whose upstream transfer broke off (or whose proxy was
+killed) resumes from the bytes its partial file holds.
 """
 
 from __future__ import annotations

@@ -9,12 +9,21 @@ Two flocks make this work across threads and gunicorn workers alike:
 
 A partial file left by a killed writer is a prefix of the blob (bytes are only ever appended), so a
 new Writer may adopt it instead of fetching those bytes again (`Writer.adopted`, then `resume` or
-`start_over`). The rule that keeps every Follower right: an inode's bytes, once written, never
-change. Resuming appends to the adopted inode; starting over publishes a fresh inode by rename and
-abandons the old one, never truncated or rewritten. So whatever inode a Follower opened, the bytes it
-read are a prefix of that inode's final content, which is served only if it commits, i.e. verified.
-While the new Writer asks the source whether it can resume, the adopted file is under a private
-name, locked: Followers find no partial and wait for the claim, as for any writer not yet published.
+`start_over`). A writer whose transfer broke off (`Writer.interrupt`: the source reset, stalled or
+closed early) leaves its file the same way, as if it had been killed: it releases the inode's lock,
+then the claim. Its followers see the inode unlocked and not committed, so they raise FetchAborted
+as after an abort, and a new claim never follows the kept file (no live writer holds it) but adopts
+it, under the same policy.
+
+The rule that keeps every Follower right: an inode's bytes, once written, never change. Resuming
+appends to the adopted inode; starting over publishes a fresh inode by rename and abandons the old
+one, never truncated or rewritten. So whatever inode a Follower opened, the bytes it read are a
+prefix of that inode's final content, which is served only if it commits, i.e. verified. (A follower
+still polling an interrupted writer's inode at the instant the next writer resumes it may find the
+lock held again and follow that fill instead of failing: the same inode, appended to, and still
+served only if it commits.) While the new Writer asks the source whether it can resume, the adopted
+file is under a private name, locked: Followers find no partial and wait for the claim, as for any
+writer not yet published.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from imagewarm.digest import Digest
 from proxy.cache import durable
@@ -50,10 +59,16 @@ RESUME_MAX_AGE = 6 * 3600.0
 _ADOPT_TRIES = 5
 _ADOPT_WAIT = 0.002
 
+# What `Writer.interrupt` did with the partial file: kept for the next fill; dropped because it is
+# under the policy's minimum, or because this writer resumed it and added nothing (the next fill
+# starts from byte 0 rather than resuming at the byte where the source keeps failing); or nothing to
+# keep (already aborted, verified, or no resume policy).
+Interruption = Literal["kept", "too_small", "no_progress", "closed"]
+
 
 @dataclass(frozen=True)
 class ResumePolicy:
-    """Which partial files of killed writers are worth resuming (the rest are removed)."""
+    """Which partial files of killed or interrupted writers are worth resuming (the rest are removed)."""
 
     min_bytes: int = RESUME_MIN_BYTES
     max_age: float = RESUME_MAX_AGE
@@ -79,11 +94,13 @@ class Writer:
     `expected_size` may be set after the claim (e.g. from the upstream's Content-Length).
     Raises SizeMismatch (when more bytes arrive than `expected_size`, or fewer at commit),
     DigestMismatch at commit, DiskFull on ENOSPC; in each case nothing is kept and followers see
-    FetchAborted.
+    FetchAborted. When the transfer itself breaks off, `interrupt()` instead of `abort()` keeps the
+    bytes written so far for the next claim to resume (followers see FetchAborted all the same).
 
-    With a `resume` policy, a claim that finds a partial file its writer left (killed) adopts it when
-    the policy accepts it: `adopted` is then its size, and the caller either `resume`s (the source
-    sends the rest from byte `adopted`) or `start_over`s (the first `write` does that by itself).
+    With a `resume` policy, a claim that finds a partial file its writer left (killed, or interrupted)
+    adopts it when the policy accepts it: `adopted` is then its size, and the caller either `resume`s
+    (the source sends the rest from byte `adopted`) or `start_over`s (the first `write` does that by
+    itself).
     An abort before deciding puts the adopted file back for a later claim.
     """
 
@@ -102,6 +119,8 @@ class Writer:
         self.adopted = 0  # bytes of a killed writer's partial file this writer holds, undecided
         self.resumed = False
         self._layout = layout
+        self._resume = resume
+        self._resumed_from = 0  # bytes in the file when this writer took it: progress is beyond them
         self._lock_fd: int | None = lock_fd
         self._counter = counter
         self._hash: PipelinedHash | ResumedHash = PipelinedHash(digest.algorithm)  # overlaps the next write
@@ -177,6 +196,7 @@ class Writer:
         self._hash = ResumedHash(self.digest.algorithm, read_fd, held.size)
         self._fd = held.fd
         self.bytes_written = held.size
+        self._resumed_from = held.size
         self.expected_size = expected_size
         self.resumed = True
 
@@ -307,6 +327,29 @@ class Writer:
                 pass
             self._close_partial()
         self._release_claim()
+
+    def interrupt(self) -> Interruption:
+        """The transfer broke off (the source reset, stalled or closed early), which says nothing
+        against the bytes written so far: leave the partial file where it is for the next claim to
+        adopt and resume, as a killed writer's, and release the claim. The inode's lock goes first,
+        so followers see a writer gone without a commit and raise FetchAborted, as after `abort`.
+
+        It is an `abort` instead when the file is under the policy's `min_bytes` (the sweep would
+        remove it), and when this writer resumed the file and added nothing: each attempt either gets
+        further or falls back to byte 0, so a source that always fails at the same byte never keeps
+        a fill resuming at that byte (the clients' retries bound the attempts). Idempotent."""
+        if self._fd is None or self._held is not None or self._verified or self._resume is None:
+            self.abort()  # nothing of ours to keep (an adopted file not yet resumed goes back as it was)
+            return "closed"
+        if self.bytes_written < self._resume.min_bytes:
+            self.abort()
+            return "too_small"
+        if self.bytes_written <= self._resumed_from:
+            self.abort()
+            return "no_progress"
+        self._close_partial()  # the file stays at its name, unlocked: a dead writer's, for the next claim
+        self._release_claim()
+        return "kept"
 
     def _close_partial(self) -> None:
         self._hash.close()

@@ -5,7 +5,8 @@
 <root>/manifests/<algorithm>/<first two hex>/<hex>    verified manifests (media type line, then the bytes)
 <root>/tags/<first two hex>/<sha256 of the key>.json  tag -> digest, with the time it was checked
 <root>/partial/<algorithm>-<hex>.partial              a blob being written (its writer holds a flock on it),
-                                                      or left by a killed writer (the next fill resumes it)
+                                                      or left by a killed or interrupted writer (the
+                                                      next fill resumes it)
 <root>/partial/<algorithm>-<hex>.<token>.new          a writer's fresh partial file before it is published,
                                                       or an adopted one while its writer asks for the rest
 <root>/partial/<token>.tmp                            small atomic writes (manifests, tags) before the rename

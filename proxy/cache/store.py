@@ -3,7 +3,8 @@
 Contract (DESIGN.md, "Rules"): a digest names a file only once its bytes were verified; a blob
 appears by an atomic rename after fsync; a process killed at any instant leaves no half blob
 visible. Concurrent misses share one fetch across threads and processes (see `proxy.cache.flight`);
-the partial file of a killed writer stays (for `ResumePolicy.max_age`) so the next fill resumes it.
+the partial file of a killed writer, or of one whose transfer broke off, stays (for
+`ResumePolicy.max_age`) so the next fill resumes it.
 Readers hold a shared flock on the blob they serve, so eviction (an exclusive, non-blocking flock)
 never removes a blob in use. The store keeps no in-memory state that other processes would need:
 several gunicorn workers open the same root, before or after fork.
@@ -46,6 +47,7 @@ __all__ = [
     "Follower",
     "ManifestStore",
     "NotCached",
+    "PartialSweep",
     "ResumePolicy",
     "SizeMismatch",
     "StoreError",
@@ -109,6 +111,17 @@ class CachedBlob:
 
 
 @dataclass(frozen=True)
+class PartialSweep:
+    """What a sweep of partial files did: removed (and the bytes freed), and left for their next fill
+    to resume (and the disk they hold, outside the committed total)."""
+
+    removed: int = 0
+    freed_bytes: int = 0
+    resumable: int = 0
+    resumable_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class BlobInfo:
     digest: Digest
     size: int
@@ -164,15 +177,15 @@ class BlobStore:
         fcntl.flock(self._open_fd, fcntl.LOCK_SH)
         return True
 
-    def remove_stale_partials(self) -> tuple[int, int]:
-        """Delete the files of killed writers that are no longer worth resuming (older than
-        `resume.max_age`, or too small) and unpublished ones; returns (files, bytes) removed."""
+    def remove_stale_partials(self) -> PartialSweep:
+        """Delete the files of dead or interrupted writers that are no longer worth resuming (older
+        than `resume.max_age`, or too small) and unpublished ones; says what it removed and kept."""
         return self._remove_stale_partials(everything=False)
 
-    def _remove_stale_partials(self, everything: bool) -> tuple[int, int]:
+    def _remove_stale_partials(self, everything: bool) -> PartialSweep:
         with os.scandir(self.layout.partial_dir) as entries:
             names = [entry.name for entry in entries]
-        removed = freed = 0
+        removed = freed = resumable = resumable_bytes = 0
         now = time.time()
         for name in names:
             path = self.layout.partial_dir / name
@@ -186,6 +199,7 @@ class BlobStore:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     status = os.fstat(fd)
                     if name.endswith(PARTIAL_SUFFIX) and self.resume.accepts(status, now):
+                        resumable, resumable_bytes = resumable + 1, resumable_bytes + status.st_size
                         continue  # the next claim of its digest resumes it
                     if status.st_nlink and os.path.samestat(status, os.stat(path)):
                         path.unlink()
@@ -196,7 +210,7 @@ class BlobStore:
                     os.close(fd)
             elif everything:  # small-write temporaries carry no lock; only safe when we are alone
                 path.unlink(missing_ok=True)
-        return removed, freed
+        return PartialSweep(removed, freed, resumable, resumable_bytes)
 
     def close(self) -> None:
         if self._open_fd >= 0:

@@ -9,11 +9,16 @@ parallel; memory stays at one window whatever the client's speed; and a client t
 not stop the fetch: the blob is still cached and followers in other workers still complete.
 
 The response never sends the blob's last chunk before its digest is verified: on a mismatch, a
-truncated or stalled body, the response raises (the server drops the connection) and nothing is kept.
-A resumed fill (the writer adopted a killed writer's partial file, the source sends the rest) is the
-same transfer starting at byte `writer.bytes_written`: the client reads the adopted bytes back from
-the partial file, like a client that fell behind the window, and its last chunk waits for the digest
-too; if the completed blob does not verify, the adopted bytes are discarded with it.
+truncated or stalled body, the response raises (the server drops the connection) and no blob is kept.
+A transfer that breaks off (the source resets, stalls past the read timeout, or closes before its
+Content-Length) says nothing against the bytes that arrived: they stay in the partial file
+(`Writer.interrupt`) and the next fill of the blob resumes from them. Bytes that do not verify, or
+more of them than announced, are discarded.
+A resumed fill (the writer adopted a killed or interrupted writer's partial file, the source sends
+the rest) is the same transfer starting at byte `writer.bytes_written`: the client reads the adopted
+bytes back from the partial file, like a client that fell behind the window, and its last chunk
+waits for the digest too; if the completed blob does not verify, the adopted bytes are discarded
+with it.
 If the cache disk fills mid-way, the fetch keeps verifying and the rest of the bytes go to the client
 through the window only (streaming through, uncached; the fetch then waits for the client).
 """
@@ -45,6 +50,11 @@ WINDOW_BYTES = 8 << 20
 # Streaming through a full disk: how long the fetch waits on a client that neither reads nor leaves.
 STALL_TIMEOUT = 60.0
 
+
+class TransferFailed(ImagewarmError):
+    """Raised inside a response body to make the server drop the connection."""
+
+
 _TRANSFER_ERRORS = (
     requests.RequestException,
     urllib3.exceptions.HTTPError,
@@ -53,8 +63,10 @@ _TRANSFER_ERRORS = (
 )
 
 
-class TransferFailed(ImagewarmError):
-    """Raised inside a response body to make the server drop the connection."""
+class TransferBrokeOff(ImagewarmError):
+    """Reading the source's body failed (reset, read timeout, a broken chunked encoding) or it ended
+    before the Content-Length it announced (http.client reports that as an ordinary end). Says nothing
+    against the bytes that arrived before, unlike a local error (writing or reading back the file)."""
 
 
 def _body_reader(response: requests.Response) -> Any:
@@ -136,7 +148,7 @@ class Fetch:
                     "cached": self._caching,
                 },
             )
-        except DigestMismatch as exc:  # also SizeMismatch: a truncated or oversize body
+        except DigestMismatch as exc:  # also SizeMismatch: more bytes than announced
             metrics.DIGEST_MISMATCHES.inc()
             if self._start and not isinstance(exc, SizeMismatch):
                 # The adopted bytes may be the bad ones (a node that lost power mid-fill): they are gone
@@ -148,6 +160,8 @@ class Fetch:
                     extra={"digest": self.digest, "adopted_bytes": self._start},
                 )
             self._fail("upstream bytes do not match the digest; transfer dropped, nothing cached", exc)
+        except TransferBrokeOff as exc:
+            self._broke_off(exc)
         except _TRANSFER_ERRORS as exc:
             self._fail("upstream blob transfer failed; transfer dropped, nothing cached", exc)
         except Exception as exc:
@@ -161,7 +175,7 @@ class Fetch:
     def _transfer(self) -> None:
         reader = _body_reader(self.upstream)
         upstream_bytes = metrics.UPSTREAM_BYTES.labels(registry=self.registry)
-        while chunk := reader.read1(CHUNK):
+        while chunk := self._read(reader):
             upstream_bytes.inc(len(chunk))
             if self._caching:
                 try:
@@ -172,6 +186,11 @@ class Fetch:
                 assert self._check is not None
                 self._check.update(chunk)
             self._append(chunk)
+        expected = self.writer.expected_size
+        if expected is not None and self._received < expected:
+            raise TransferBrokeOff(
+                f"the source closed the body of {self.digest} after {self._received} of {expected} bytes"
+            )
         if self._caching:
             self.writer.verify()
         else:
@@ -184,6 +203,16 @@ class Fetch:
             self._changed.notify_all()
         if self._caching:
             self.writer.commit()
+
+    def _read(self, reader: Any) -> bytes:
+        try:
+            chunk: bytes = reader.read1(CHUNK)
+        except _TRANSFER_ERRORS as exc:
+            raise TransferBrokeOff(
+                f"reading {self.digest} from the source failed after {self._received} bytes: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+        return chunk
 
     def _append(self, chunk: bytes) -> None:
         with self._changed:
@@ -222,9 +251,20 @@ class Fetch:
             "cache disk full: streaming without caching", extra={"digest": self.digest, "error": str(exc)}
         )
 
-    def _fail(self, message: str, exc: BaseException) -> None:
-        log.error(message, extra={"image": self.image, "digest": self.digest, "error": str(exc)})
-        self.writer.abort()
+    def _broke_off(self, exc: TransferBrokeOff) -> None:
+        """The transfer failed, not the bytes: keep what arrived for the next fill to resume from."""
+        outcome = self.writer.interrupt()
+        if outcome != "closed":  # "closed": the writer had already stopped (a full disk, a write error)
+            metrics.INTERRUPTED_FILLS.labels(partial=outcome).inc()
+        if outcome == "kept":
+            message = "upstream blob transfer broke off; the bytes received stay for the next fill to resume"
+        else:
+            message = "upstream blob transfer failed; transfer dropped, nothing cached"
+        self._fail(message, exc, received_bytes=self._received, partial=outcome)
+
+    def _fail(self, message: str, exc: BaseException, **details: object) -> None:
+        log.error(message, extra={"image": self.image, "digest": self.digest, "error": str(exc), **details})
+        self.writer.abort()  # a no-op after `interrupt`
         if self.on_failure is not None:
             self.on_failure()
         with self._changed:

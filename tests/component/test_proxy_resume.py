@@ -1,9 +1,11 @@
-"""A blob half-fetched when its proxy is killed resumes after the restart instead of starting over.
+"""A blob half-fetched when its proxy is killed, or whose upstream connection breaks off, resumes on
+the next pull instead of starting over.
 
 Real parts: the proxy (`python -m imagewarm proxy`, gunicorn workers) killed with SIGKILL on its
 whole process group, a real docker-registry upstream (which answers `Range` with 206) behind a
-throttled link (`localcluster.slowlink`) that counts what crosses it, and real proxies as peers.
-Whatever the partial file holds, only a blob that verifies is ever served whole.
+throttled link (`localcluster.slowlink`) that counts what crosses it and can break a connection at
+a chosen byte, and real proxies as peers. Whatever the partial file holds, only a blob that verifies
+is ever served whole.
 """
 
 from __future__ import annotations
@@ -126,6 +128,92 @@ def test_a_blob_half_fetched_when_the_proxy_is_killed_resumes_after_the_restart(
         f"{'killed at the half':<28}{first_seconds:>9.2f}{first_link_bytes / MiB:>10.1f}\n"
         f"{'after restart (resumed)':<28}{second_seconds:>9.2f}{second_link_bytes / MiB:>10.1f}\n"
         f"blob {layer.size / MiB:.1f} MiB, adopted {left / MiB:.1f} MiB, "
+        f"link {LINK_BYTES_PER_SECOND / MiB:.0f} MiB/s"
+    )
+
+
+@pytest.mark.parametrize("how", ["reset", "close", "stall"])
+def test_a_fill_whose_upstream_connection_breaks_off_is_resumed_by_the_next_pull(
+    registry, images, proxy_factory, how
+):
+    """No kill: the link resets the connection, closes it short of Content-Length, or stalls it past
+    the proxy's read timeout, at half the blob. The pull and its follower fail; the next pull gets the
+    whole blob and the link carries only the missing half."""
+    image = images.synthetic(layers=1, layer_size=64 * MiB, seed=145)
+    push(registry, f"resume/cut-{how}", "v1", image)
+    layer = image.layers[0]
+    expected = layer.read_bytes()
+    link = SlowLink("127.0.0.1", registry.port, LINK_BYTES_PER_SECOND).start()
+    try:
+        proxy = proxy_factory(
+            insecure=(link.host,),
+            workers=2,
+            extra=("--read-timeout", "1s", "--eviction-interval", "200ms"),
+        )
+        layout = Layout(proxy.cache_dir)
+        partial = layout.partial(Digest.parse(layer.digest))
+        url = blob_url(proxy, link.host, f"resume/cut-{how}", layer.digest)
+        since = len(registry.requests())
+
+        link.cut_after(layer.size // 2, how)
+        started = time.monotonic()
+        puller = requests.get(url, stream=True, timeout=60)
+        assert puller.status_code == 200, puller.text
+        wait_until(lambda: size_of(partial) >= 8 * MiB, message="the fill never started")
+        follower = requests.get(url, stream=True, timeout=60)  # any worker: it follows the one fill
+        assert follower.status_code == 200 and follower.raw.read(MiB) == expected[:MiB]
+        for each in (puller, follower):
+            with pytest.raises(requests.RequestException):
+                each.content  # noqa: B018 (reading the body is the point)
+        first_seconds = time.monotonic() - started
+        first_link_bytes = link.bytes_down
+        wait_until(
+            lambda: proxy.metric("imagewarm_proxy_interrupted_fills_total", partial="kept") == 1,
+            message="the broken-off fill never kept its partial file",
+        )
+        kept = size_of(partial)
+        assert link.cuts == 1
+        assert layer.size // 4 <= kept <= layer.size // 2, kept
+        assert not layout.blob(Digest.parse(layer.digest)).exists()
+        assert list(layout.locks_dir.iterdir()) == [], "the failed writer released its claim"
+        wait_until(
+            lambda: proxy.metric("imagewarm_proxy_resumable_partial_bytes") == kept,
+            message="the upkeep's gauge of kept partial files",
+        )
+
+        before = link.bytes_down
+        started = time.monotonic()
+        got = requests.get(url, timeout=120)
+        second_seconds = time.monotonic() - started
+        second_link_bytes = link.bytes_down - before
+    finally:
+        link.stop()
+
+    assert got.status_code == 200, (got.status_code, got.text, proxy.log_tail())
+    assert got.content == expected, "the whole blob from byte 0, the kept bytes read back from disk"
+    assert layer.size - kept <= second_link_bytes < 0.75 * layer.size, (second_link_bytes, layer.size)
+    # The cut GET, the follower's access check (HEAD), and the rest (206): nothing fetched twice.
+    assert sorted(blob_requests(registry, f"resume/cut-{how}", since)) == [
+        ("GET", 200),
+        ("GET", 206),
+        ("HEAD", 200),
+    ]
+    assert proxy.metric("imagewarm_proxy_resumed_fills_total") == 1
+    assert proxy.metric("imagewarm_proxy_resumed_bytes_total") == kept
+    assert proxy.metric("imagewarm_proxy_resume_fallbacks_total") == 0
+    assert proxy.metric("imagewarm_proxy_digest_mismatches_total") == 0, "a cut is no mismatch"
+    assert "upstream blob transfer broke off" in proxy.log_tail(300)
+    cached = layout.blob(Digest.parse(layer.digest))
+    wait_until(cached.exists, message="the resumed blob was never committed")
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == layer.digest.split(":")[1]
+    assert not list(layout.partial_dir.iterdir())
+    wait_until(lambda: proxy.metric("imagewarm_proxy_resumable_partial_bytes") == 0, message="gauge reset")
+
+    print(
+        f"\n{'attempt (' + how + ')':<28}{'seconds':>9}{'link MiB':>10}\n"
+        f"{'cut at the half':<28}{first_seconds:>9.2f}{first_link_bytes / MiB:>10.1f}\n"
+        f"{'next pull (resumed)':<28}{second_seconds:>9.2f}{second_link_bytes / MiB:>10.1f}\n"
+        f"blob {layer.size / MiB:.1f} MiB, kept {kept / MiB:.1f} MiB, "
         f"link {LINK_BYTES_PER_SECOND / MiB:.0f} MiB/s"
     )
 
@@ -265,5 +353,10 @@ def test_the_running_proxy_removes_partial_files_grown_too_old_to_resume(proxy_f
     os.utime(old, (past, past))
     wait_until(lambda: not old.exists(), timeout=30, message="the old partial file stayed")
     assert young.exists(), "a recent one waits for its digest's next fill"
-    assert "removed partial files of killed fills too old to resume" in proxy.log_tail(100)
+    assert "removed partial files of killed or broken-off fills too old to resume" in proxy.log_tail(100)
+    wait_until(
+        lambda: proxy.metric("imagewarm_proxy_resumable_partial_bytes") == 2 * MiB,
+        timeout=30,
+        message="the gauge of resumable partial files",
+    )
     assert sorted(p.name for p in layout.partial_dir.iterdir()) == [young.name]

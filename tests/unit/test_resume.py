@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from imagewarm.digest import Digest
 from proxy.cache.flight import Follower, ResumePolicy, Writer
 from proxy.cache.hashing import ResumedHash
-from proxy.cache.store import BlobStore, DigestMismatch, FetchAborted
+from proxy.cache.store import BlobStore, DigestMismatch, FetchAborted, PartialSweep
 from proxy.ranges import ContentRange, parse_content_range, parse_length, resumed_size
 
 DATA = hashlib.sha256(b"resume").digest() * 4096  # 128 KiB, not all one byte
@@ -348,10 +348,10 @@ def test_too_small_or_too_old_partial_files_are_not_adopted_and_go_at_restart(tm
 
 def test_the_periodic_sweep_removes_what_grew_too_old(store: BlobStore) -> None:
     partial = killed_after(store, DATA, HALF)
-    assert store.remove_stale_partials() == (0, 0)
+    assert store.remove_stale_partials() == PartialSweep(resumable=1, resumable_bytes=HALF)
     past = time.time() - POLICY.max_age - 1
     os.utime(partial, (past, past))
-    assert store.remove_stale_partials() == (1, HALF)
+    assert store.remove_stale_partials() == PartialSweep(removed=1, freed_bytes=HALF)
     assert not partial.exists()
 
 
@@ -360,7 +360,7 @@ def test_the_sweep_leaves_a_live_writer_alone_even_when_its_file_is_old(store: B
     writer.write(DATA[:HALF])
     past = time.time() - POLICY.max_age - 1
     os.utime(writer.path, (past, past))
-    assert store.remove_stale_partials() == (0, 0)
+    assert store.remove_stale_partials() == PartialSweep(), "neither removed nor counted: it is live"
     writer.write(DATA[HALF:])
     writer.commit()
     assert store.has(DIGEST)
@@ -421,3 +421,85 @@ def test_a_partial_file_someone_holds_locked_is_not_adopted(store: BlobStore) ->
         os.close(holder)
     with store.open(DIGEST) as blob:
         assert blob.read() == DATA
+
+
+# -- a transfer that broke off leaves its partial file for the next fill -------------------------
+
+
+def test_an_interrupted_fill_keeps_its_bytes_and_the_next_claim_resumes_them(store: BlobStore) -> None:
+    writer = claim_writer(store)
+    writer.write(DATA[:HALF])
+    follower = store.claim(DIGEST)
+    assert isinstance(follower, Follower)
+    assert next(follower) == DATA[:HALF]
+
+    assert writer.interrupt() == "kept"
+    with pytest.raises(FetchAborted, match="aborted"):
+        next(follower)  # the writer's failure, never a kept file taken for a live fill
+    assert writer.path.stat().st_size == HALF
+    assert list(store.layout.locks_dir.iterdir()) == [], "the claim is released"
+    assert writer.interrupt() == "closed" and writer.path.exists(), "idempotent"
+
+    resuming = claim_writer(store)  # a Writer, not a Follower of the kept file
+    assert resuming.adopted == HALF
+    resuming.resume(len(DATA))
+    resuming.write(DATA[HALF:])
+    resuming.commit()
+    with store.open(DIGEST) as blob:
+        assert blob.read() == DATA
+    assert list(store.layout.partial_dir.iterdir()) == []
+
+
+def test_a_kept_file_is_resumed_again_across_several_broken_attempts(store: BlobStore) -> None:
+    step = len(DATA) // 4
+    writer = claim_writer(store)
+    writer.write(DATA[:step])
+    assert writer.interrupt() == "kept"
+    for attempt in (1, 2):
+        writer = claim_writer(store)
+        assert writer.adopted == attempt * step
+        writer.resume(len(DATA))
+        writer.write(DATA[attempt * step : (attempt + 1) * step])
+        assert writer.interrupt() == "kept"
+    last = claim_writer(store)
+    assert last.adopted == 3 * step
+    last.resume(len(DATA))
+    last.write(DATA[3 * step :])
+    last.commit()
+    with store.open(DIGEST) as blob:
+        assert blob.read() == DATA
+
+
+def test_a_resumed_fill_that_adds_nothing_falls_back_to_byte_0(store: BlobStore) -> None:
+    """A source that always breaks off at the same byte: the attempt after gets no further, so its
+    bytes go and the next one starts over (each attempt progresses or falls back, never a loop)."""
+    killed_after(store, DATA, HALF)
+    writer = claim_writer(store)
+    writer.resume(len(DATA))
+    assert writer.interrupt() == "no_progress"
+    assert list(store.layout.partial_dir.iterdir()) == []
+    fresh = claim_writer(store)
+    assert fresh.adopted == 0
+    fresh.write(DATA[:HALF])
+    assert fresh.interrupt() == "kept", "from byte 0, the same bytes are progress again"
+
+
+def test_an_interrupted_fill_under_the_resume_minimum_is_removed(store: BlobStore) -> None:
+    writer = claim_writer(store)
+    writer.write(DATA[: POLICY.min_bytes - 1])
+    assert writer.interrupt() == "too_small"
+    assert list(store.layout.partial_dir.iterdir()) == [] and list(store.layout.locks_dir.iterdir()) == []
+
+
+def test_interrupting_a_writer_that_already_stopped_or_holds_an_undecided_file(store: BlobStore) -> None:
+    writer = claim_writer(store)
+    writer.write(DATA[:HALF])
+    writer.abort()  # e.g. the disk filled: the writer stopped caching, then the transfer broke off
+    assert writer.interrupt() == "closed"
+    assert list(store.layout.partial_dir.iterdir()) == []
+
+    partial = killed_after(store, DATA, HALF)
+    undecided = claim_writer(store)
+    assert undecided.interrupt() == "closed"  # as `abort`: the adopted file goes back untouched
+    assert partial.stat().st_size == HALF
+    assert claim_writer(store).adopted == HALF

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from imagewarm.reference import parse
 from localcluster.chart import NAMESPACE as RELEASE_NAMESPACE
 from localcluster.cluster import Cluster
 from localcluster.demo import summary
@@ -28,16 +27,6 @@ pytestmark = pytest.mark.e2e
 def get(cluster: Cluster, *args: str) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
     return result
-
-
-def tags(cluster: Cluster, node: str, image: str) -> list[dict[str, Any]]:
-    """`node`'s NodeImage status entries for `image` (one per tag; at least one)."""
-    ref = parse(image)
-    status = get(cluster, "nodeimage", node).get("status") or {}
-    entry = (status.get("imageStatuses") or {}).get(f"{ref.registry}/{ref.repository}") or {}
-    found = [t for t in entry.get("tags") or [] if t.get("tag") == ref.tag]
-    assert found, (node, image, status)
-    return found
 
 
 def completed(tag: dict[str, Any]) -> datetime.datetime | None:

@@ -204,6 +204,43 @@ def test_a_timed_out_attempt_is_resumed_by_the_next_and_the_blob_is_fetched_once
     remove_image(kube, node, name)
 
 
+def test_an_attempt_whose_upstream_connection_breaks_is_resumed_by_the_retry(
+    cluster: Cluster, upstream: Registry, slow: SlowLink, nodes: NodeProxies, kube: Kube, images: ImageBuilder
+) -> None:
+    # Unlike a timeout (the proxy's fill goes on), a reset of the upstream connection ends the fill
+    # and fails the attempt. The proxy keeps what arrived, and the retry asks only for the rest.
+    image = images.synthetic(layers=1, layer_size=16 << 20, seed=141)
+    push(upstream, "agent/cut", "1", image)
+    layer = image.layers[0].digest
+    node = cluster.nodes[0].name
+    proxy = nodes[node]
+    name = f"{slow.host}/agent/cut"
+    counters = ("imagewarm_proxy_resumed_fills_total", "imagewarm_proxy_resume_fallbacks_total")
+    start = {metric: proxy.metric(metric) for metric in counters}
+    kept_before = proxy.metric("imagewarm_proxy_interrupted_fills_total", partial="kept")
+    retried_before = proxy.metric("imagewarm_agent_pulls_total", result="retried")
+    before = len(upstream.requests())
+    slow.cut_after(8 << 20, "reset")  # about half the layer (what crosses before it is a few KiB)
+    put_task(kube, node, name, [{"tag": "1", "pullPolicy": {"backoffLimit": 3, "timeoutSeconds": 60}}])
+
+    done = wait_phase(kube, node, name, "1", ("Succeeded", "Failed"))
+    assert done["phase"] == "Succeeded" and done["imageID"] == image.digest, done
+    assert slow.cuts >= 1
+    assert proxy.metric("imagewarm_agent_pulls_total", result="retried") > retried_before
+    assert proxy.metric("imagewarm_proxy_interrupted_fills_total", partial="kept") == kept_before + 1
+    assert proxy.metric("imagewarm_proxy_resumed_fills_total") == start[counters[0]] + 1
+    assert proxy.metric("imagewarm_proxy_resume_fallbacks_total") == start[counters[1]]
+    gets = [
+        status
+        for method, path, status in upstream.requests()[before:]
+        if method == "GET" and path.endswith(f"/blobs/{layer}")
+    ]
+    # The cut GET (the registry may log it late) and one 206 of the rest: never the whole layer twice.
+    assert gets.count(206) == 1 and gets.count(200) <= 1, gets
+    assert cached(proxy.cache_dir, layer)
+    remove_image(kube, node, name)
+
+
 def test_an_active_deadline_fails_a_pull_that_cannot_finish_in_time(
     cluster: Cluster, upstream: Registry, slow: SlowLink, nodes: NodeProxies, kube: Kube, images: ImageBuilder
 ) -> None:

@@ -21,6 +21,7 @@ from imagewarm.kube import Gone, KubeError
 log = logging.getLogger("imagewarm.informer")
 
 Handler = Callable[[str, dict[str, Any]], None]
+LIST_PAGE_SIZE = 500  # as client-go's reflector
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -54,7 +55,9 @@ class Informer:
 
     `transform`, when given, maps every object as it arrives (list or watch) to what is kept: the
     cache and the handlers only ever see its result, so a program can hold a few fields of each of
-    thousands of Pods instead of whole objects. It must keep `metadata.name` (and `namespace`)."""
+    thousands of Pods instead of whole objects. It must keep `metadata.name` (and `namespace`).
+    Lists are read `page_size` objects at a time, so the whole objects of a page are all that is
+    ever held beside the cache."""
 
     def __init__(
         self,
@@ -69,6 +72,7 @@ class Informer:
         field_selector: str = "",
         handlers: tuple[Handler, ...] = (),
         transform: Transform | None = None,
+        page_size: int = LIST_PAGE_SIZE,
     ) -> None:
         self.source = source
         self.path = path
@@ -84,6 +88,7 @@ class Informer:
         }
         self.handlers = handlers
         self.transform = transform
+        self.page_size = page_size  # objects per list request (0: the whole collection at once)
         self.resource_version = ""
         self.lists = 0  # how many times the collection was listed (1 + relists)
         self._objects: dict[str, dict[str, Any]] = {}
@@ -168,14 +173,26 @@ class Informer:
     # Updates -------------------------------------------------------------------------------------
 
     def _list(self) -> None:
-        listing = self.source.get(self.path, **self.params)
-        items = listing.get("items") or []
-        if self.transform is not None:
-            items = [self.transform(obj) for obj in items]
-        fresh = {key_of(obj): obj for obj in items}
+        """List in pages of `page_size` (one snapshot: the API server's continue token), each page
+        transformed before the next is read: 50,000 whole Pods are never in memory at once."""
+        params: dict[str, Any] = (
+            {**self.params, "limit": self.page_size} if self.page_size else dict(self.params)
+        )
+        fresh: dict[str, dict[str, Any]] = {}
+        while True:
+            listing = self.source.get(self.path, **params)
+            for obj in listing.get("items") or []:
+                if self.transform is not None:
+                    obj = self.transform(obj)
+                fresh[key_of(obj)] = obj
+            metadata = listing.get("metadata") or {}
+            del listing
+            if not metadata.get("continue"):
+                break
+            params["continue"] = metadata["continue"]  # an expired token answers 410: listed again
         with self._lock:
             old, self._objects = self._objects, fresh
-            self.resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
+            self.resource_version = str(metadata.get("resourceVersion") or "")
             self.lists += 1
         self._synced.set()
         for key, obj in fresh.items():

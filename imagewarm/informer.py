@@ -5,8 +5,8 @@ keeps the cache current: when a watch ends or drops it resumes from the last res
 (bookmarks included); when the server answers 410 Gone it lists again and replaces the cache; other
 failures are retried with capped exponential backoff, which starts again from `min_backoff` after
 every success (a list, an event, a watch the server ended), so a failure long ago never delays
-the next retry. `synced` turns true after the first complete list and stays true (the cache may
-then be stale, never empty by mistake).
+the next retry. `synced` turns true after the first complete list has reached the cache and every
+handler, and stays true (the cache may then be stale, never empty by mistake).
 """
 
 from __future__ import annotations
@@ -194,7 +194,6 @@ class Informer:
             old, self._objects = self._objects, fresh
             self.resource_version = str(metadata.get("resourceVersion") or "")
             self.lists += 1
-        self._synced.set()
         for key, obj in fresh.items():
             if key not in old:
                 self._notify("ADDED", obj)
@@ -203,6 +202,10 @@ class Informer:
         for key, obj in old.items():
             if key not in fresh:
                 self._notify("DELETED", obj)
+        # Synced once the handlers saw the whole list too: what they derive (the controller's pod
+        # index) is complete then. Set before them, a reconcile could count 50,000 pods' images
+        # from an index still filling and find an image in use unused.
+        self._synced.set()
 
     def _apply(self, event: dict[str, Any]) -> None:
         kind, obj = event.get("type"), event.get("object") or {}

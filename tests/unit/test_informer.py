@@ -115,6 +115,29 @@ def test_not_synced_until_the_first_list_succeeds() -> None:
     informer.stop()
 
 
+def test_synced_only_once_every_handler_saw_the_first_list() -> None:
+    """What a handler derives from the cache (the controller's pod index) is complete once
+    `synced` is: a reconcile never counts from an index still filling."""
+    source = ScriptedSource(
+        lists=[{"metadata": {"resourceVersion": "1"}, "items": [obj(f"p{i}", "1") for i in range(200)]}],
+        watches=[],
+    )
+    derived: set[str] = set()
+    synced_while_handling: list[bool] = []
+    informer = Informer(source, "/x")
+
+    def handler(kind: str, o: dict[str, Any]) -> None:
+        synced_while_handling.append(informer.synced)
+        threading.Event().wait(0.0005)  # a handler doing some work
+        derived.add(o["metadata"]["name"])
+
+    informer.add_handler(handler)
+    informer.start()
+    assert informer.wait_synced(5)
+    assert len(derived) == 200 and not any(synced_while_handling)
+    informer.stop()
+
+
 def test_failed_lists_are_retried() -> None:
     class Flaky(ScriptedSource):
         calls = 0

@@ -91,7 +91,18 @@ class NodeImageReconciler:
 
 
 def create(ctx: Context) -> NodeImageReconciler:
+    reconciler = NodeImageReconciler(ctx)
     ctx.watch("nodes", NAME)
-    ctx.watch("nodeimages", NAME)
+    nodes, runner = ctx.caches["nodes"], ctx.runner
+
+    def on_node_image(kind: str, node_image: dict[str, Any]) -> None:
+        # A NodeImage changes about four times per node per job (its tasks and their statuses):
+        # only a change that leaves it out of step with its Node is work for this reconciler.
+        name = node_image["metadata"]["name"]
+        node = nodes.get(name)
+        if kind == "DELETED" or node is None or metadata_patch(node, node_image) is not None:
+            runner.enqueue(NAME, name)
+
+    ctx.caches["nodeimages"].add_handler(on_node_image)
     ctx.resync_all(NAME, "nodes")
-    return NodeImageReconciler(ctx)
+    return reconciler

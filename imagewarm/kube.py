@@ -158,6 +158,8 @@ class Kube:
     observer: Observer | None = field(default=None, repr=False)
     connections: int = 32  # more than the controller's workers and watches together
     http: urllib3.PoolManager = field(init=False, repr=False)
+    _direct: urllib3.HTTPConnectionPool | None = field(init=False, repr=False)
+    _prefix: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.verify is True:  # requests' rule: the variables, else certifi's bundle
@@ -182,8 +184,13 @@ class Kube:
                 headers["Proxy-Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
             address = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
             self.http = urllib3.ProxyManager(address, proxy_headers=headers, **pool)
+            self._direct = None
         else:
             self.http = urllib3.PoolManager(**pool)
+            # The API server's own pool, used without the manager's URL parsing and pool lookup
+            # on every request (a sixth of a write's client CPU).
+            self._direct = self.http.connection_from_url(self.server)
+        self._prefix = urlsplit(self.server).path.rstrip("/")  # a server URL may have a path
 
     # Construction -------------------------------------------------------------------------------
 
@@ -251,9 +258,13 @@ class Kube:
             headers["Authorization"] = f"Bearer {self.token()}"
         return headers
 
-    def _url(self, path: str, params: dict[str, Any] | None) -> str:
+    def _send(self, method: str, path: str, params: dict[str, Any] | None, **options: Any) -> Any:
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        return self.server + path + (("&" if "?" in path else "?") + urlencode(query) if query else "")
+        target = path + (("&" if "?" in path else "?") + urlencode(query) if query else "")
+        options.update(retries=False, redirect=False)
+        if self._direct is not None:
+            return self._direct.urlopen(method, self._prefix + target, **options)
+        return self.http.request(method, self.server + target, **options)
 
     def request(
         self,
@@ -269,14 +280,13 @@ class Kube:
         what = f"{method} {path}"
         seconds = timeout or self.timeout
         try:
-            response = self.http.request(
+            response = self._send(
                 method,
-                self._url(path, params),
+                path,
+                params,
                 body=json.dumps(body).encode() if body is not None else None,
                 headers=self._headers(content_type if body is not None else None),
                 timeout=urllib3.Timeout(connect=seconds, read=seconds),
-                retries=False,
-                redirect=False,
             )
         except _TRANSPORT_ERRORS as exc:
             self._observe(request_verb(method, path), 0)
@@ -331,13 +341,12 @@ class Kube:
         }
         what = f"WATCH {path}"
         try:
-            response = self.http.request(
+            response = self._send(
                 "GET",
-                self._url(path, query),
+                path,
+                query,
                 headers=self._headers(),
                 timeout=urllib3.Timeout(connect=self.timeout, read=timeout_seconds + 30),
-                retries=False,
-                redirect=False,
                 preload_content=False,
             )
         except _TRANSPORT_ERRORS as exc:

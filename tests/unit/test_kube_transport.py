@@ -159,3 +159,12 @@ def test_a_stream_cut_mid_event_is_unavailable(served: Callable[[Script], tuple[
     kube, _ = served(lambda line, body: cut)
     with pytest.raises(Unavailable, match="watch interrupted"):
         list(kube.watch("/api/v1/nodes", "7", timeout_seconds=1))
+
+
+def test_a_server_url_with_a_path_keeps_it_in_front_of_every_request(
+    served: Callable[[Script], tuple[Kube, list[str]]],
+) -> None:
+    kube, seen = served(lambda line, body: _answer(200, {"ok": 1}))
+    behind = Kube(server=f"{kube.server}/k8s/clusters/c-1/", timeout=5)
+    assert behind.get("/api/v1/nodes", limit=1) == {"ok": 1}
+    assert seen == ["GET /k8s/clusters/c-1/api/v1/nodes?limit=1 HTTP/1.1"]

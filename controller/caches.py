@@ -2,7 +2,8 @@
 
 Pods and Nodes are transformed as they arrive (the issue's scale rule): at 50,000 pods the cache
 holds under a kilobyte per pod, not whole objects (what pods have in common is shared). The
-custom resources are kept whole (the controller reads most of their fields).
+custom resources are kept whole but for `managedFields` (the controller reads most of their
+fields).
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
     return slim
 
 
+def without_managed_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object without `metadata.managedFields` (server-side apply's bookkeeping, which no
+    reconciler reads: a third of a NodeImage that two writers, the controller and the agent, keep)."""
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict) and "managedFields" in metadata:
+        obj = {**obj, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
+    return obj
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """One informer the controller runs: the collection's path and what is kept of its objects."""
@@ -128,11 +138,11 @@ CACHES: tuple[CacheSpec, ...] = (
     CacheSpec("nodes", "/api/v1/nodes", slim_node),
     CacheSpec("pods", "/api/v1/pods", slim_pod),
     CacheSpec("namespaces", "/api/v1/namespaces", lambda ns: {"metadata": _metadata(ns, "name", "labels")}),
-    CacheSpec("nodeimages", api.NODE_IMAGE.path()),
-    CacheSpec("imagepulljobs", api.IMAGE_PULL_JOB.path()),
-    CacheSpec("imagelistpulljobs", api.IMAGE_LIST_PULL_JOB.path()),
-    CacheSpec("sidecarsets", api.SIDECAR_SET.path()),
-    CacheSpec("cachedimages", api.CACHED_IMAGE.path()),
+    CacheSpec("nodeimages", api.NODE_IMAGE.path(), without_managed_fields),
+    CacheSpec("imagepulljobs", api.IMAGE_PULL_JOB.path(), without_managed_fields),
+    CacheSpec("imagelistpulljobs", api.IMAGE_LIST_PULL_JOB.path(), without_managed_fields),
+    CacheSpec("sidecarsets", api.SIDECAR_SET.path(), without_managed_fields),
+    CacheSpec("cachedimages", api.CACHED_IMAGE.path(), without_managed_fields),
 )
 
 

@@ -104,3 +104,14 @@ def test_controller_settings() -> None:
     assert config.unused_image_ttl == 720 * 3600 and config.metrics_listen == ("0.0.0.0", 8080)
     with pytest.raises(ConfigError, match="lease-duration"):
         from_arguments(ControllerConfig, None, {"IMAGEWARM_RENEW_DEADLINE": "20s"})
+
+
+def test_custom_resources_are_cached_without_managed_fields() -> None:
+    from controller.caches import CACHES, without_managed_fields
+
+    whole = {"metadata": {"name": "n1", "resourceVersion": "4", "managedFields": [{"manager": "agent"}]},
+             "spec": {"images": {}}}  # fmt: skip
+    kept = without_managed_fields(whole)
+    assert kept == {"metadata": {"name": "n1", "resourceVersion": "4"}, "spec": {"images": {}}}
+    assert "managedFields" in whole["metadata"]  # the object as received is left as it was
+    assert all(spec.transform is not None for spec in CACHES)  # every cache keeps less than all

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import resource
+import signal
 import sys
 import time
 import urllib.request
@@ -32,9 +33,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import podmix  # noqa: E402
 from imagewarm import api  # noqa: E402
 from imagewarm.command import table  # noqa: E402
+from imagewarm.informer import Informer  # noqa: E402
 from imagewarm.kube import Kube, KubeError  # noqa: E402
+from imagewarm.reference import parse  # noqa: E402
+from localcluster import scrape  # noqa: E402
 from localcluster.agentsim import AgentSim  # noqa: E402
 from localcluster.cluster import Cluster  # noqa: E402
 from localcluster.processes import Daemon, free_ports  # noqa: E402
@@ -42,6 +47,9 @@ from localcluster.processes import Daemon, free_ports  # noqa: E402
 CRD_DIR = REPO / "charts" / "imagewarm" / "crds"
 RELEASE_NAMESPACE = "imagewarm-system"
 TICKS = os.sysconf("SC_CLK_TCK")
+WRITE_VERBS = ("patch", "create", "update", "delete")
+SCALE_IMAGE = "registry.example.com/bench/scale:1"
+IDLE_SECONDS = 10.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -119,6 +127,22 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--parallelism", default="10%")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument(
+        "--pods", type=int, default=50000, help="pods for the CachedImage side (0: without it)"
+    )
+    parser.add_argument("--images", type=int, default=500, help="distinct images among the pods")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run the controller under bench/threadprofile.py, every thread profiled into FILE "
+        "(pstats); slows the controller: its CPU numbers are then not comparable",
+    )
+    parser.add_argument(
+        "--controller-log",
+        metavar="FILE",
+        help="where the controller logs (default: in the cluster's directory)",
+    )
+    parser.add_argument("--controller-log-level", default="warning", help="the controller's --log-level")
     args = parser.parse_args()
 
     cluster = Cluster.start(nodes=1)
@@ -136,7 +160,6 @@ def main() -> int:
         )
         cluster.kubectl("create", "namespace", RELEASE_NAMESPACE)
         kube = Kube.from_kubeconfig(cluster.kubeconfig)
-        kube.session.mount("https://", __import__("requests").adapters.HTTPAdapter(pool_maxsize=32))
         apiserver = next(d for d in cluster.daemons if d.name == "kube-apiserver")
         etcd = next(d for d in cluster.daemons if d.name == "etcd")
         started = time.monotonic()
@@ -147,8 +170,10 @@ def main() -> int:
         total_nodes = len(kube.get("/api/v1/nodes")["items"])
 
         port = free_ports(1)[0]
+        profiler = [str(REPO / "bench" / "threadprofile.py"), args.profile] if args.profile else []
         argv = [
             sys.executable,
+            *profiler,
             "-m",
             "imagewarm",
             "controller",
@@ -159,12 +184,12 @@ def main() -> int:
             "--namespace",
             RELEASE_NAMESPACE,
             "--log-level",
-            "warning",
+            args.controller_log_level,
         ]
         controller = Daemon(
             "controller",
             argv,
-            cluster.workdir / "logs" / "bench-controller.log",
+            Path(args.controller_log or cluster.workdir / "logs" / "bench-controller.log"),
             env={**os.environ, "PYTHONPATH": str(REPO)},
             cwd=REPO,
         ).start()
@@ -183,6 +208,21 @@ def main() -> int:
 
         sim = AgentSim(kube, pull_seconds=0.0, threads=8).start()
         sim.cache.wait_synced(60)
+        # Node updates the controller decodes during the job too (the node lifecycle controller
+        # marks Node objects that never heard from a kubelet), counted to be seen.
+        node_updates = [0]
+        node_watch = Informer(
+            kube,
+            "/api/v1/nodes",
+            name="bench-nodes",
+            transform=lambda o: {"metadata": {"name": o["metadata"]["name"]}},
+            handlers=(lambda kind, o: node_updates.__setitem__(0, node_updates[0] + 1),),
+        ).start()
+        node_watch.wait_synced(60)
+        idle0 = cpu_seconds(controller.pid)
+        time.sleep(IDLE_SECONDS)  # what the controller costs with nothing to do
+        idle = (cpu_seconds(controller.pid) - idle0) / IDLE_SECONDS
+        job0, updates0 = snapshot(controller.pid, *pids), node_updates[0]
         agents_cpu0 = own_cpu()
         namespace = f"bench-{uuid.uuid4().hex[:6]}"
         cluster.kubectl("create", "namespace", namespace)
@@ -193,6 +233,8 @@ def main() -> int:
             template={"parallelism": args.parallelism},
         )
         t1 = time.monotonic()
+        if args.profile:  # OUT.1: start-up and the NodeImages; OUT.2: the job until Complete
+            os.kill(controller.pid, signal.SIGUSR1)
         kube.create(api.IMAGE_PULL_JOB.path(namespace=namespace), dict(job))
         largest = [0]
 
@@ -204,7 +246,8 @@ def main() -> int:
         job_seconds = wait("the job to complete", complete, args.timeout)
         largest[0] = max(len(json.dumps(o)) for o in kube.get(api.NODE_IMAGE.path())["items"])
         cpu2 = snapshot(controller.pid, *pids)
-        agents_cpu = own_cpu() - agents_cpu0
+        if args.profile:
+            os.kill(controller.pid, signal.SIGUSR1)
         requests1 = api_requests(port)
         # Compaction: the finished job's tasks leave the NodeImages.
         wait(
@@ -214,6 +257,11 @@ def main() -> int:
             ),
             300,
         )
+        cpu3, agents_whole = snapshot(controller.pid, *pids), own_cpu() - agents_cpu0
+        node_watch.stop(timeout=0.1)
+        job_node_updates = node_updates[0] - updates0
+        if args.profile:  # OUT.3: the compaction
+            os.kill(controller.pid, signal.SIGUSR1)
         compacted = max(len(json.dumps(o)) for o in kube.get(api.NODE_IMAGE.path())["items"])
         requests2 = api_requests(port)
         status = kube.get(api.IMAGE_PULL_JOB.path("warm", namespace))["status"]
@@ -221,10 +269,9 @@ def main() -> int:
 
         n = total_nodes
         summary = f"desired {status['desired']}, succeeded {status['succeeded']}, failed {status['failed']}"
-        write_verbs = ("patch", "create", "update", "delete")
-        writes = sum(c - requests0.get(k, 0) for k, c in requests2.items() if k[0] in write_verbs)
+        writes = sum(c - requests0.get(k, 0) for k, c in requests2.items() if k[0] in WRITE_VERBS)
         server_setup = cpu1["apiserver"] - cpu0["apiserver"]
-        server_job = cpu2["apiserver"] - cpu1["apiserver"]
+        whole = {k: cpu3[k] - job0[k] for k in cpu3}
         verbs = sorted({v for v, _ in requests2})
         rows = []
         for verb in verbs:
@@ -258,6 +305,7 @@ def main() -> int:
                         f"{writes / n:.2f}",
                     ],
                     ["simulated agents' status writes per node", f"{sim.writes / n:.2f}"],
+                    ["Node object updates during the job (not the controller's)", str(job_node_updates)],
                     [
                         "HTTP 429 answers to the controller: setup (a new CRD's storage initialising) / job",
                         f"{throttled_setup:.0f} / {throttled:.0f}",
@@ -267,17 +315,25 @@ def main() -> int:
                         "controller CPU: NodeImage setup",
                         f"{cpu1['controller']:.1f}s ({1000 * cpu1['controller'] / n:.2f} ms/node)",
                     ],
+                    ["controller CPU while idle (every NodeImage there, no job)", f"{1000 * idle:.0f} ms/s"],
                     [
-                        "controller CPU: the job",
-                        f"{cpu2['controller'] - cpu1['controller']:.1f}s "
-                        f"({1000 * (cpu2['controller'] - cpu1['controller']) / n:.2f} ms/node)",
+                        "controller CPU: the job until Complete",
+                        f"{cpu2['controller'] - job0['controller']:.1f}s "
+                        f"({1000 * (cpu2['controller'] - job0['controller']) / n:.2f} ms/node)",
                     ],
-                    ["kube-apiserver CPU: setup / job", f"{server_setup:.1f}s / {server_job:.1f}s"],
                     [
-                        "etcd CPU: setup / job",
-                        f"{cpu1['etcd'] - cpu0['etcd']:.1f}s / {cpu2['etcd'] - cpu1['etcd']:.1f}s",
+                        "controller CPU: the whole job (until its tasks left every NodeImage)",
+                        f"{whole['controller']:.1f}s ({1000 * whole['controller'] / n:.2f} ms/node)",
                     ],
-                    ["simulated agents' CPU (this process) for the job", f"{agents_cpu:.1f}s"],
+                    [
+                        "CPU for the whole job: controller / kube-apiserver / etcd / simulated agents",
+                        f"{whole['controller']:.1f}s / {whole['apiserver']:.1f}s / {whole['etcd']:.1f}s / "
+                        f"{agents_whole:.1f}s",
+                    ],
+                    [
+                        "kube-apiserver / etcd CPU for the NodeImage setup",
+                        f"{server_setup:.1f}s / {cpu1['etcd'] - cpu0['etcd']:.1f}s",
+                    ],
                     [
                         "largest NodeImage at completion / after compaction",
                         f"{largest[0]} / {compacted} bytes",
@@ -286,6 +342,9 @@ def main() -> int:
             )
         )
         del requests1
+        if args.pods:
+            print()
+            print(cached_image_side(args, kube, cluster, controller, port, nodes, pids))
     finally:
         if sim is not None:
             sim.stop()
@@ -293,6 +352,196 @@ def main() -> int:
             controller.stop()
         cluster.stop()
     return 0
+
+
+def cachedimage_writes(port: int) -> dict[str, float]:
+    """The controller's CachedImage writes so far, by what they did (create, status, ...)."""
+    return {
+        labels["what"]: value
+        for name, labels, value in scrape.samples(f"http://127.0.0.1:{port}")
+        if name == "imagewarm_controller_cachedimage_writes_total"
+    }
+
+
+def used_by(kube: Kube) -> dict[str, int | None]:
+    """usedBy.count of every CachedImage, by name (None: no status yet)."""
+    return {
+        o["metadata"]["name"]: ((o.get("status") or {}).get("usedBy") or {}).get("count")
+        for o in kube.get(api.CACHED_IMAGE.path())["items"]
+    }
+
+
+def quiet(port: int, seconds: float, timeout: float) -> None:
+    """Wait until the controller made no CachedImage write for `seconds` (a coalesced status write
+    may still be due after the counts are right)."""
+    last, since, started = cachedimage_writes(port), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < seconds and time.monotonic() - started < timeout:
+        time.sleep(0.5)
+        now = cachedimage_writes(port)
+        if now != last:
+            last, since = now, time.monotonic()
+
+
+def cached_image_side(
+    args: argparse.Namespace,
+    kube: Kube,
+    cluster: Cluster,
+    controller: Daemon,
+    port: int,
+    nodes: list[str],
+    pids: tuple[int, int],
+) -> str:
+    """Pods over the Node objects -> CachedImages: convergence, coalescing, memory, a restart."""
+    assert controller.pid is not None
+    workload = podmix.mix(args.pods, args.images, nodes)
+    expected = {api.cached_image_name(r): c for r, c in workload.expected.items()}
+    for namespace in workload.namespaces:
+        cluster.kubectl("create", "namespace", namespace)
+    for namespace in workload.namespaces:  # the ServiceAccount admission wants `default` first
+        wait(
+            f"the default ServiceAccount of {namespace}",
+            lambda ns=namespace: kube.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default"),
+            60,
+        )
+    writes0, requests0 = cachedimage_writes(port), api_requests(port)
+    cpu0, bench0 = snapshot(controller.pid, *pids), own_cpu()
+    started = time.monotonic()
+    created = podmix.create_pods(kube, workload.bodies())
+    create_seconds = time.monotonic() - started
+    cpu_created, bench_cpu = snapshot(controller.pid, *pids), own_cpu() - bench0
+    print(f"[bench] {created} pods created in {create_seconds:.1f}s", file=sys.stderr)
+
+    def all_counted() -> bool:
+        counts = used_by(kube)
+        return all(counts.get(name) == count for name, count in expected.items())
+
+    converged = create_seconds + wait("every CachedImage with its usedBy count", all_counted, args.timeout)
+    quiet(port, 8.0, 120)
+    cpu1 = snapshot(controller.pid, *pids)
+    writes1, requests1 = cachedimage_writes(port), api_requests(port)
+    rss_cached = current_rss_mib(controller.pid)
+    writes = {k: v - writes0.get(k, 0) for k, v in writes1.items()}
+
+    # Coalescing: one image's Deployment scaled 0 -> 1,000 pods as fast as the API server creates
+    # them, then back to 0; each write of its CachedImage is one watch event here.
+    scale = podmix.Deployment("scale", workload.namespaces[0], 1000, (("app", SCALE_IMAGE),))
+    scale_name = api.cached_image_name(str(parse(SCALE_IMAGE)))
+    events: list[tuple[str, int | None]] = []
+    watcher = Informer(
+        kube,
+        api.CACHED_IMAGE.path(),
+        name="bench-scale",
+        field_selector=f"metadata.name={scale_name}",
+        handlers=(lambda kind, o: events.append((kind, _count(o))),),
+    ).start()
+    watcher.wait_synced(30)
+    up_started = time.monotonic()
+    podmix.create_pods(kube, (podmix.pod_body(scale, i, nodes[i % len(nodes)]) for i in range(1000)))
+    up_create = time.monotonic() - up_started
+    wait("the scaled image's count", lambda: used_by(kube).get(scale_name) == 1000, 300)
+    up_seconds = time.monotonic() - up_started
+    quiet(port, 8.0, 120)
+    up_events = list(events)
+    events.clear()
+    down_started = time.monotonic()
+    kube.request(
+        "DELETE",
+        f"/api/v1/namespaces/{scale.namespace}/pods",
+        params={"labelSelector": "app=scale", "gracePeriodSeconds": "0"},
+    )
+    wait("the scaled image's count back to 0", lambda: used_by(kube).get(scale_name) == 0, 300)
+    down_seconds = time.monotonic() - down_started
+    quiet(port, 8.0, 120)
+    down_events = list(events)
+    watcher.stop(timeout=0.1)
+    peak_running = peak_rss_mib(controller.pid)
+
+    # A restart with every pod there: one paged list per cache, then nothing to write.
+    controller.stop()
+    server_before_restart = cpu_seconds(pids[0])
+    controller.start()
+    assert controller.pid is not None
+    ready = wait("the restarted controller's readiness", lambda: _ready(port), 300)
+    wait("the restarted controller's metrics", lambda: _up(port), 60)
+    quiet(port, 10.0, 300)
+    restart_cpu = cpu_seconds(controller.pid)
+    restart_requests = api_requests(port)
+    restart_writes = sum(c for (verb, _), c in restart_requests.items() if verb in WRITE_VERBS)
+    restart_what = (
+        ", ".join(f"{k} {v:.0f}" for k, v in sorted(cachedimage_writes(port).items()) if v) or "none"
+    )
+    restart_lists = sum(c for (verb, _), c in restart_requests.items() if verb == "list")
+    restart_server = cpu_seconds(pids[0]) - server_before_restart
+
+    n = created
+    cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
+    api_writes = sum(c - requests0.get(k, 0) for k, c in requests1.items() if k[0] in WRITE_VERBS)
+    throttled = sum(c - requests0.get(k, 0) for k, c in requests1.items() if k[1] == "429")
+    images = len(expected)
+    up_writes = sum(1 for kind, _ in up_events if kind in ("ADDED", "MODIFIED"))
+    down_writes = sum(1 for kind, _ in down_events if kind == "MODIFIED")
+    other = sum(v for k, v in writes.items() if k not in ("create", "status"))
+    rows = [
+        (f"creating {n} pods (24 client threads)", f"{create_seconds:.1f}s ({n / create_seconds:.0f}/s)"),
+        (
+            "time until every CachedImage exists with its usedBy count (from the first create)",
+            f"{converged:.1f}s",
+        ),
+        (
+            "controller CachedImage writes (create / status / other)",
+            f"{writes.get('create', 0):.0f} / {writes.get('status', 0):.0f} / {other:.0f} "
+            f"({sum(writes.values()) / images:.2f} per image)",
+        ),
+        ("controller API writes for the pods (all kinds) / HTTP 429", f"{api_writes:.0f} / {throttled:.0f}"),
+        (
+            "one image scaled 0 -> 1,000 pods: its CachedImage writes (create + status)",
+            f"{up_writes} in {up_seconds:.1f}s (pods created in {up_create:.1f}s)",
+        ),
+        (
+            "... then 1,000 -> 0 (one deletecollection): its writes (status, expiresAt)",
+            f"{down_writes} in {down_seconds:.1f}s",
+        ),
+        (
+            "controller CPU for the pods (creation to settled)",
+            f"{cpu['controller']:.1f}s ({1000 * cpu['controller'] / n:.2f} ms/pod; "
+            f"{cpu_created['controller'] - cpu0['controller']:.1f}s while creating)",
+        ),
+        ("kube-apiserver / etcd CPU for the same", f"{cpu['apiserver']:.1f}s / {cpu['etcd']:.1f}s"),
+        ("the bench creating the pods: its CPU", f"{bench_cpu:.1f}s"),
+        ("controller RSS with every pod cached / peak", f"{rss_cached:.0f} MiB / {peak_running:.0f} MiB"),
+        ("restart with every pod: ready (caches listed) in", f"{ready:.1f}s ({restart_lists:.0f} lists)"),
+        (
+            "restart: peak RSS / CPU until quiet / API writes (of them CachedImage writes)",
+            f"{peak_rss_mib(controller.pid):.0f} MiB / {restart_cpu:.1f}s / "
+            f"{restart_writes:.0f} ({restart_what})",
+        ),
+        ("restart: kube-apiserver CPU", f"{restart_server:.1f}s"),
+    ]
+    title = (
+        f"CachedImage side ({n} pods, {images} images, {len(workload.deployments)} Deployments, "
+        f"{len(nodes)} Node objects; no kubelet: the pods stay Pending)"
+    )
+    return table(title, ["what", "value"], [list(r) for r in rows])
+
+
+def _count(obj: dict[str, Any]) -> int | None:
+    count = ((obj.get("status") or {}).get("usedBy") or {}).get("count")
+    return int(count) if count is not None else None
+
+
+def current_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def _try(probe: Any) -> bool:

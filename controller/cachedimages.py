@@ -41,6 +41,7 @@ log = logging.getLogger("imagewarm.controller.cachedimages")
 NAME = "cachedimages"
 MISSING_NODEIMAGE_RECHECK = 5.0
 POD_EVENT_DELAY = 1.0
+NODEIMAGE_EVENT_DELAY = 1.0
 MEASURE_RETRY = 300.0  # a failed size lookup is tried again after this long
 MANAGED_BY = {"app.kubernetes.io/managed-by": "imagewarm-controller"}
 
@@ -318,11 +319,12 @@ def create(ctx: Context) -> CachedImageReconciler:
 
         return handler
 
-    # The indexes are updated on the informers' threads before the keys are queued. Pod events
-    # wait POD_EVENT_DELAY: a key already waiting is not queued twice, so a Deployment's burst of
-    # pod events is one reconcile of its image per delay, not one per pod.
+    # The indexes are updated on the informers' threads before the keys are queued. Pod and
+    # NodeImage events wait a moment: a key already waiting is not queued twice, so a
+    # Deployment's burst of pod events, or a job's thousands of task updates, is one reconcile
+    # of the image per delay, not one per event (its status is written every few seconds anyway).
     ctx.caches["pods"].add_handler(feed(reconciler.on_pod, POD_EVENT_DELAY))
-    ctx.caches["nodeimages"].add_handler(feed(reconciler.on_nodeimage))
+    ctx.caches["nodeimages"].add_handler(feed(reconciler.on_nodeimage, NODEIMAGE_EVENT_DELAY))
     ctx.caches["cachedimages"].add_handler(feed(reconciler.on_cached_image))
     ctx.resync[NAME] = reconciler.all_keys
     return reconciler

@@ -35,7 +35,7 @@ _STATUS_LISTS = ("initContainerStatuses", "containerStatuses", "ephemeralContain
 _TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageUse:
     """One image a pod uses: the original canonical reference, whether the kubelet pulls it through
     the node proxy (the webhook rewrote it), and the digest the kubelet reports for it, if any."""
@@ -51,7 +51,7 @@ def _image_use(reference: str, proxied: bool, digest: str | None) -> ImageUse:
     return ImageUse(reference, proxied, digest)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodUse:
     """What a pod that is not finished uses. `running`: phase Running, so the kubelet has pulled
     its images (through the proxy of `node`, for the proxied ones)."""
@@ -179,9 +179,12 @@ class PodIndex:
     def apply(self, kind: str, pod: Mapping[str, Any]) -> set[str]:
         """Record the pod as the event leaves it; returns the references whose usage may have
         changed (what it used before and what it uses now)."""
-        metadata = pod.get("metadata") or {}
-        key = f"{metadata.get('namespace')}/{metadata.get('name')}"
         use = None if kind == "DELETED" else pod_use(pod)
+        if use is not None:
+            key = use.key  # one string for the index and the use (50,000 of them)
+        else:
+            metadata = pod.get("metadata") or {}
+            key = f"{metadata.get('namespace')}/{metadata.get('name')}"
         with self._lock:
             old = self._uses.pop(key, None)
             touched = {i.reference for i in old.images} if old else set()

@@ -91,7 +91,30 @@ class NodeImageReconciler:
 
 
 def create(ctx: Context) -> NodeImageReconciler:
-    ctx.watch("nodes", NAME)
-    ctx.watch("nodeimages", NAME)
+    reconciler = NodeImageReconciler(ctx)
+    nodes, node_images, runner = ctx.caches["nodes"], ctx.caches["nodeimages"], ctx.runner
+
+    # Only a change that leaves a NodeImage out of step with its Node is work here. A NodeImage
+    # changes about four times per node per job (tasks and their statuses), a Node whenever its
+    # status does (the kubelet, the node lifecycle controller): neither is, most of the time.
+    def out_of_step(kind: str, node: dict[str, Any] | None, node_image: dict[str, Any] | None) -> bool:
+        if kind == "DELETED" or node is None or node_image is None:
+            return True
+        return bool((node.get("metadata") or {}).get("deletionTimestamp")) or (
+            metadata_patch(node, node_image) is not None
+        )
+
+    def on_node(kind: str, node: dict[str, Any]) -> None:
+        name = node["metadata"]["name"]
+        if out_of_step(kind, node, node_images.get(name)):
+            runner.enqueue(NAME, name)
+
+    def on_node_image(kind: str, node_image: dict[str, Any]) -> None:
+        name = node_image["metadata"]["name"]
+        if out_of_step(kind, nodes.get(name), node_image):
+            runner.enqueue(NAME, name)
+
+    nodes.add_handler(on_node)
+    node_images.add_handler(on_node_image)
     ctx.resync_all(NAME, "nodes")
-    return NodeImageReconciler(ctx)
+    return reconciler

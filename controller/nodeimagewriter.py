@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.caches import without_managed_fields
 from imagewarm import api
 from imagewarm.informer import Informer
 from imagewarm.kube import Conflict, Kube, NotFound
@@ -100,6 +101,7 @@ class NodeImageWriter:
                 return None
             self.writes += 1
             older.add(rv)
+            result = without_managed_fields(result)  # as the cache keeps it
             with self._lock:
                 previous = self._written.get(name)
                 self._written[name] = _Written(result, older | (previous.older if previous else set()))

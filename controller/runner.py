@@ -47,6 +47,7 @@ class Runner:
         self.queues: dict[str, WorkQueue] = {}
         self._threads: list[threading.Thread] = []
         self._logged: dict[str, str] = {}  # key -> the permanent error last logged for it
+        self._metrics: dict[str, tuple[Any, dict[str, Any]]] = {}  # name -> its metrics' children
         self._lock = threading.Lock()
 
     def add(self, reconciler: Reconciler) -> None:
@@ -59,6 +60,11 @@ class Runner:
         )
         self.reconcilers[name] = reconciler
         self.queues[name] = queue
+        results = ("success", "requeue", "retry", "error")
+        self._metrics[name] = (
+            metrics.RECONCILE_SECONDS.labels(name),
+            {r: metrics.RECONCILES.labels(name, r) for r in results},
+        )
         metrics.QUEUE_DEPTH.labels(name).set_function(queue.depth)
 
     # Feeding --------------------------------------------------------------------------------------
@@ -146,8 +152,9 @@ class Runner:
                 result = "requeue"
             else:
                 result = "success"
-        metrics.RECONCILE_SECONDS.labels(name).observe(time.perf_counter() - started)
-        metrics.RECONCILES.labels(name, result).inc()
+        seconds, counts = self._metrics[name]
+        seconds.observe(time.perf_counter() - started)
+        counts[result].inc()
         return result
 
     def _log_permanent(self, name: str, key: str, exc: KubeError, delay: float) -> None:

@@ -5,8 +5,8 @@ keeps the cache current: when a watch ends or drops it resumes from the last res
 (bookmarks included); when the server answers 410 Gone it lists again and replaces the cache; other
 failures are retried with capped exponential backoff, which starts again from `min_backoff` after
 every success (a list, an event, a watch the server ended), so a failure long ago never delays
-the next retry. `synced` turns true after the first complete list and stays true (the cache may
-then be stale, never empty by mistake).
+the next retry. `synced` turns true after the first complete list has reached the cache and every
+handler, and stays true (the cache may then be stale, never empty by mistake).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from imagewarm.kube import Gone, KubeError
 log = logging.getLogger("imagewarm.informer")
 
 Handler = Callable[[str, dict[str, Any]], None]
+LIST_PAGE_SIZE = 500  # as client-go's reflector
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 Progress = Callable[["Informer"], None]
 
@@ -59,7 +60,10 @@ class Informer:
     thousands of Pods instead of whole objects. It must keep `metadata.name` (and `namespace`).
 
     `on_progress`, when given, is called on the informer's thread after every list, event and
-    bookmark (a program's metrics of how current its cache is: `state()`)."""
+    bookmark (a program's metrics of how current its cache is: `state()`).
+
+    Lists are read `page_size` objects at a time, so the whole objects of a page are all that is
+    ever held beside the cache."""
 
     def __init__(
         self,
@@ -75,6 +79,7 @@ class Informer:
         handlers: tuple[Handler, ...] = (),
         transform: Transform | None = None,
         on_progress: Progress | None = None,
+        page_size: int = LIST_PAGE_SIZE,
     ) -> None:
         self.source = source
         self.path = path
@@ -91,6 +96,7 @@ class Informer:
         self.handlers = handlers
         self.transform = transform
         self.on_progress = on_progress
+        self.page_size = page_size  # objects per list request (0: the whole collection at once)
         self.resource_version = ""
         self.lists = 0  # how many times the collection was listed (1 + relists)
         self.watches = 0  # how many watch requests were made
@@ -194,17 +200,27 @@ class Informer:
     # Updates -------------------------------------------------------------------------------------
 
     def _list(self) -> None:
-        listing = self.source.get(self.path, **self.params)
-        items = listing.get("items") or []
-        if self.transform is not None:
-            items = [self.transform(obj) for obj in items]
-        fresh = {key_of(obj): obj for obj in items}
+        """List in pages of `page_size` (one snapshot: the API server's continue token), each page
+        transformed before the next is read: 50,000 whole Pods are never in memory at once."""
+        params: dict[str, Any] = (
+            {**self.params, "limit": self.page_size} if self.page_size else dict(self.params)
+        )
+        fresh: dict[str, dict[str, Any]] = {}
+        while True:
+            listing = self.source.get(self.path, **params)
+            for obj in listing.get("items") or []:
+                if self.transform is not None:
+                    obj = self.transform(obj)
+                fresh[key_of(obj)] = obj
+            metadata = listing.get("metadata") or {}
+            del listing
+            if not metadata.get("continue"):
+                break
+            params["continue"] = metadata["continue"]  # an expired token answers 410: listed again
         with self._lock:
             old, self._objects = self._objects, fresh
-            self.resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
+            self.resource_version = str(metadata.get("resourceVersion") or "")
             self.lists += 1
-        self._synced.set()
-        self._progressed()
         for key, obj in fresh.items():
             if key not in old:
                 self._notify("ADDED", obj)
@@ -213,6 +229,11 @@ class Informer:
         for key, obj in old.items():
             if key not in fresh:
                 self._notify("DELETED", obj)
+        # Synced once the handlers saw the whole list too: what they derive (the controller's pod
+        # index) is complete then. Set before them, a reconcile could count 50,000 pods' images
+        # from an index still filling and find an image in use unused.
+        self._synced.set()
+        self._progressed()
 
     def _apply(self, event: dict[str, Any]) -> None:
         kind, obj = event.get("type"), event.get("object") or {}

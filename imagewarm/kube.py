@@ -5,10 +5,17 @@ Objects stay plain dicts as the API server sends them (programs parse what they 
 Errors are `KubeError` subclasses that mix in builtins, split into permanent ones (`NotFound`,
 `Conflict`, `Invalid`, `Forbidden`...: do not retry blindly) and `Unavailable` (temporary: retry
 with backoff).
+
+Requests go through urllib3's connection pools directly: `requests` spent more CPU per request
+than the TLS, HTTP and JSON work under it (it reads the whole environment for proxy settings on
+every request, merges settings, checks typing protocols), and a controller sends two writes per
+node per job (bench/controller_bench.py). The environment's proxy (HTTP(S)_PROXY, NO_PROXY) and CA
+bundle variables are read once, when a `Kube` is made, with requests' own rules.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -17,9 +24,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlencode, urlsplit
 
-import requests
+import requests.utils
+import urllib3
 
+from imagewarm import __version__
 from imagewarm.errors import ImagewarmError
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -129,9 +139,14 @@ def request_verb(method: str, path: str) -> str:
 Observer = Callable[[str, int], None]
 
 
+# What may go wrong on the way (no answer, a dropped or reset connection, TLS, a timeout).
+_TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, OSError)
+USER_AGENT = f"imagewarm/{__version__}"
+
+
 @dataclass
 class Kube:
-    """A connection to one API server. Thread-safe for requests (one `requests.Session`).
+    """A connection to one API server. Thread-safe (urllib3 pools, up to `connections` kept open).
 
     `observer`, when set, is told the verb and status of every request (the programs' metrics)."""
 
@@ -140,8 +155,42 @@ class Kube:
     cert: tuple[str, str] | None = None
     token: Callable[[], str] | None = None
     timeout: float = 30.0
-    session: requests.Session = field(default_factory=requests.Session, repr=False)
     observer: Observer | None = field(default=None, repr=False)
+    connections: int = 32  # more than the controller's workers and watches together
+    http: urllib3.PoolManager = field(init=False, repr=False)
+    _direct: urllib3.HTTPConnectionPool | None = field(init=False, repr=False)
+    _prefix: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.verify is True:  # requests' rule: the variables, else certifi's bundle
+            self.verify = (
+                os.environ.get("REQUESTS_CA_BUNDLE")
+                or os.environ.get("CURL_CA_BUNDLE")
+                or requests.utils.DEFAULT_CA_BUNDLE_PATH
+            )
+        tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED" if self.verify else "CERT_NONE"}
+        if isinstance(self.verify, str):
+            tls["ca_cert_dir" if os.path.isdir(self.verify) else "ca_certs"] = self.verify
+        if self.cert is not None:
+            tls["cert_file"], tls["key_file"] = self.cert
+        pool = {"maxsize": self.connections, "block": False, **tls}
+        proxies = requests.utils.get_environ_proxies(self.server)  # {} when NO_PROXY names it
+        proxy = proxies.get(urlsplit(self.server).scheme) or proxies.get("all")
+        if proxy:
+            parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            headers = {}
+            if parts.username:
+                login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+                headers["Proxy-Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+            address = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+            self.http = urllib3.ProxyManager(address, proxy_headers=headers, **pool)
+            self._direct = None
+        else:
+            self.http = urllib3.PoolManager(**pool)
+            # The API server's own pool, used without the manager's URL parsing and pool lookup
+            # on every request (a sixth of a write's client CPU).
+            self._direct = self.http.connection_from_url(self.server)
+        self._prefix = urlsplit(self.server).path.rstrip("/")  # a server URL may have a path
 
     # Construction -------------------------------------------------------------------------------
 
@@ -202,12 +251,20 @@ class Kube:
     # Requests -----------------------------------------------------------------------------------
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "Accept-Encoding": "gzip", "User-Agent": USER_AGENT}
         if content_type:
             headers["Content-Type"] = content_type
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token()}"
         return headers
+
+    def _send(self, method: str, path: str, params: dict[str, Any] | None, **options: Any) -> Any:
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        target = path + (("&" if "?" in path else "?") + urlencode(query) if query else "")
+        options.update(retries=False, redirect=False)
+        if self._direct is not None:
+            return self._direct.urlopen(method, self._prefix + target, **options)
+        return self.http.request(method, self.server + target, **options)
 
     def request(
         self,
@@ -221,24 +278,23 @@ class Kube:
     ) -> dict[str, Any]:
         """One request; the decoded JSON answer. Raises the typed KubeError for a non-2xx answer."""
         what = f"{method} {path}"
+        seconds = timeout or self.timeout
         try:
-            response = self.session.request(
+            response = self._send(
                 method,
-                self.server + path,
-                params=params,
-                verify=self.verify,
-                cert=self.cert,
+                path,
+                params,
+                body=json.dumps(body).encode() if body is not None else None,
                 headers=self._headers(content_type if body is not None else None),
-                data=json.dumps(body) if body is not None else None,
-                timeout=timeout or self.timeout,
+                timeout=urllib3.Timeout(connect=seconds, read=seconds),
             )
-        except requests.RequestException as exc:
+        except _TRANSPORT_ERRORS as exc:
             self._observe(request_verb(method, path), 0)
             raise Unavailable(f"{what}: no answer from {self.server}: {exc}") from None
-        self._observe(request_verb(method, path), response.status_code)
-        if response.status_code >= 300:
-            raise error_for(response.status_code, response.content, what)
-        return response.json() if response.content else {}
+        self._observe(request_verb(method, path), response.status)
+        if response.status >= 300:
+            raise error_for(response.status, response.data, what)
+        return json.loads(response.data) if response.data else {}
 
     def _observe(self, verb: str, status: int) -> None:
         if self.observer is not None:
@@ -285,33 +341,58 @@ class Kube:
         }
         what = f"WATCH {path}"
         try:
-            response = self.session.get(
-                self.server + path,
-                params=query,
-                verify=self.verify,
-                cert=self.cert,
+            response = self._send(
+                "GET",
+                path,
+                query,
                 headers=self._headers(),
-                stream=True,
-                timeout=(self.timeout, timeout_seconds + 30),
+                timeout=urllib3.Timeout(connect=self.timeout, read=timeout_seconds + 30),
+                preload_content=False,
             )
-        except requests.RequestException as exc:
+        except _TRANSPORT_ERRORS as exc:
             self._observe("watch", 0)
             raise Unavailable(f"{what}: no answer from {self.server}: {exc}") from None
-        self._observe("watch", response.status_code)
-        with response:
-            if response.status_code >= 300:
-                raise error_for(response.status_code, response.content, what)
+        self._observe("watch", response.status)
+        finished = False
+        try:
+            if response.status >= 300:
+                raise error_for(response.status, response.read(), what)
             try:
-                for line in response.iter_lines():
-                    if not line:
-                        continue
-                    event = json.loads(line)
-                    if event.get("type") == "ERROR":
-                        status = event.get("object") or {}
-                        raise error_for(int(status.get("code") or 500), json.dumps(status), what)
-                    yield event
-            except (requests.RequestException, ValueError) as exc:
+                pending = b""
+                for chunk in _chunks(response):  # one event per line, split over chunks or not
+                    lines = (pending + chunk).split(b"\n")
+                    pending = lines.pop()
+                    for line in lines:
+                        if line.strip():
+                            yield self._event(line, what)
+                if pending.strip():
+                    yield self._event(pending, what)
+                finished = True
+            except KubeError:  # an ERROR event (some are OSErrors or ValueErrors too)
+                raise
+            except (*_TRANSPORT_ERRORS, ValueError) as exc:
                 raise Unavailable(f"{what}: watch interrupted: {exc}") from None
+        finally:
+            if not finished:  # left mid-stream: the connection holds unread events, never reuse it
+                response.close()
+            response.release_conn()
+
+    @staticmethod
+    def _event(line: bytes, what: str) -> dict[str, Any]:
+        event: dict[str, Any] = json.loads(line)
+        if event.get("type") == "ERROR":
+            status = event.get("object") or {}
+            raise error_for(int(status.get("code") or 500), json.dumps(status), what)
+        return event
+
+
+def _chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """The body as it arrives: each HTTP chunk whole (a watch is chunked), else what one read gets."""
+    if response.chunked:
+        yield from response.read_chunked()
+        return
+    while chunk := response.read1(65536):
+        yield chunk
 
 
 def retry(call: Callable[[], Any], *, attempts: int = 5, delay: float = 0.5) -> Any:

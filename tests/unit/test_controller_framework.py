@@ -3,6 +3,9 @@ transforms (what the caches keep), settings."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
 from controller.caches import slim_node, slim_pod
@@ -49,12 +52,37 @@ def test_slim_pod_keeps_only_what_the_controller_reads() -> None:
     }  # fmt: skip
     assert slim_pod(pod) == {
         "metadata": {
-            "name": "p", "namespace": "ns", "uid": "u", "resourceVersion": "7", "labels": {"app": "web"},
+            "name": "p", "namespace": "ns", "uid": "u", "labels": {"app": "web"},
             "annotations": {api.ORIGINAL_IMAGES_ANNOTATION: '{"c":"nginx"}'},
         },
         "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "nginx"}], "initContainers": []},
         "status": {"phase": "Running"},
     }  # fmt: skip
+
+
+def test_pods_of_one_template_share_their_common_parts() -> None:
+    def pod(name: str, labels: dict[str, str], image: str, phase: str = "Pending") -> dict[str, Any]:
+        return {
+            "metadata": {"name": name, "namespace": "ns", "uid": name, "labels": dict(labels),
+                         "annotations": {api.ORIGINAL_IMAGES_ANNOTATION: json.dumps({"c": image})}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": image}]},
+            "status": {"phase": phase},
+        }  # fmt: skip
+
+    a = slim_pod(pod("a", {"app": "web"}, "nginx"))
+    b = slim_pod(pod("b", {"app": "web"}, "nginx"))
+    c = slim_pod(pod("c", {"app": "db"}, "postgres", "Running"))
+    for part in (("metadata", "labels"), ("metadata", "annotations"), ("spec", "containers"), ("status",)):
+        first, second, other = (_dig(p, part) for p in (a, b, c))
+        assert first is second and first == second  # one object for both pods
+        assert other != first
+    assert a["metadata"] is not b["metadata"] and a["metadata"]["name"] == "a"
+
+
+def _dig(obj: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        obj = obj[key]
+    return obj
 
 
 def test_slim_node_keeps_labels_and_platform() -> None:
@@ -76,3 +104,14 @@ def test_controller_settings() -> None:
     assert config.unused_image_ttl == 720 * 3600 and config.metrics_listen == ("0.0.0.0", 8080)
     with pytest.raises(ConfigError, match="lease-duration"):
         from_arguments(ControllerConfig, None, {"IMAGEWARM_RENEW_DEADLINE": "20s"})
+
+
+def test_custom_resources_are_cached_without_managed_fields() -> None:
+    from controller.caches import CACHES, without_managed_fields
+
+    whole = {"metadata": {"name": "n1", "resourceVersion": "4", "managedFields": [{"manager": "agent"}]},
+             "spec": {"images": {}}}  # fmt: skip
+    kept = without_managed_fields(whole)
+    assert kept == {"metadata": {"name": "n1", "resourceVersion": "4"}, "spec": {"images": {}}}
+    assert "managedFields" in whole["metadata"]  # the object as received is left as it was
+    assert all(spec.transform is not None for spec in CACHES)  # every cache keeps less than all

@@ -360,3 +360,30 @@ def test_sidecarset_prepull_settings() -> None:
     assert template["parallelism"] == 5 and template["pullPolicy"]["timeoutSeconds"] == 600
     assert template["podSelector"] == {"matchLabels": {"app": "web"}}
     assert job_name("s", "log:1") != job_name("s", "init:1")
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "remove", "bump"]), st.sampled_from(["a", "b", "c"]),
+                  st.sampled_from(["1", "2"])),
+        max_size=8,
+    )
+)  # fmt: skip
+def test_update_entry_never_changes_the_entry_it_was_given(steps: list[tuple[str, str, str]]) -> None:
+    """The entries come from the informer cache, shared by every reconciler: each update works on
+    its own copies (shallow ones: the cached entry must stay as it was)."""
+    import copy
+
+    entry: api.ImageSpec | None = None
+    for action, owner, tag in steps:
+        before = copy.deepcopy(entry)
+        new = update_entry(
+            entry,
+            tag,
+            lookup,
+            add=ref(owner) if action == "add" else None,
+            remove_uids=frozenset([f"uid-{owner}"]) if action == "remove" else frozenset(),
+            bump=action == "bump",
+        )
+        assert entry == before
+        entry = new

@@ -115,6 +115,29 @@ def test_not_synced_until_the_first_list_succeeds() -> None:
     informer.stop()
 
 
+def test_synced_only_once_every_handler_saw_the_first_list() -> None:
+    """What a handler derives from the cache (the controller's pod index) is complete once
+    `synced` is: a reconcile never counts from an index still filling."""
+    source = ScriptedSource(
+        lists=[{"metadata": {"resourceVersion": "1"}, "items": [obj(f"p{i}", "1") for i in range(200)]}],
+        watches=[],
+    )
+    derived: set[str] = set()
+    synced_while_handling: list[bool] = []
+    informer = Informer(source, "/x")
+
+    def handler(kind: str, o: dict[str, Any]) -> None:
+        synced_while_handling.append(informer.synced)
+        threading.Event().wait(0.0005)  # a handler doing some work
+        derived.add(o["metadata"]["name"])
+
+    informer.add_handler(handler)
+    informer.start()
+    assert informer.wait_synced(5)
+    assert len(derived) == 200 and not any(synced_while_handling)
+    informer.stop()
+
+
 def test_failed_lists_are_retried() -> None:
     class Flaky(ScriptedSource):
         calls = 0
@@ -158,12 +181,66 @@ def test_selectors_go_to_the_list_and_every_watch() -> None:
     )
     run(source, field_selector="metadata.name=node-1", label_selector="a=b")
     wanted = {"fieldSelector": "metadata.name=node-1", "labelSelector": "a=b"}
-    assert source.list_params == [wanted]
+    assert source.list_params == [{**wanted, "limit": 500}]
     assert source.watch_params[:2] == [wanted, wanted]
 
     only_fields = Recording(lists=[{"metadata": {"resourceVersion": "1"}, "items": []}], watches=[])
     run(only_fields, field_selector="metadata.name=node-2")
-    assert only_fields.list_params == [{"fieldSelector": "metadata.name=node-2"}]
+    assert only_fields.list_params == [{"fieldSelector": "metadata.name=node-2", "limit": 500}]
+
+
+def test_a_list_is_read_in_pages_each_transformed_before_the_next_is_read() -> None:
+    pages_read: list[dict[str, Any]] = []
+    transformed: list[str] = []
+
+    class Paged(ScriptedSource):
+        def get(self, path: str, **params: Any) -> dict[str, Any]:
+            pages_read.append(dict(params))
+            # Page n is read only once every object of page n-1 went through the transform.
+            assert len(transformed) == 2 * (len(pages_read) - 1)
+            return super().get(path, **params)
+
+    source = Paged(
+        lists=[
+            {"metadata": {"resourceVersion": "7", "continue": "t1"}, "items": [obj("a", "1"), obj("b", "2")]},
+            {"metadata": {"resourceVersion": "7", "continue": "t2"}, "items": [obj("c", "3"), obj("d", "4")]},
+            {"metadata": {"resourceVersion": "7"}, "items": [obj("e", "5")]},
+        ],
+        watches=[],
+    )
+
+    def transform(o: dict[str, Any]) -> dict[str, Any]:
+        transformed.append(o["metadata"]["name"])
+        return {"metadata": {"name": o["metadata"]["name"]}}
+
+    informer, seen = run(source, page_size=2, transform=transform)
+    assert pages_read == [{"limit": 2}, {"limit": 2, "continue": "t1"}, {"limit": 2, "continue": "t2"}]
+    assert sorted(o["metadata"]["name"] for o in informer.items()) == ["a", "b", "c", "d", "e"]
+    assert seen == [("ADDED", n) for n in "abcde"]
+    assert source.watched_from[0] == "7" and informer.lists == 1
+
+
+def test_an_expired_continue_token_lists_again_from_the_start() -> None:
+    source = ScriptedSource(
+        lists=[
+            {"metadata": {"resourceVersion": "7", "continue": "t1"}, "items": [obj("a", "1")]},
+            Gone("continue token too old"),  # type: ignore[list-item]
+            {"metadata": {"resourceVersion": "9"}, "items": [obj("a", "8"), obj("b", "9")]},
+        ],
+        watches=[],
+    )
+
+    def get(path: str, **params: Any) -> dict[str, Any]:
+        answer = source.lists.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    source.get = get  # type: ignore[method-assign]
+    informer, seen = run(source, page_size=1)
+    assert sorted(o["metadata"]["name"] for o in informer.items()) == ["a", "b"]
+    assert seen == [("ADDED", "a"), ("ADDED", "b")]  # nothing of the unfinished list was applied
+    assert source.watched_from[0] == "9" and informer.lists == 1
 
 
 def test_transform_applies_to_listed_and_watched_objects_before_cache_and_handlers() -> None:
